@@ -457,7 +457,11 @@ def imbalance_counts(counts: list[int], ratios: list[Fraction]) -> list[int]:
     n_major = min(math.floor(c * r_max / r) for c, r in zip(counts, ratios) if r > 0)
     if n_major == 0:
         raise ValueError(f"imbalance {ratios}: a class with a positive ratio has no examples (counts {counts})")
-    return [math.floor(n_major * r / r_max) for r in ratios]
+    targets = [math.floor(n_major * r / r_max) for r in ratios]
+    if any(t == 0 and r > 0 for t, r in zip(targets, ratios)):
+        raise ValueError(f"imbalance {':'.join(map(str, ratios))} on class counts {counts} leaves a class with a "
+                         f"positive ratio no examples ({targets}); the majority class has too few examples")
+    return targets
 
 
 def imbalance_indices(labels: list[int], num_classes: int, ratios: list[Fraction], seed: int) -> list[int]:

