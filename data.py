@@ -509,10 +509,10 @@ def add_label_noise(data: TextData, p: float, seed: int) -> TextData:
 # Tokenisation, dynamic padding, batches (classification / regression).
 
 
-def load_tokenizer(path) -> Tokenizer:
-    # tokenizer.json files often carry their own fixed padding/truncation (MiniLM's pads everything to 128);
-    # we switch both off and do them here, per batch and counted.
-    tok = Tokenizer.from_file(str(path))
+def _plain(tok: Tokenizer) -> Tokenizer:
+    # A private copy without padding or truncation: tokenizer.json files often fix both (MiniLM's pads and
+    # cuts everything at 128), while we pad per batch and truncate here, counted; the caller's is untouched.
+    tok = Tokenizer.from_str(tok.to_str())
     tok.no_padding()
     tok.no_truncation()
     return tok
@@ -521,9 +521,7 @@ def load_tokenizer(path) -> Tokenizer:
 def encode_classification(tok: Tokenizer, data: TextData, max_len: int) -> tuple[list[dict], int]:
     # [CLS] a [SEP] (b [SEP]) with token types from the tokenizer's post-processor. Returns the examples
     # and how many were truncated to max_len (pairs lose tokens from the longer text first).
-    tok = Tokenizer.from_str(tok.to_str())  # private copy: truncation settings must not leak to the caller
-    tok.no_padding()
-    tok.no_truncation()
+    tok = _plain(tok)
     inputs = [t if len(t) == 2 else t[0] for t in data.texts]
     encodings = tok.encode_batch(inputs)
     long = [i for i, e in enumerate(encodings) if len(e.ids) > max_len]
@@ -622,6 +620,7 @@ def encode_instructions(tok: Tokenizer, records: list[tuple[str, str, str]], max
     # separately so the boundary is exact. Too long: the response is cut to fit (counted as truncated); a
     # prompt that alone fills max_len leaves nothing to learn and the example is dropped (counted).
     # For ChatML pass eos_id = the id of <|im_end|>, the token that ends an assistant turn.
+    tok = _plain(tok)
     prompts = tok.encode_batch([format_prompt(i, x, template) for i, x, _ in records])
     responses = tok.encode_batch([r for _, _, r in records], add_special_tokens=False)
     examples, truncated, dropped = [], 0, 0
@@ -667,7 +666,7 @@ def read_text(path) -> str:
 def text_windows(tok: Tokenizer, text: str, window: int) -> torch.Tensor:
     # The whole text tokenized once (no special tokens) and cut into non-overlapping windows of `window`
     # tokens, (n, window); the last partial window is dropped, and said so.
-    ids = tok.encode(text, add_special_tokens=False).ids
+    ids = _plain(tok).encode(text, add_special_tokens=False).ids
     n = len(ids) // window
     if n == 0:
         raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {window}")

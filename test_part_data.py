@@ -257,16 +257,14 @@ def test_label_noise_exact_count_and_other_class():
 
 # ---------------------------------------------------------------- tokenisation, padding, batches
 
-def test_pair_token_types_truncation_and_padding(tmp_path):
+def test_pair_token_types_truncation_and_padding():
     tok = tiny_tokenizer()
-    tok.enable_padding(length=64)  # a tokenizer.json with fixed padding, as MiniLM's has
-    tok.save(str(tmp_path / "tokenizer.json"))
-    tok = data.load_tokenizer(tmp_path / "tokenizer.json")
-    assert tok.padding is None and tok.truncation is None
+    tok.enable_padding(length=64)  # fixed padding and truncation, as MiniLM's tokenizer.json has
+    tok.enable_truncation(6)
     d = data.TextData([("the film", "was good"), ("the film is good fun " * 3, "bad"), ("a", "b")],
                       [0, 1, 0], ["n", "p"], "pairs")
     ex, n_trunc = data.encode_classification(tok, d, max_len=8)
-    assert n_trunc == 1 and tok.truncation is None  # the caller's tokenizer is untouched
+    assert n_trunc == 1 and tok.truncation["max_length"] == 6 and tok.padding["length"] == 64  # untouched
     assert ex[0]["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]  # [CLS] the film [SEP] | was good [SEP]
     assert len(ex[1]["input_ids"]) == 8
     assert ex[1]["input_ids"][-2:] == [tok.token_to_id("bad"), 3]  # the longer text lost the tokens
@@ -319,15 +317,17 @@ def test_instruction_layouts_and_errors(tmp_path):
 
 def test_prompt_and_padding_labels_are_ignored():
     tok = tiny_tokenizer(bert_template=False)
+    tok.enable_padding(length=64)  # ignored: padding is per batch
     eos = tok.token_to_id("<eos>")
     records = [("write a review", "", "good fun"), ("why", "", "the plot was boring " * 10), ("what", "", "yes")]
     ex, stats = data.encode_instructions(tok, records, max_len=40, eos_id=eos)
     assert stats == {"examples": 3, "truncated": 1, "dropped": 0}
     for (ins, _, resp), e in zip(records, ex):
-        n_prompt = len(tok.encode(data.format_prompt(ins)).ids)
+        prompt_ids = [i for i in tok.encode(data.format_prompt(ins)).ids if i != 0]
+        n_prompt = len(prompt_ids)
         assert e["labels"][:n_prompt] == [-100] * n_prompt
         assert e["labels"][n_prompt:] == e["input_ids"][n_prompt:]
-        assert e["input_ids"][:n_prompt] == tok.encode(data.format_prompt(ins)).ids
+        assert e["input_ids"][:n_prompt] == prompt_ids
     assert ex[0]["labels"][-3:] == [tok.token_to_id("good"), tok.token_to_id("fun"), eos]
     assert len(ex[1]["input_ids"]) == 40 and ex[1]["labels"][-1] != eos  # truncated: EOS cut with the tail
     b = data.collate_lm(ex, pad_id=0)
