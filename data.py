@@ -306,7 +306,7 @@ def movie_reviews(task: str = "binary") -> dict[str, TextData]:
     rows = read_ground_truth(path)
     if len(rows) != N_REVIEWS:
         raise ValueError(f"{path}: {len(rows)} sentences, the pinned file has {N_REVIEWS}")
-    splits = sentiment_splits(rows, task, str(path))
+    splits = sentiment_splits(rows, task, path.name)
     for name, d in splits.items():
         print(f"data: movie reviews ({task}) {name}: {len(d.labels)} [{describe_counts(d)}]")
     return splits
@@ -334,8 +334,42 @@ def review_writing() -> dict[str, list[tuple[str, str, str]]]:
 # General readers: GLUE-style JSONL / CSV / TSV with named columns.
 
 
+def _json_array_rows(path: Path, text: str):
+    # A .json file holding one array of objects (Alpaca's alpaca_data.json, MetaMathQA's release), decoded
+    # element by element so that an error can still name the line where the element starts.
+    decoder, ws = json.JSONDecoder(), re.compile(r"\s*")
+    pos, line, seen = ws.match(text).end() + 1, 1, 0  # just past "["
+
+    def line_at(p):
+        nonlocal line, seen
+        line, seen = line + text.count("\n", seen, p), p
+        return line
+    pos = ws.match(text, pos).end()
+    if text.startswith("]", pos):
+        return
+    while True:
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line_at(pos)}: expected a JSON object, got {type(row).__name__}")
+        yield line_at(pos), row
+        pos = ws.match(text, end).end()
+        if text.startswith("]", pos):
+            return
+        if not text.startswith(",", pos):
+            raise ValueError(f"{path}:{line_at(pos)}: malformed JSON array (expected ',' or ']')")
+        pos = ws.match(text, pos + 1).end()
+
+
 def _rows(path: Path):
     # Yields (line number, {column: value}); the line number is the physical line where the row starts.
+    if path.suffix == ".json":
+        text = _decode(path.read_bytes(), path)
+        if text.lstrip().startswith("["):
+            yield from _json_array_rows(path, text)
+            return
     if path.suffix in (".jsonl", ".json"):
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -350,7 +384,8 @@ def _rows(path: Path):
                 yield n, row
         return
     if path.suffix not in (".csv", ".tsv"):
-        raise ValueError(f"{path}: unknown format, expected .jsonl, .json (one object per line), .csv or .tsv")
+        raise ValueError(f"{path}: unknown format, expected .jsonl, .json (an array, or one object per line), "
+                         ".csv or .tsv")
     with open(path, encoding="utf-8", newline="") as f:
         # GLUE's TSVs are unquoted (sentences contain stray quotes), CSVs use ordinary quoting
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" else csv.reader(f)

@@ -2,6 +2,7 @@
 # imbalance / label-noise counts, tokenisation, padding and label masks. Tiny fixtures in tmp_path.
 # `pytest test_part_data.py -m "not network"` runs offline; the `network` test reads the real default
 # assets (downloading them into the cache if absent).
+import functools
 import hashlib
 import io
 import json
@@ -290,6 +291,9 @@ def test_batches_seeded_cover_everything_once():
     assert again == epoch0 and epoch1 != epoch0
     plain = [b["labels"].tolist() for b in data.batches(ex, 4, data.collate_classification, shuffle=False)]
     assert sum(plain, []) == list(range(10))
+    loader = torch.utils.data.DataLoader(ex, batch_size=4, collate_fn=functools.partial(
+        data.collate_classification, pad_id=0))  # the example list is a map-style dataset
+    assert [b["labels"].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 # ---------------------------------------------------------------- instruction data
@@ -303,6 +307,12 @@ def test_instruction_layouts_and_errors(tmp_path):
         {"prompt": "write", "response": "fun"}]) + "\n")
     assert data.read_instructions(p) == [("what is a", "", "yes"), ("why", "the plot", "no"),
                                          ("why", "", "no"), ("write", "", "fun")]
+    p.with_suffix(".json").write_text(json.dumps([{"instruction": "why", "output": "no"},
+                                                  {"query": "a\nb", "response": "yes"}], indent=1))
+    assert data.read_instructions(p.with_suffix(".json")) == [("why", "", "no"), ("a\nb", "", "yes")]
+    p.with_suffix(".json").write_text('[\n{"query": "q", "response": "r"},\n\n{"query": "q"}\n]')
+    with pytest.raises(ValueError, match="inst.json:4: no instruction layout"):  # JSON arrays name lines too
+        data.read_instructions(p.with_suffix(".json"))
     p.write_text('{"query": "q", "response": "r"}\n{"question": "q", "answer": "r"}\n')
     with pytest.raises(ValueError, match="inst.jsonl:2: no instruction layout"):
         data.read_instructions(p)
