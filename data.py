@@ -366,12 +366,12 @@ def _json_array_rows(path: Path, text: str):
 def _rows(path: Path):
     # Yields (line number, {column: value}); the line number is the physical line where the row starts.
     if path.suffix == ".json":
-        text = _decode(path.read_bytes(), path)
+        text = _decode(path.read_bytes(), path).removeprefix("\ufeff")
         if text.lstrip().startswith("["):
             yield from _json_array_rows(path, text)
             return
     if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -386,7 +386,7 @@ def _rows(path: Path):
     if path.suffix not in (".csv", ".tsv"):
         raise ValueError(f"{path}: unknown format, expected .jsonl, .json (an array, or one object per line), "
                          ".csv or .tsv")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         # GLUE's TSVs are unquoted (sentences contain stray quotes), CSVs use ordinary quoting
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" else csv.reader(f)
         header, start = None, 1
@@ -709,7 +709,7 @@ def text_windows(tok: Tokenizer, text: str, window: int) -> torch.Tensor:
     return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
 
 
-_NUMBER = r"-?\d+(?:\.\d+)?"
+_NUMBER = r"(?<!\d)-?\d+(?:\.\d+)?"  # "pages 10-12" gives 12, not -12
 
 
 def _clean_numbers(text: str) -> str:

@@ -185,7 +185,7 @@ def test_jsonl_csv_tsv_readers(tmp_path):
     assert d.label_names == ["1", "2", "10"] and d.labels == [0, 2, 1]  # integer labels in numeric order
     assert d.texts[0] == ("a film", "the plot")
     c = tmp_path / "dev.csv"
-    c.write_text('sentence,label\n"a, quoted\nmultiline text",2\nplain,1\n')
+    c.write_text('\ufeffsentence,label\n"a, quoted\nmultiline text",2\nplain,1\n')
     d2 = data.read_table(c, ["sentence"], "label", label_names=d.label_names)
     assert d2.texts == [("a, quoted\nmultiline text",), ("plain",)] and d2.labels == [1, 0]
     t = tmp_path / "sts.tsv"
@@ -367,6 +367,7 @@ def test_text_windows_and_gsm8k_extraction():
         "The answer is 5? No: 5 + 1 = 6. The answer is 6.": 6.0,
         "First 3, then 5, so it is -2.5 degrees": -2.5,
         "It costs $18.": 18.0,
+        "Read pages 10-12 today": 12.0,
         "I do not know.": None,
     }
     for output, want in table.items():
