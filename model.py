@@ -412,16 +412,15 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 class Embeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.deberta = isinstance(cfg, DebertaConfig)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        if not self.deberta or cfg.position_biased_input:
+        if not isinstance(cfg, DebertaConfig) or cfg.position_biased_input:
             self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.n_embd)
         if cfg.type_vocab_size > 0:
             self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)
         self.LayerNorm = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, input_ids, token_type_ids, mask):
+    def forward(self, input_ids, token_type_ids):
         B, T = input_ids.shape
         x = self.word_embeddings(input_ids)                                     # (B, T, C)
         if hasattr(self, "token_type_embeddings"):
@@ -429,10 +428,9 @@ class Embeddings(nn.Module):
             x = x + self.token_type_embeddings(tt)
         if hasattr(self, "position_embeddings"):
             x = x + self.position_embeddings(torch.arange(T, device=input_ids.device))
-        x = self.LayerNorm(x)
-        if self.deberta:  # DeBERTa zeroes padded positions here
-            x = x * mask[:, :, None].to(x.dtype)
-        return self.dropout(x)
+        # (HF's DeBERTa also zeroes padded positions here; keys at padding are masked in every layer,
+        # so that never reaches a real token and is left out)
+        return self.dropout(self.LayerNorm(x))
 
 
 class SelfAttention(nn.Module):  # BERT
@@ -572,7 +570,7 @@ class Encoder(nn.Module):
         # input_ids (B, T) -> last hidden state (B, T, C); attention_mask 1 = token, 0 = padding
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        x = self.embeddings(input_ids, token_type_ids, mask)
+        x = self.embeddings(input_ids, token_type_ids)
         key_mask = mask.bool()[:, None, None, :]                                 # (B, 1, 1, T)
         rel = None
         if self.relative:

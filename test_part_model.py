@@ -78,15 +78,17 @@ def ckpt(tmp_path_factory):
                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                 "original_max_position_embeddings": 16})
     deb = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=64, relative_attention=True, num_labels=3)
+               max_position_embeddings=64, num_labels=3)  # vocab rows beyond the ids used: a padded vocab
     variants = {  # v3: shared keys, log buckets (8 < T), both terms, LayerNorm'd rel. embeddings
-        "deberta_v3": dict(share_att_key=True, pos_att_type="p2c|c2p", position_buckets=8,
+        "deberta_v3": dict(relative_attention=True, share_att_key=True, pos_att_type="p2c|c2p", position_buckets=8,
                            norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0),
         # v2-style: own pos_key/pos_query projections, plain clamp at ±6, absolute positions, token types
-        "deberta_v2": dict(share_att_key=False, pos_att_type=["c2p", "p2c"], max_relative_positions=6,
+        "deberta_v2": dict(relative_attention=True, share_att_key=False, pos_att_type=["c2p", "p2c"], max_relative_positions=6,
                            position_biased_input=True, type_vocab_size=2),
-        "deberta_c2p": dict(share_att_key=False, pos_att_type=["c2p"], position_buckets=8,
+        "deberta_c2p": dict(relative_attention=True, share_att_key=False, pos_att_type=["c2p"], position_buckets=8,
                             max_relative_positions=20, position_biased_input=False),
+        # no relative attention at all (HF still divides by sqrt(3 hs) when pos_att_type is set)
+        "deberta_norel": dict(relative_attention=False, pos_att_type="c2p|p2c", type_vocab_size=2),
     }
     for i, (name, kw) in enumerate(variants.items()):
         torch.manual_seed(i)
@@ -123,7 +125,9 @@ def test_llama_logits_and_hidden_states_match_transformers(ckpt, name):
     ids, mask = _batch(40, 96, left=True)
     with torch.no_grad():
         ref = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        assert _maxdiff(m(ids, mask), ref, mask) <= TOL
+        out = m(ids, mask)
+        assert _maxdiff(out, ref, mask) <= TOL
+        assert torch.isfinite(out).all()  # even the rows of pad queries that see no real token
         # and a left-padded row equals the same tokens alone
         alone = m(ids[1:, 7:])
         assert (m(ids, mask)[1, 7:] - alone[0]).abs().max() <= TOL
@@ -137,7 +141,7 @@ def test_llama_config_layouts_parsed(ckpt):
                               "original_max_position_embeddings": 16}
 
 
-@pytest.mark.parametrize("name", ["deberta_v3", "deberta_v2", "deberta_c2p", "bert_cls"])
+@pytest.mark.parametrize("name", ["deberta_v3", "deberta_v2", "deberta_c2p", "deberta_norel", "bert_cls"])
 def test_encoder_hidden_and_classifier_logits_match_transformers(ckpt, name):
     d, hf = ckpt[name]
     n = hf.config.num_labels
