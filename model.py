@@ -335,6 +335,8 @@ class Llama(nn.Module):
         # L = tokens already in the cache. Returns logits (B, T, V) [, hidden states].
         B, T = input_ids.shape
         L = cache.len if cache is not None else 0
+        if attention_mask is not None and cache is None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: take SDPA's causal kernel (flash on GPU), as HF does
         if attention_mask is None and cache is not None:
             attention_mask = torch.ones(B, L + T, dtype=torch.long, device=input_ids.device)
         if attention_mask is None:
@@ -351,7 +353,8 @@ class Llama(nn.Module):
         hidden = [x]
         for block in self.layers:
             x = block(x, cos, sin, mask, cache)
-            hidden.append(x)
+            if output_hidden_states:
+                hidden.append(x)
         x = self.norm(x)
         if cache is not None:
             cache.len += T
@@ -400,7 +403,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     if top_p is not None and top_p < 1.0:
         srt, idx = torch.sort(logits, descending=True)
         cum = srt.softmax(-1).cumsum(-1)
-        drop = cum - srt.softmax(-1) > top_p  # drop a token once the ones above it already reach top_p
+        drop = cum - srt.softmax(-1) >= top_p  # drop a token once the ones above it already reach top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 

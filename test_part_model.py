@@ -48,8 +48,8 @@ def _maxdiff(a, b, mask):
 # -- tiny checkpoints, written once per session -------------------------------------------------
 
 def _llama(tmp, name, layout5=True, **kw):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, max_position_embeddings=128, pad_token_id=0,
+    cfg = transformers.LlamaConfig(vocab_size=96, intermediate_size=48, num_hidden_layers=2,
+                                   max_position_embeddings=128, pad_token_id=0,
                                    eos_token_id=2, bos_token_id=1, **kw)
     torch.manual_seed(0)
     hf = _randomize(transformers.LlamaForCausalLM(cfg), 1)
@@ -69,11 +69,13 @@ def _llama(tmp, name, layout5=True, **kw):
 def ckpt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     out = {}
-    # GQA (4 query heads, 2 kv heads), untied, attention biases, 5.x config layout, theta 1e5
-    out["llama_gqa"] = _llama(tmp, "llama_gqa", num_key_value_heads=2, attention_bias=True,
+    # GQA (6 query heads share 2 kv heads, SmolLM2's 3:1), untied, attention biases, 5.x layout, theta 1e5
+    out["llama_gqa"] = _llama(tmp, "llama_gqa", hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                              attention_bias=True,
                               rope_parameters={"rope_type": "default", "rope_theta": 1e5})
     # tied embeddings, MHA, llama3 rope scaling in the 4.x layout (rope_theta + rope_scaling)
-    out["llama_tied"] = _llama(tmp, "llama_tied", layout5=False, tie_word_embeddings=True,
+    out["llama_tied"] = _llama(tmp, "llama_tied", layout5=False, tie_word_embeddings=True, hidden_size=32,
+                               num_attention_heads=4,
                                rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                 "original_max_position_embeddings": 16})
@@ -131,6 +133,15 @@ def test_llama_logits_and_hidden_states_match_transformers(ckpt, name):
         # and a left-padded row equals the same tokens alone
         alone = m(ids[1:, 7:])
         assert (m(ids, mask)[1, 7:] - alone[0]).abs().max() <= TOL
+
+
+def test_sharded_checkpoint_loads(ckpt, tmp_path):
+    d, hf = ckpt["llama_gqa"]
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ids, mask = _batch(12, 96)
+    with torch.no_grad():
+        assert torch.equal(M.from_pretrained(tmp_path)(ids, mask), M.from_pretrained(d)(ids, mask))
 
 
 def test_llama_config_layouts_parsed(ckpt):
@@ -250,8 +261,8 @@ def test_loader_errors_name_the_tensor_or_file(ckpt, tmp_path):
     with pytest.raises(KeyError, match=r"model\.layers\.0\.extra\.weight"):
         M.from_pretrained(d)
     d = _copy(src, tmp_path / "shape",
-              edit=lambda sd: sd.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(32, 32)}))
-    with pytest.raises(ValueError, match=r"k_proj\.weight.*\(32, 32\).*\(16, 32\)"):
+              edit=lambda sd: sd.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(32, 48)}))
+    with pytest.raises(ValueError, match=r"k_proj\.weight.*\(32, 48\).*\(16, 48\)"):
         M.from_pretrained(d)
     d = _copy(src, tmp_path / "arch", cfg=lambda c: c.update(model_type="gpt2"))
     with pytest.raises(ValueError, match=r"config\.json.*'gpt2'"):
