@@ -659,8 +659,10 @@ def _checkpoint_files(path):
         return {k: path / f for k, f in _read_json(index)["weight_map"].items()}
     single = path / "model.safetensors"
     if not single.exists():
+        hint = (" It has pytorch_model.bin; convert it once with transformers: AutoModel.from_pretrained(dir)"
+                ".save_pretrained(dir) (writes safetensors)" if (path / "pytorch_model.bin").exists() else "")
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json "
-                                "(only safetensors checkpoints are read, never pickle)")
+                                f"(only safetensors checkpoints are read, never pickle).{hint}")
     with safe_open(single, framework="pt") as f:
         return {k: single for k in f.keys()}
 
