@@ -122,13 +122,15 @@ class BertConfig:
 
     @staticmethod
     def _common(d):
-        return dict(vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
-                    n_embd=d["hidden_size"], intermediate_size=d["intermediate_size"],
+        return dict(vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
+                    n_head=d["num_attention_heads"], n_embd=d["hidden_size"],
+                    intermediate_size=d["intermediate_size"],
                     hidden_act=_act(d.get("hidden_act", "gelu")),
                     max_position_embeddings=d.get("max_position_embeddings", 512),
                     hidden_dropout=d.get("hidden_dropout_prob", 0.1),
                     attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
-                    initializer_range=d.get("initializer_range", 0.02), pad_token_id=d.get("pad_token_id", 0), hf=d)
+                    initializer_range=d.get("initializer_range", 0.02),
+                    pad_token_id=d.get("pad_token_id", 0), hf=d)
 
 
 @dataclass
@@ -149,11 +151,12 @@ class DebertaConfig(BertConfig):
     @classmethod
     def from_hf(cls, d):
         if d.get("conv_kernel_size", 0) > 0:
-            raise ValueError("config.json: DeBERTa-v2 convolution layer (conv_kernel_size > 0) is not supported")
+            raise ValueError("config.json: DeBERTa-v2's convolution layer (conv_kernel_size > 0) "
+                             "is not supported")
         if d.get("embedding_size", d["hidden_size"]) != d["hidden_size"]:
             raise ValueError("config.json: embedding_size != hidden_size (embed_proj) is not supported")
-        if d.get("attention_head_size", d["hidden_size"] // d["num_attention_heads"]) * d["num_attention_heads"] \
-                != d["hidden_size"] or d.get("pooler_hidden_size", d["hidden_size"]) != d["hidden_size"]:
+        C, nh = d["hidden_size"], d["num_attention_heads"]
+        if d.get("attention_head_size", C // nh) * nh != C or d.get("pooler_hidden_size", C) != C:
             raise ValueError("config.json: attention_head_size / pooler_hidden_size must match hidden_size")
         pat = d.get("pos_att_type") or []
         pat = [x.strip() for x in pat.lower().split("|")] if isinstance(pat, str) else list(pat)
@@ -173,7 +176,8 @@ class DebertaConfig(BertConfig):
                    max_relative_positions=max_rel, pos_att_type=tuple(pat),
                    share_att_key=d.get("share_att_key", False), norm_rel_ebd="layer_norm" in norm,
                    position_biased_input=d.get("position_biased_input", True),
-                   pooler_act=_act(d.get("pooler_hidden_act", "gelu")), pooler_dropout=d.get("pooler_dropout", 0.0))
+                   pooler_act=_act(d.get("pooler_hidden_act", "gelu")),
+                   pooler_dropout=d.get("pooler_dropout", 0.0))
 
 
 def _first(*xs):
@@ -185,7 +189,7 @@ def _first(*xs):
 
 
 def _rename(name, table):
-    # "layers.3.attn.q_proj[.weight]" -> "model.layers.3.self_attn.q_proj[.weight]": first matching prefix wins
+    # "layers.3.attn.q_proj[.weight]" -> "model.layers.3.self_attn.q_proj[.weight]"; first matching prefix
     for ours, theirs in table:
         m = re.match(re.escape(ours).replace(r"\{i\}", r"(\d+)"), name + ".")
         if m:
@@ -203,7 +207,7 @@ LLAMA_NAMES = [
     ("norm.", "model.norm."),
     ("lm_head.", "lm_head."),
 ]
-ENCODER_NAMES = [  # inside a layer our paths are HF's, so peft-style target suffixes match the same modules
+ENCODER_NAMES = [  # inside a layer our paths are HF's: peft-style target suffixes match the same modules
     ("embeddings.", "embeddings."),
     ("layers.{i}.", "encoder.layer.{i}."),
     ("rel_embeddings.", "encoder.rel_embeddings."),
@@ -231,10 +235,11 @@ def rope_cos_sin(cfg, pos, dtype):
     # pos (B, T) -> cos, sin (B, T, hs). Rebuilt per forward: a few tiny ops, no buffer that a
     # model.to(bfloat16) could round or a meta-device construction could leave empty.
     hs = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, dtype=torch.int64, device=pos.device).float() / hs))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hs, 2, device=pos.device).float() / hs))  # (hs/2,)
     if cfg.rope_llama3:  # LLaMA-3.1: slow down low frequencies by `factor`, blend in the middle band
         p = cfg.rope_llama3
-        old, lo, hi, factor = p["original_max_position_embeddings"], p["low_freq_factor"], p["high_freq_factor"], p["factor"]
+        old, factor = p["original_max_position_embeddings"], p["factor"]
+        lo, hi = p["low_freq_factor"], p["high_freq_factor"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
         smooth = (old / wavelen - lo) / (hi - lo)
@@ -474,7 +479,8 @@ class DisentangledSelfAttention(nn.Module):  # DeBERTa-v2/v3, paper: He et al. 2
         q, k, v = (lin(x).view(B, T, self.nh, hs).transpose(1, 2)               # (B, nh, T, hs)
                    for lin in (self.query_proj, self.key_proj, self.value_proj))
         # each of content->content, c2p, p2c is divided by sqrt(hs * (1 + #position terms))
-        scale = 1.0 / math.sqrt(hs * (1 + len(self.cfg.pos_att_type)))  # HF counts them even without rel. att.
+        # (HF counts the terms even when relative_attention is off)
+        scale = 1.0 / math.sqrt(hs * (1 + len(self.cfg.pos_att_type)))
         bias = torch.zeros((), dtype=q.dtype, device=x.device)
         if self.cfg.relative_attention:
             r, idx = rel
@@ -697,7 +703,8 @@ def from_pretrained(path, num_labels=None, dtype=None):
     def canon(k):
         if arch != "llama":
             k = re.sub(r"^(bert|deberta)\.", "", k)
-            k = re.sub(r"\.LayerNorm\.gamma$", ".LayerNorm.weight", re.sub(r"\.LayerNorm\.beta$", ".LayerNorm.bias", k))
+            k = re.sub(r"\.LayerNorm\.gamma$", ".LayerNorm.weight", k)  # names in old BERT files
+            k = re.sub(r"\.LayerNorm\.beta$", ".LayerNorm.bias", k)
         return k
     params = dict(model.named_parameters())
     expected = {canon(model.hf_name(n)): n for n in params}
@@ -745,7 +752,8 @@ def from_pretrained(path, num_labels=None, dtype=None):
         print(f"model.py: skipped {len(skipped)} checkpoint tensors not used by this model: "
               f"{', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''}")
     if new_head:
-        print(f"model.py: initialised a new classification head ({', '.join(model.hf_name(n) for n in new_head)})")
+        print(f"model.py: initialised a new classification head "
+              f"({', '.join(model.hf_name(n) for n in new_head)})")
     model.source_dir = path
     return model.eval()  # like HF: dropout off until the training loop calls .train()
 
@@ -805,12 +813,13 @@ def load_tokenizer(path):
     path = Path(path)
     file = path if path.is_file() else path / "tokenizer.json"
     if not file.exists():
-        others = [n for n in ("spm.model", "tokenizer.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json")
-                  if (path / n).exists()]
-        hint = (f" It has {', '.join(others)}; write tokenizer.json once with transformers: python -c \"from "
-                f"transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')\""
-                if others else "")
-        raise FileNotFoundError(f"{file}: not found; only the tokenizers library's tokenizer.json is read.{hint}")
+        others = [n for n in ("spm.model", "tokenizer.model", "sentencepiece.bpe.model", "vocab.txt",
+                              "vocab.json") if (path / n).exists()]
+        hint = (f" It has {', '.join(others)}; write tokenizer.json once with transformers: python -c "
+                f"\"from transformers import AutoTokenizer; "
+                f"AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')\"" if others else "")
+        raise FileNotFoundError(f"{file}: not found; only the tokenizers library's tokenizer.json "
+                                f"is read.{hint}")
     tok = Tokenizer.from_file(str(file))
     tok.no_padding()      # padding is done per batch by the data code; some files fix it
     tok.no_truncation()   # (all-MiniLM-L6-v2 ships padding and truncation at 128)
