@@ -1,0 +1,653 @@
+# train_nlu.py: BA-LoRA fine-tuning of a BERT / DeBERTa encoder for classification or regression
+# (paper Sec. 3.2 Eqs. 4-8, Sec. 4.1 GLUE, App. B.3). One plain loop: PiSSA (or LoRA) adapters on the encoder,
+# a fully trained head shared by student and teacher, task loss + λ1·consistency + λ2·diversity + λ3·SVD,
+# bf16 autocast, gradient accumulation, resumable safetensors checkpoints, metrics.json.
+# Run: `python train_nlu.py` (all-MiniLM-L6-v2 on human-rated movie-review sentiment, minutes on a CPU);
+# `--method lora|pissa|balora`; GLUE: `--model DIR --train F --validation F --text-fields a,b`. `--help` for all.
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import balora
+import data
+import model as modeling
+
+# -------------------------------------------------------------------------------------------------------------
+# Defaults: the embedded job. BA-LoRA on all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) for binary
+# sentiment of 8 073 Rotten Tomatoes sentences rated by >= 20 people each (VADER's ground truth, data.py).
+METHOD = "balora"          # lora | pissa | balora: the init and whether the regularisers are on
+TASK = "binary"            # built-in task when no --train is given: binary | three (with a ~5 % neutral class)
+TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output.dense"  # every linear of a layer
+RANK = 8                   # r; alpha defaults to r (scale 1, PiSSA's convention)
+LR = 2e-4
+WARMUP_RATIO = 0.1
+WEIGHT_DECAY = 0.01        # head matrices only; never adapters, biases
+BATCH_SIZE = 32            # examples per optimizer step (split into --grad-accum micro-batches)
+EPOCHS = 1
+MAX_STEPS = 100            # budget cap (0 = none): 100 steps x 32 = 3 200 sentences, ~40 % of an epoch
+MAX_LEN = 128
+CLIP = 1.0
+DTYPE = "bf16"             # autocast dtype; master weights, adapters and regularisers stay float32
+SEED = 0
+THREADS = 2
+SAVE_EVERY = 50            # optimizer steps between checkpoints (and at every epoch end)
+HEAD = ("head.pooler", "head.classifier")  # trained in full; saved with the adapter (peft modules_to_save)
+# -------------------------------------------------------------------------------------------------------------
+
+METHODS = {  # method -> (init, regularisers on)
+    "lora": ("lora", False),
+    "pissa": ("pissa", False),
+    "balora": ("pissa", True),
+}
+RESUME_MAY_DIFFER = {"resume", "stop_after", "threads", "device", "log_every", "save_every"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="BA-LoRA / PiSSA / LoRA fine-tuning of an encoder for sentence "
+                                "classification or regression; the defaults run the embedded movie-review job.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=sorted(METHODS), default=METHOD,
+                   help="lora: LoRA init; pissa: PiSSA init; balora: PiSSA init + the three regularisers")
+    g.add_argument("--init", default=None, help="override the method's init: lora | pissa | pissa_niter_N "
+                   "(e.g. --method balora --init lora: LoRA init with the regularisers)")
+    g.add_argument("--lambda1", type=float, default=None, help="consistency weight (balora: 0.15, else 0)")
+    g.add_argument("--lambda2", type=float, default=None, help="diversity weight (balora: 0.03, else 0)")
+    g.add_argument("--lambda3", type=float, default=None, help="SVD weight (balora: 0.03, else 0)")
+    g.add_argument("--svd-k", type=int, default=None,
+                   help="k of Eq. 7 (default: the paper's 5, lowered to num_labels-1 when the logits have "
+                        "<= 5 columns, where k=5 would keep every singular value and the term is constant)")
+    g.add_argument("--temperature", type=float, default=2.0, help="T of Eq. 4")
+    g.add_argument("--top-k", type=int, default=20, help="K of the top-K-entropy diversity (Eq. 10)")
+    g.add_argument("--consistency", choices=balora.CONSISTENCY, default=None,
+                   help="kl (Eq. 4) or mse (logit matching); default kl, mse for regression")
+    g.add_argument("--diversity", choices=balora.DIVERSITY, default="covariance")
+    g.add_argument("--svd", choices=balora.SVD, default="exact_ratio")
+    g.add_argument("--lambda1-schedule", choices=("constant", "cosine"), default="constant")
+    g.add_argument("--focus-schedule", choices=("constant", "two_phase"), default="constant")
+    g.add_argument("--rank", type=int, default=RANK)
+    g.add_argument("--alpha", type=float, default=None, help="adapter scale = alpha / rank (default alpha = rank)")
+    g.add_argument("--targets", default=TARGETS, help="comma-separated suffixes of encoder nn.Linear names "
+                   "(DeBERTa: query_proj,key_proj,value_proj,attention.output.dense,intermediate.dense,output.dense)")
+    g = p.add_argument_group("data")
+    g.add_argument("--model", default=None, help="HF encoder directory (default: all-MiniLM-L6-v2, fetched once)")
+    g.add_argument("--task", choices=("binary", "three"), default=TASK, help="built-in movie-review task")
+    g.add_argument("--train", default=None, help="JSONL/CSV/TSV training file (replaces the built-in task)")
+    g.add_argument("--validation", default=None, help="validation file (required with --train)")
+    g.add_argument("--test", default=None, help="test file (optional; without it the final metrics are validation's)")
+    g.add_argument("--text-fields", default="sentence", help="one column, or two for pairs: sentence1,sentence2")
+    g.add_argument("--label-field", default="label")
+    g.add_argument("--regression", action="store_true", help="float labels, one output, MSE loss (STS-B)")
+    g.add_argument("--imbalance", default=None, help="subsample training classes to ratios, e.g. 100:10:1")
+    g.add_argument("--label-noise", type=float, default=0.0, help="flip this fraction of training labels")
+    g.add_argument("--max-len", type=int, default=MAX_LEN)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=LR)
+    g.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO)
+    g.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="on the head's matrices only")
+    g.add_argument("--clip", type=float, default=CLIP, help="max global gradient norm (0: no clipping)")
+    g.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="examples per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=int, default=EPOCHS)
+    g.add_argument("--max-steps", type=int, default=MAX_STEPS, help="cap on optimizer steps (0: epochs only)")
+    g.add_argument("--seed", type=int, default=SEED)
+    g = p.add_argument_group("run")
+    g.add_argument("--dtype", choices=("bf16", "fp32"), default=DTYPE, help="autocast dtype (CPU and CUDA)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads")
+    g.add_argument("--eval-batch-size", type=int, default=128)
+    g.add_argument("--out", default=None, help="run directory (default: runs/nlu-METHOD-TIME)")
+    g.add_argument("--save-every", type=int, default=SAVE_EVERY, help="checkpoint every N steps (0: epoch ends)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="checkpoint and stop after this many optimizer steps, as if interrupted (the schedule "
+                        "still spans the whole budget; --resume continues)")
+    g.add_argument("--log-every", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.batch_size % args.grad_accum:
+        p.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    if args.train and not args.validation:
+        p.error("--train needs --validation")
+    if args.resume and not args.out:
+        p.error("--resume needs the --out of the run to continue")
+    args.alpha = float(args.rank if args.alpha is None else args.alpha)
+    args.out = args.out or f"runs/nlu-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_splits(args):
+    # -> {"train", "validation", "test"}: data.TextData (test may be None)
+    if args.train is None:
+        splits = data.movie_reviews(args.task)
+    else:
+        fields = args.text_fields.split(",")
+        train = data.read_table(args.train, fields, args.label_field, regression=args.regression)
+        read = lambda path: None if path is None else data.read_table(
+            path, fields, args.label_field, train.label_names, args.regression)
+        splits = {"train": train, "validation": read(args.validation), "test": read(args.test)}
+        for name, d in splits.items():
+            if d is not None:
+                print(f"data: {name}: {len(d.labels)} [{data.describe_counts(d)}]")
+    if args.imbalance:
+        splits["train"] = data.subsample_imbalanced(splits["train"], args.imbalance, args.seed)
+    if args.label_noise:
+        splits["train"] = data.add_label_noise(splits["train"], args.label_noise, args.seed)
+    return splits
+
+
+def micro_batches(examples, n, pad_id):
+    # one optimizer batch (a list of examples) -> n collated micro-batches, each padded to its own longest
+    size = math.ceil(len(examples) / n)
+    return [data.collate_classification(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Model: adapters on the encoder, the head trained in full
+
+
+def build_model(args, num_labels, init, device):
+    path = args.model or data.minilm_dir()
+    net = modeling.from_pretrained(path, num_labels=num_labels)  # float32 master weights; autocast does bf16
+    if not hasattr(net, "head"):
+        raise ValueError(f"{path}: train_nlu.py needs an encoder with a classification head "
+                         f"(model.py built {type(net).__name__})")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    # Only the encoder gets adapters: a bare suffix like "dense" would otherwise also catch the pooler.
+    n = balora.inject(net.encoder, args.targets.split(","), args.rank, args.alpha, init)
+    for p in net.head.parameters():
+        p.requires_grad_(True)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in net.parameters())
+    print(f"model: {path}: {n} adapted linear layers (r={args.rank}, alpha={args.alpha}, init={init}); "
+          f"trainable {trainable:,} of {total:,} parameters (adapters + head)")
+    return net.to(device)
+
+
+def logits_of(net, batch):
+    return net(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])  # (B, num_labels)
+
+
+def teacher_logits(net, batch):
+    # Z_P of Eq. 4: the *pretrained* encoder followed by the *current* head, without gradient. The head is
+    # shared by student and teacher because a fresh classifier has no pretrained counterpart (paper App. B.3).
+    # balora.teacher switches every adapter back to its initial value (W itself), turns dropout off and
+    # records no graph, so this costs one forward pass and no second copy of the model.
+    with balora.teacher(net):
+        return net.head(net.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
+
+
+def task_loss(z, labels, regression):
+    z = z.float()  # the loss in float32 whatever the autocast dtype
+    return F.mse_loss(z[:, 0], labels) if regression else F.cross_entropy(z, labels)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dtype):
+    # Forward + backward over the micro-batches of one optimizer step; .grad then holds the gradient of the
+    # step's loss. Each micro-batch loss is scaled by its share of the step's examples (1/grad_accum when
+    # they are equal): summing the scaled gradients gives the gradient of the mean over the whole batch, so
+    # --grad-accum changes memory, not the update. The regularisers are batch statistics (covariance, SVD,
+    # KL over the batch); with accumulation they are computed per micro-batch, over its rows only.
+    n_total = sum(len(b["labels"]) for b in batches)
+    device_type = batches[0]["input_ids"].device.type
+    log = {}
+    for b in batches:
+        w = len(b["labels"]) / n_total
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            z = logits_of(net, b)
+            terms = {"task": task_loss(z, b["labels"], regression)}
+            reg = 0.0
+            if regularise:
+                l1, _, _ = cfg.lambdas(step, total_steps)
+                zt = teacher_logits(net, b) if l1 > 0 else None
+                reg, reg_log = balora.regularizers(cfg, z, zt, None, step, total_steps)
+                terms.update({k: v for k, v in reg_log.items() if not k.startswith("lambda")})
+                log.update({k: v for k, v in reg_log.items() if k.startswith("lambda")})
+        for name, value in terms.items():
+            value = value.item() if torch.is_tensor(value) else float(value)
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"step {step + 1}: the {name} term is non-finite ({value})")
+            log[name] = log.get(name, 0.0) + w * value
+        ((terms["task"] + reg) * w).backward()
+    return log
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def make_optimizer(net, args):
+    adapters = [p for n, p in net.named_parameters() if n.endswith(("lora_A", "lora_B"))]
+    head = list(net.head.named_parameters())
+    groups = [{"params": adapters, "weight_decay": 0.0},  # decay would pull the PiSSA adapters (the
+                                                          # principal components of W) towards 0
+              {"params": [p for n, p in head if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in head if p.ndim < 2], "weight_decay": 0.0}]
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert trainable == {id(p) for g in groups for p in g["params"]}, "trainable != adapters + head"
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_at(step, total, warmup, peak):
+    # step: 0-based update index. Warm-up peak·(step+1)/warmup, so the very first update already has lr > 0
+    # (peak·step/warmup would waste it), reaching peak at step warmup-1; then linear decay to peak/(total-warmup)
+    # at the last update. A pure function of step: resuming needs no scheduler object.
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (total - step) / max(total - warmup, 1)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Metrics, plain numpy / torch
+
+
+def confusion(y_true, y_pred, k):
+    c = np.zeros((k, k), dtype=np.int64)
+    np.add.at(c, (y_true, y_pred), 1)
+    return c  # c[true, predicted]
+
+
+def macro_f1(c):
+    # over the classes that occur in labels or predictions (as sklearn), F1 = 0 where precision+recall = 0
+    tp, n_true, n_pred = np.diag(c), c.sum(1), c.sum(0)
+    present = (n_true + n_pred) > 0
+    f1 = np.where(n_true + n_pred > 0, 2 * tp / np.maximum(n_true + n_pred, 1), 0.0)
+    return float(f1[present].mean())
+
+
+def mcc(c):
+    # Matthews correlation for K classes (Gorodkin's R_K; binary MCC when K = 2); 0 when undefined
+    s, correct = c.sum(), np.trace(c)
+    t, p = c.sum(1).astype(np.float64), c.sum(0).astype(np.float64)
+    den = math.sqrt((s * s - p @ p) * (s * s - t @ t))
+    return float((correct * s - t @ p) / den) if den > 0 else 0.0
+
+
+def ranks(v):
+    # 1-based ranks, ties get their average rank
+    v = np.asarray(v, dtype=np.float64)
+    order = np.argsort(v, kind="stable")
+    r = np.empty(len(v))
+    sv = v[order]
+    i = 0
+    while i < len(v):
+        j = i
+        while j + 1 < len(v) and sv[j + 1] == sv[i]:
+            j += 1
+        r[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+
+
+def pearson(a, b):
+    a, b = np.asarray(a, np.float64) - np.mean(a), np.asarray(b, np.float64) - np.mean(b)
+    den = math.sqrt((a @ a) * (b @ b))
+    return float(a @ b / den) if den > 0 else 0.0
+
+
+def spearman(a, b):
+    return pearson(ranks(a), ranks(b))
+
+
+def silhouette_cosine(z, y, chunk=2048):
+    # Mean silhouette of the rows of z (logits) clustered by true class, with cosine distance 1 - cos:
+    # s_i = (b_i - a_i) / max(a_i, b_i), a_i = mean distance to the other members of i's class, b_i = the
+    # smallest mean distance to another class; s_i = 0 for a class of one (as sklearn). Paper Table 12.
+    z = F.normalize(torch.as_tensor(z, dtype=torch.float64), dim=1)   # zero rows stay 0: distance 1
+    y = torch.as_tensor(y)
+    classes = torch.unique(y)
+    if len(classes) < 2:
+        return None
+    onehot = (y[:, None] == classes[None, :]).double()                 # (N, K)
+    N = len(y)
+    sums = torch.cat([(1 - z[i:i + chunk] @ z.T).clamp(0, 2) @ onehot  # (N, K): Σ distance to each class
+                      for i in range(0, N, chunk)])
+    own = onehot.argmax(1)
+    rows = torch.arange(N)
+    sums[rows, own] -= (1 - (z * z).sum(1)).clamp(0, 2)               # d(i, i) is 0 by definition
+    counts = onehot.sum(0)
+    n_own = counts[own]
+    a = sums[rows, own] / (n_own - 1).clamp(min=1)
+    mean_other = sums / counts
+    mean_other[rows, own] = math.inf
+    b = mean_other.min(1).values
+    s = torch.where((n_own > 1) & (torch.maximum(a, b) > 0), (b - a) / torch.maximum(a, b).clamp(min=1e-300),
+                    torch.zeros_like(a))
+    return float(s.mean())
+
+
+def classification_metrics(z, y, label_names, minority):
+    z, y = np.asarray(z, np.float64), np.asarray(y)
+    pred = z.argmax(1)
+    c = confusion(y, pred, len(label_names))
+    recall = {name: (float(c[k, k] / c[k].sum()) if c[k].sum() else None) for k, name in enumerate(label_names)}
+    return {"n": int(len(y)), "accuracy": float((pred == y).mean()), "macro_f1": macro_f1(c), "mcc": mcc(c),
+            "recall": recall, "minority_class": label_names[minority],
+            "minority_recall": recall[label_names[minority]], "silhouette_cosine": silhouette_cosine(z, y),
+            "confusion": c.tolist()}
+
+
+def regression_metrics(z, y):
+    p, y = np.asarray(z, np.float64)[:, 0], np.asarray(y, np.float64)
+    return {"n": int(len(y)), "pearson": pearson(p, y), "spearman": spearman(p, y), "mse": float(((p - y) ** 2).mean())}
+
+
+@torch.no_grad()
+def evaluate(net, examples, args, info):
+    # Sorted by length so each batch pads little; the order does not change any metric.
+    was_training = net.training
+    net.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    zs, loss = [], 0.0
+    for i in range(0, len(order), args.eval_batch_size):
+        b = to_device(data.collate_classification([examples[j] for j in order[i:i + args.eval_batch_size]],
+                                                  info["pad_id"]), args.device)
+        with torch.autocast(b["input_ids"].device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            z = logits_of(net, b).float()
+        loss += task_loss(z, b["labels"], args.regression).item() * len(z)
+        zs.append(z.cpu())
+    net.train(was_training)
+    z = torch.cat(zs)[torch.argsort(torch.tensor(order))].numpy()      # back to the data order
+    y = [e["label"] for e in examples]
+    m = regression_metrics(z, y) if args.regression else \
+        classification_metrics(z, y, info["label_names"], info["minority"])
+    return {"loss": loss / len(examples), **m}
+
+
+def summary(m):
+    if "pearson" in m:
+        return f"pearson {m['pearson']:.4f} spearman {m['spearman']:.4f} mse {m['mse']:.4f}"
+    f = lambda x: "n/a" if x is None else f"{x:.4f}"
+    return (f"acc {f(m['accuracy'])} macro-F1 {f(m['macro_f1'])} MCC {f(m['mcc'])} "
+            f"minority({m['minority_class']}) recall {f(m['minority_recall'])} silhouette {f(m['silhouette_cosine'])}")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Checkpoints: adapter + head (peft layout, balora.save_adapter), optimizer tensors and RNG in safetensors,
+# scalars in JSON; never pickle. A checkpoint is written into a scratch directory and renamed into place, and
+# `last_checkpoint.json` is replaced atomically afterwards, so a crash leaves the previous checkpoint usable.
+
+OPT_FILE, STATE_FILE, POINTER = "optimizer.safetensors", "trainer_state.json", "last_checkpoint.json"
+
+
+def atomic_json(path, obj):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out, net, opt, state):
+    out = Path(out)
+    name = f"checkpoint-{state['step']:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}-"))
+    balora.save_adapter(net, tmp, modules_to_save=HEAD)
+    tensors = {}
+    for idx, s in opt.state_dict()["state"].items():
+        for key, value in s.items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimizer state {idx}.{key} is not a tensor: {value!r}")
+            tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_file(tensors, tmp / OPT_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    tmp.chmod(0o755)
+    final = out / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_json(out / POINTER, {"checkpoint": name, "step": state["step"]})
+    for old in out.glob("checkpoint-*"):  # keep only the newest
+        if old.name != name:
+            shutil.rmtree(old)
+    return final
+
+
+def load_adapter(net, path):
+    # balora.load_adapter maps every module name of the model through model.hf_name to find the saved head,
+    # and model.py's hf_name raises KeyError for containers that have no HF name ("encoder", "head"). Until
+    # one of them changes, give the model a tolerant hf_name for the duration of the load (names it cannot
+    # map become keys no saved module can match, so nothing is loaded into the wrong module).
+    strict = net.hf_name
+
+    def tolerant(name):
+        try:
+            return strict(name)
+        except KeyError:
+            return f"<no hf name: {name}>"
+
+    net.hf_name = tolerant
+    try:
+        return balora.load_adapter(net, path)
+    finally:
+        del net.hf_name
+
+
+def load_checkpoint(out, net, opt):
+    pointer = Path(out) / POINTER
+    if not pointer.exists():
+        raise FileNotFoundError(f"--resume: {pointer} not found: no checkpoint to continue in {out}")
+    ckpt = Path(out) / json.loads(pointer.read_text())["checkpoint"]
+    load_adapter(net, ckpt)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    tensors = load_file(ckpt / OPT_FILE)
+    sd = opt.state_dict()
+    n_params = sum(len(g["params"]) for g in sd["param_groups"])
+    opt_state = {}
+    for key, t in tensors.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            if int(idx) >= n_params:
+                raise ValueError(f"{ckpt / OPT_FILE}: {key} refers to parameter {idx}, the optimizer has {n_params}")
+            opt_state.setdefault(int(idx), {})[name] = t
+    sd["state"] = opt_state
+    opt.load_state_dict(sd)  # checks every state tensor's shape against its parameter
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    return ckpt, state
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    init, regularise = METHODS[args.method]
+    init = args.init or init
+    out = Path(args.out)
+    if not args.resume and (out / POINTER).exists():
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "log.jsonl", "a")
+
+    def log(record):
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    # data
+    splits = load_splits(args)
+    tok = modeling.load_tokenizer(args.model or data.minilm_dir())
+    encoded = {s: (data.encode_classification(tok, d, args.max_len)[0] if d is not None else None)
+               for s, d in splits.items()}
+    train = encoded["train"]
+    names = splits["train"].label_names
+    num_labels = 1 if args.regression else len(names)
+    counts = None if args.regression else data.class_counts(splits["train"].labels, num_labels)
+    info = {"label_names": names, "pad_id": 0,
+            "minority": None if args.regression else int(np.argmin(counts))}
+
+    # the BA-LoRA config: paper NLU defaults (Sec. 4.1), λ = 0 for plain lora / pissa unless given
+    d = balora.BALoRAConfig.nlu()
+    lam = [getattr(args, f"lambda{i}") for i in (1, 2, 3)]
+    lam = [x if x is not None else (default if regularise else 0.0)
+           for x, default in zip(lam, (d.lambda1, d.lambda2, d.lambda3))]
+    regularise = any(x > 0 for x in lam)
+    svd_k = args.svd_k or min(d.svd_k, max(num_labels - 1, 1))
+    if args.svd_k is None and svd_k != d.svd_k and lam[2] > 0:
+        print(f"note: svd_k = {svd_k} instead of the paper's {d.svd_k}: with {num_labels} logit columns k=5 keeps "
+              f"every singular value and Eq. 7 is the constant -1")
+    cfg = balora.BALoRAConfig.nlu(
+        lambda1=lam[0], lambda2=lam[1], lambda3=lam[2], svd_k=svd_k, temperature=args.temperature,
+        top_k=args.top_k, consistency=args.consistency or ("mse" if args.regression else "kl"),
+        diversity=args.diversity, svd=args.svd, lambda1_schedule=args.lambda1_schedule,
+        focus_schedule=args.focus_schedule)
+
+    # model, optimiser, budget
+    torch.manual_seed(args.seed)  # head init and LoRA init; a resumed run rebuilds the same, then loads
+    net = build_model(args, num_labels, init, args.device)
+    opt = make_optimizer(net, args)
+    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    warmup = max(1, round(args.warmup_ratio * total))
+    config = {k: v for k, v in vars(args).items()}
+    state = {"step": 0, "epoch": 0, "batch": 0, "validation": [], "args": config,
+             "train_seconds": 0.0, "examples": 0}
+    if args.resume:
+        ckpt, state = load_checkpoint(out, net, opt)
+        differ = {k: (state["args"].get(k), v) for k, v in config.items()
+                  if k not in RESUME_MAY_DIFFER and state["args"].get(k) != v}
+        if differ:
+            raise ValueError(f"--resume: {ckpt / STATE_FILE} was written with other settings "
+                             f"(saved, now): {differ}")
+        state["args"] = config
+        print(f"resume: {ckpt} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
+        log({"event": "resume", "from": str(ckpt), "step": state["step"]})
+    desc = (f"{args.method} (init {init}; λ1/λ2/λ3 {cfg.lambda1}/{cfg.lambda2}/{cfg.lambda3}, k={cfg.svd_k}, "
+            f"T={cfg.temperature}, {cfg.consistency}/{cfg.diversity}/{cfg.svd})")
+    print(f"train: {desc}; {len(train)} examples, {total} steps of {args.batch_size} "
+          f"({args.grad_accum} micro-batches), {steps_per_epoch} steps/epoch, warm-up {warmup}, "
+          f"lr {args.lr}, {args.dtype} on {args.device}, out {out}")
+    log({"event": "start", "method": desc, "total_steps": total, "warmup": warmup, "args": config})
+
+    net.train()
+    step = state["step"]
+    t_start, step_at_start, seconds_before = time.time(), step, state["train_seconds"]
+    last_saved = step if args.resume else -1
+
+    def checkpoint(epoch, batch):
+        nonlocal last_saved
+        state.update(step=step, epoch=epoch, batch=batch,
+                     train_seconds=seconds_before + time.time() - t_start)
+        save_checkpoint(out, net, opt, state)
+        last_saved = step
+
+    for epoch in range(state["epoch"], args.epochs):
+        if step >= total:
+            break
+        skip = state["batch"] if epoch == state["epoch"] else 0
+        for i, examples in enumerate(data.batches(train, args.batch_size, list, seed=args.seed, epoch=epoch)):
+            if i < skip:
+                continue
+            if step >= total:
+                break
+            t0 = time.time()
+            bs = [to_device(b, args.device) for b in micro_batches(examples, args.grad_accum, info["pad_id"])]
+            lr = lr_at(step, total, warmup, args.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            try:
+                terms = accumulate(net, bs, cfg, regularise, step, total, args.regression, args.dtype)
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], args.clip if args.clip > 0 else math.inf)
+                if not torch.isfinite(norm):
+                    raise NonFiniteLoss(f"step {step + 1}: the gradient norm is non-finite ({norm.item()})")
+            except NonFiniteLoss as e:
+                kept = f"the last checkpoint (step {last_saved})" if last_saved >= 0 else "no checkpoint yet"
+                msg = f"{e}; stopping without applying it. Kept: {out / 'log.jsonl'} and {kept} in {out}"
+                log({"event": "non-finite", "step": step + 1, "message": msg})
+                log_file.close()
+                raise NonFiniteLoss(msg) from None
+            opt.step()
+            step += 1
+            state["examples"] += len(examples)
+            dt = time.time() - t0
+            elapsed = time.time() - t_start
+            eta = elapsed / (step - step_at_start) * (total - step)
+            rec = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": norm.item(), **terms,
+                   "examples_per_s": len(examples) / dt, "elapsed_s": seconds_before + elapsed, "eta_s": eta}
+            log(rec)
+            if step % args.log_every == 0 or step == total:
+                regs = " ".join(f"{k} {terms[k]:+.4g}" for k in ("consistency", "diversity", "svd") if k in terms)
+                lams = "/".join(f"{terms.get(f'lambda{j}', 0.0):.3g}" for j in (1, 2, 3))
+                print(f"step {step}/{total} | task {terms['task']:.4f} | {regs or 'no regularisers'} | λ {lams} | "
+                      f"lr {lr:.2e} | |g| {norm.item():.3f} | {len(examples) / dt:.1f} ex/s | "
+                      f"{fmt_time(seconds_before + elapsed)} elapsed, ETA {fmt_time(eta)}", flush=True)
+            if args.stop_after and step == args.stop_after and step < total:
+                checkpoint(epoch, i + 1)
+                print(f"stop: --stop-after {args.stop_after} reached; continue with --resume --out {out}")
+                log_file.close()
+                return None
+            if args.save_every and step % args.save_every == 0 and step < total:
+                checkpoint(epoch, i + 1)
+        # epoch end (or budget reached): validation, then a checkpoint that starts the next epoch
+        m = evaluate(net, encoded["validation"], args, info)
+        state["validation"].append({"epoch": epoch, "step": step, **m})
+        log({"event": "validation", "epoch": epoch, "step": step, **m})
+        print(f"validation (epoch {epoch}, step {step}): {summary(m)}", flush=True)
+        checkpoint(epoch + 1, 0)
+
+    train_seconds = state["train_seconds"] if step == step_at_start else seconds_before + time.time() - t_start
+    if encoded["test"] is not None:
+        test = evaluate(net, encoded["test"], args, info)
+        print(f"test: {summary(test)}", flush=True)
+        log({"event": "test", "step": step, **test})
+    else:  # GLUE-style: no labelled test set, the last validation (at the final weights) is the result
+        test = None
+        print("test: no --test file; the final metrics are the last validation's")
+    balora.save_adapter(net, out / "adapter", modules_to_save=HEAD)
+    metrics = {"method": args.method, "init": init, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+               "steps": step, "total_steps": total, "examples_seen": state["examples"],
+               "train_seconds": train_seconds, "examples_per_s": state["examples"] / max(train_seconds, 1e-9),
+               "train_class_counts": None if counts is None else dict(zip(names, counts)),
+               "validation": state["validation"], "test": test, "args": config}
+    atomic_json(out / "metrics.json", metrics)
+    print(f"done: {step} steps, {fmt_time(train_seconds)} training; adapter + head in {out / 'adapter'}, "
+          f"metrics in {out / 'metrics.json'}")
+    log_file.close()
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NonFiniteLoss as e:
+        sys.exit(f"error: {e}")
