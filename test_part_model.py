@@ -367,6 +367,17 @@ def test_dtype_and_bf16_autocast(ckpt):
                     assert ((y.float() - x)[mask.bool()].abs().max() / scale) < 0.1
 
 
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_tied", "deberta_v3", "deberta_v2", "bert_cls"])
+def test_training_mode_backward_reaches_every_parameter(ckpt, name):
+    d, hf = ckpt[name]
+    m = M.from_pretrained(d, num_labels=None if name.startswith("llama") else hf.config.num_labels).train()
+    ids, mask = _batch(20, 96)
+    torch.manual_seed(0)
+    m(ids, mask).float().pow(2).mean().backward()  # dropout on, padded batch
+    for n, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+
+
 # -- with balora.py ------------------------------------------------------------------------------
 
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
