@@ -30,6 +30,7 @@ import model as modellib
 METHOD = "balora"
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all seven LLaMA projections
 RANK, ALPHA = 16, 16           # the paper uses r = alpha = 128 on LLaMA-2-7B
+PISSA_INIT = "pissa_niter_4"   # PiSSA's fast init (randomized SVD, 4 power iterations): seconds, not minutes
 LR, WARMUP = 2e-4, 0.03        # cosine to 0 after a linear warm-up over 3 % of the steps; paper: 2e-5
 BATCH_SIZE, GRAD_ACCUM = 4, 2  # effective batch 8 (paper: 32)
 MAX_LEN = 64                   # prompt + response tokens; longer responses are cut (and counted)
@@ -67,7 +68,8 @@ def parse_args(argv):
     a("--template", default=TEMPLATE, choices=["alpaca", "chatml"])
     a("--max-len", type=int, default=MAX_LEN)
     a("--method", default=METHOD, choices=["lora", "pissa", "balora"])
-    a("--init", help="adapter init: pissa | pissa_niter_N | lora (default: lora for --method lora, else pissa)")
+    a("--init", help="adapter init: pissa (exact SVD) | pissa_niter_N (randomized, N power iterations) | lora "
+                     f"(default: lora for --method lora, else {PISSA_INIT})")
     a("--rank", type=int, default=RANK)
     a("--alpha", type=float, default=ALPHA)
     a("--targets", default=TARGETS, help="comma-separated nn.Linear leaf names")
@@ -113,9 +115,11 @@ def parse_args(argv):
     a("--gsm8k-limit", type=int, default=0, help="first N problems only (0: all)")
     a("--gsm8k-tokens", type=int, default=GSM8K_TOKENS)
     a("--eval-batch-size", type=int, default=16)
+    a("--base-from", metavar="METRICS_JSON", help="reuse the base model's evaluation from an earlier run's "
+                                                  "metrics.json (same model and evaluation settings are checked)")
     a("--merge", action="store_true", help="also write a merged HF checkpoint to OUT/merged")
     args = p.parse_args(argv)
-    args.init = args.init or ("lora" if args.method == "lora" else "pissa")
+    args.init = args.init or ("lora" if args.method == "lora" else PISSA_INIT)
     if args.batch_size < 1 or args.grad_accum < 1 or args.max_len < 2 or args.max_steps < 0:
         p.error("--batch-size, --grad-accum >= 1, --max-len >= 2, --max-steps >= 0")
     return args
@@ -370,6 +374,25 @@ def evaluate(net, tok, val_examples, windows, prompts, gsm8k, args, eos_id, pad_
     return m
 
 
+# what the base model's evaluation depends on (--base-from reuses it only when all of these agree)
+EVAL_KEYS = ["model", "train_file", "val_file", "template", "max_len", "val_examples", "eval_text", "drift_windows",
+             "drift_len", "gen_prompts", "gen_tokens", "gen_temperature", "gen_top_p", "eval_gsm8k", "gsm8k_limit",
+             "gsm8k_tokens", "eval_batch_size", "dtype", "base_dtype", "seed"]
+
+
+def base_metrics(path, eval_key):
+    try:
+        prev = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--base-from {path}: cannot read metrics ({e})") from None
+    diff = [k for k in EVAL_KEYS if prev.get("eval_key", {}).get(k) != eval_key[k]]
+    if diff:
+        raise ValueError(f"--base-from {path}: evaluated with different settings: "
+                         + ", ".join(f"--{k.replace('_', '-')} {prev.get('eval_key', {}).get(k)!r} "
+                                     f"(now {eval_key[k]!r})" for k in diff))
+    return prev["base"]
+
+
 # ---- checkpoints: safetensors tensors + the JSON state in its metadata, one file, written atomically ------
 
 # what must not change between a run and its resumption
@@ -483,7 +506,13 @@ def main(argv=None):
 
     state = checkpoint_state(args.resume, args) if args.resume else None
     # the base model's metrics (a resumed run has them in its checkpoint)
-    base = state["base"] if state else evaluate(net, tok, val_ex, windows, prompts, gsm8k, args, eos_id, pad_id, "base")
+    eval_key = {k: getattr(args, k) for k in EVAL_KEYS}
+    if state:
+        base = state["base"]
+    elif args.base_from:
+        base = base_metrics(args.base_from, eval_key)
+    else:
+        base = evaluate(net, tok, val_ex, windows, prompts, gsm8k, args, eos_id, pad_id, "base")
 
     torch.manual_seed(args.seed)  # the LoRA init draws from it
     t0 = time.time()
@@ -564,7 +593,7 @@ def main(argv=None):
         "drift_ppl_ratio": tuned["drift_ppl"] / base["drift_ppl"],
         "eval_sizes": {"val_examples": len(val_ex), "drift_windows": len(windows), "drift_len": args.drift_len,
                        "gen_prompts": len(prompts), "gsm8k_problems": len(gsm8k) if gsm8k else 0},
-        "args": vars(args),
+        "args": vars(args), "eval_key": eval_key,
     }
     if args.merge:
         modellib.save_pretrained(balora.merge(net), os.path.join(args.out, "merged"))

@@ -1,0 +1,243 @@
+# bench.py: speed and memory of one LoRA / PiSSA / BA-LoRA training step (forward + backward + AdamW) on the
+# default model (SmolLM2-135M-Instruct), one fixed batch of 4 x 256 real tokens (NYT editorial text), rank 64
+# on all seven projections, 2 threads; fp32 and bf16 autocast; BA-LoRA's extra time split into the teacher
+# forward and the regularisers (+ their backward); peak RSS per method in a fresh subprocess; PiSSA init time
+# (exact SVD and randomized, niter 4); transformers + peft as the peer when installed. Paper Sec. 3.3 / 4.1.
+# Run: `python bench.py` (about 15 min on 2 cores; --no-peer/--no-init/--no-mem to skip parts). Prints a table, writes bench.json.
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import balora
+import data
+import model as modellib
+import train_nlg
+
+BATCH, SEQ, RANK, THREADS, REPEATS, WARMUP = 4, 256, 64, 2, 5, 1
+STEP, TOTAL = 50, 100  # timed at mid-training: λ1 (cosine) > 0 and λ2, λ3 past the two-phase ramp, all terms on
+METHODS = {"lora": "lora", "pissa": "pissa_niter_4", "balora": "pissa_niter_4"}  # method -> adapter init
+TARGETS = train_nlg.TARGETS.split(",")
+
+
+def amp(dtype):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+def fixed_batch(model_dir):
+    # 4 windows of 256 consecutive NYT tokens; every token is a target, so the regularisers see M = 4 x 255 rows
+    tok = modellib.load_tokenizer(model_dir)
+    ids = data.text_windows(tok, "\n".join(data.nyt_sentences()), SEQ)[:BATCH]
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def build(model_dir, method, rank):
+    net = modellib.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    balora.inject(net, TARGETS, rank, rank, METHODS[method])
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
+    cfg = balora.BALoRAConfig.nlg() if method == "balora" else None
+    return net, opt, cfg
+
+
+def step_fn(net, opt, cfg, batch, dtype):
+    def step():  # exactly train_nlg.py's optimizer step
+        train_nlg.accumulate(net, [batch], cfg, STEP, TOTAL, amp(dtype))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def balora_parts(net, cfg, batch, dtype):
+    # the two things BA-LoRA adds to a PiSSA step, timed alone: the teacher forward, and the regularisers'
+    # forward + backward down to the logits (the model backward is shared with the task loss)
+    ids = batch["input_ids"]
+    with torch.no_grad(), amp(dtype):
+        z = train_nlg.select(net(ids), batch["labels"])[0].float()
+    with balora.teacher(net), amp(dtype):
+        zt = train_nlg.select(net(ids), batch["labels"])[0]
+    z.requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+
+    def teacher():
+        with balora.teacher(net), amp(dtype):
+            net(ids)
+
+    def regs():
+        z.grad = None
+        total, _ = balora.regularizers(cfg, z, zt, None, STEP, TOTAL, gen)
+        total.backward()
+    return teacher, regs
+
+
+def timed(fns, repeats, warmup):
+    # round-robin over the functions, so that load on a shared machine hits them alike; median per function
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+# ---- the peer: transformers + peft on the same batch ---------------------------------------------------------
+
+def peft_model(model_dir, rank, init):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    t = time.perf_counter()
+    pm = get_peft_model(base, LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, lora_dropout=0.0,
+                                         init_lora_weights=init))
+    return pm, time.perf_counter() - t
+
+
+def peft_step_fn(pm, batch, dtype):
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-6)
+    pm.train()
+
+    def step():
+        with amp(dtype):
+            loss = pm(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+# ---- peak memory: one fresh process per method ---------------------------------------------------------------
+
+def child(method, dtype, model_dir, rank):
+    # load, inject, two optimizer steps; report the process's peak resident set size
+    batch = fixed_batch(model_dir)
+    if method == "peft-pissa":
+        pm, _ = peft_model(model_dir, rank, "pissa_niter_4")
+        step = peft_step_fn(pm, batch, dtype)
+    else:
+        step = step_fn(*build(model_dir, method, rank), batch, dtype)
+    for _ in range(2):
+        step()
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(method, dtype, model_dir, rank, threads):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--dtypes", dtype, "--model", model_dir,
+           "--rank", str(rank), "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory subprocess for {method}/{dtype} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="HF model directory (default: the converted SmolLM2-135M-Instruct)")
+    p.add_argument("--rank", type=int, default=RANK)
+    p.add_argument("--threads", type=int, default=THREADS)
+    p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--warmup", type=int, default=WARMUP)
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--no-peer", action="store_true", help="skip transformers + peft")
+    p.add_argument("--no-init", action="store_true", help="skip the PiSSA init timings")
+    p.add_argument("--no-mem", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the regularisers")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_dir = str(args.model or train_nlg.default_model_dir())
+    dtypes = args.dtypes.split(",")
+    if args.child:
+        return child(args.child, dtypes[0], model_dir, args.rank)
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        peer = not args.no_peer
+    except ImportError:
+        peer = False
+    batch = fixed_batch(model_dir)
+    res = {"batch": [BATCH, SEQ], "rank": args.rank, "threads": args.threads, "repeats": args.repeats,
+           "torch": torch.__version__, "steps_s": {}, "all_s": {}}
+
+    nets = {m: build(model_dir, m, args.rank) for m in ("lora", "pissa")}
+    nets["balora"] = (nets["pissa"][0], torch.optim.AdamW([p for p in nets["pissa"][0].parameters()
+                                                           if p.requires_grad], lr=1e-6), balora.BALoRAConfig.nlg())
+    pm = peft_model(model_dir, args.rank, "pissa_niter_4")[0] if peer else None
+    for dt in dtypes:
+        fns = {m: step_fn(*nets[m], batch, dt) for m in ("lora", "pissa", "balora")}
+        fns["teacher_forward"], fns["regularisers"] = balora_parts(nets["balora"][0], nets["balora"][2], batch, dt)
+        if peer:
+            fns["peft_pissa"] = peft_step_fn(pm, batch, dt)
+        print(f"bench: timing {dt} ({args.warmup} warm-up + {args.repeats} rounds of {list(fns)})", flush=True)
+        res["steps_s"][dt], res["all_s"][dt] = timed(fns, args.repeats, args.warmup)
+        if args.profile:
+            from torch.profiler import profile
+            with profile() as prof:
+                fns["regularisers"]()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    del nets, pm, fns
+
+    if not args.no_init:  # 210 layers at rank 64, one fresh model each
+        res["init_s"] = {}
+        for init in ("pissa", "pissa_niter_4"):
+            net = modellib.from_pretrained(model_dir)
+            t = time.perf_counter()
+            res["layers"] = balora.inject(net, TARGETS, args.rank, args.rank, init)
+            res["init_s"][init] = time.perf_counter() - t
+            if peer:
+                res["init_s"]["peft_" + init] = peft_model(model_dir, args.rank, init)[1]
+            print(f"bench: init {init}: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["init_s"].items()
+                                                     if k.endswith(init)), flush=True)
+    if not args.no_mem:
+        res["peak_rss_mb"] = {dt: {m: peak_rss(m, dt, model_dir, args.rank, args.threads)
+                                   for m in ["lora", "pissa", "balora"] + (["peft-pissa"] if peer else [])}
+                              for dt in dtypes}
+    report(res)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"bench: wrote {args.out}")
+    return res
+
+
+def report(res):
+    rows = ["lora", "pissa", "balora", "teacher_forward", "regularisers", "peft_pissa"]
+    dtypes = list(res["steps_s"])
+    head = "| step (median) | " + " | ".join(f"{dt} s | x pissa" for dt in dtypes)
+    mem = "peak_rss_mb" in res
+    head += " | " + " | ".join(f"peak RSS {dt} MB | x pissa" for dt in dtypes) if mem else ""
+    print("\n" + head + " |\n" + "|---" * (1 + 2 * len(dtypes) * (2 if mem else 1)) + "|")
+    for r in rows:
+        if r not in res["steps_s"][dtypes[0]]:
+            continue
+        cells = []
+        for dt in dtypes:
+            s = res["steps_s"][dt]
+            cells += [f"{s[r]:.2f}", f"{s[r] / s['pissa']:.2f}"]
+        if mem:
+            for dt in dtypes:
+                m = res["peak_rss_mb"][dt]
+                key = r.replace("_", "-")
+                cells += [f"{m[key]:.0f}", f"{m[key] / m['pissa']:.2f}"] if key in m else ["", ""]
+        print(f"| {r} | " + " | ".join(cells) + " |")
+    if "init_s" in res:
+        print(f"\n| PiSSA init, {res['layers']} layers, r = {res['rank']} | ours s | peft s |\n|---|---|---|")
+        for init in ("pissa", "pissa_niter_4"):
+            peer = res["init_s"].get("peft_" + init)
+            print(f"| {init} | {res['init_s'][init]:.1f} | {'' if peer is None else f'{peer:.1f}'} |")
+
+
+if __name__ == "__main__":
+    main()
