@@ -370,3 +370,25 @@ def test_default_job_runs_end_to_end(tmp_path):
     assert "step 3/3 | task" in proc.stdout and "consistency" in proc.stdout
     cfg = json.loads((out / "adapter" / balora.CONFIG_FILE).read_text())
     assert cfg["init_lora_weights"] == "pissa" and cfg["modules_to_save"] == ["bert.pooler", "classifier"]
+
+
+def test_regression_runs_with_mse_consistency(encoders, tmp_path):
+    # STS-B style: one output, MSE task loss, consistency switched to logit MSE (KL of one class is 0)
+    rng = random.Random(2)
+    rows = [{"sentence": s, "score": 4.0 + rng.random()} for s in sentences(12, POS, rng)] + \
+           [{"sentence": s, "score": 1.0 - rng.random()} for s in sentences(12, NEG, rng)]
+    rng.shuffle(rows)
+    f = {k: write_jsonl(tmp_path / f"{k}.jsonl", rows) for k in ("train", "validation", "test")}
+    with pytest.warns(UserWarning, match="D=1"):
+        m = train_nlu.main(argv(encoders["plain"], f, tmp_path / "reg", "--regression", "--label-field", "score",
+                                "--epochs", "2", "--lr", "2e-2"))
+    assert m["config"]["consistency"] == "mse" and m["train_class_counts"] is None
+    assert set(m["test"]) == {"n", "loss", "pearson", "spearman", "mse"} and m["test"]["n"] == 24
+    import data
+    args = train_nlu.parse_args(argv(encoders["plain"], f, tmp_path / "x", "--regression"))
+    torch.manual_seed(args.seed)
+    fresh = train_nlu.build_model(args, 1, "pissa", "cpu")
+    ex, _ = data.encode_classification(modeling.load_tokenizer(encoders["plain"]),
+                                       data.read_table(f["test"], ["sentence"], "score", regression=True), 32)
+    before = train_nlu.evaluate(fresh, ex, args, {"label_names": None, "pad_id": 0, "minority": None})
+    assert m["test"]["mse"] < 0.8 * before["mse"] and math.isfinite(m["test"]["pearson"])

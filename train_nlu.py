@@ -210,8 +210,9 @@ def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dty
     # Forward + backward over the micro-batches of one optimizer step; .grad then holds the gradient of the
     # step's loss. Each micro-batch loss is scaled by its share of the step's examples (1/grad_accum when
     # they are equal): summing the scaled gradients gives the gradient of the mean over the whole batch, so
-    # --grad-accum changes memory, not the update. The regularisers are batch statistics (covariance, SVD,
-    # KL over the batch); with accumulation they are computed per micro-batch, over its rows only.
+    # --grad-accum changes memory, not the update. Diversity and SVD are batch statistics (the covariance and
+    # the singular values of the batch's logits): with accumulation they are computed per micro-batch, over
+    # its rows only. (The consistency KL is a per-example mean and accumulates exactly.)
     n_total = sum(len(b["labels"]) for b in batches)
     device_type = batches[0]["input_ids"].device.type
     log = {}
@@ -509,7 +510,7 @@ def main(argv=None):
     names = splits["train"].label_names
     num_labels = 1 if args.regression else len(names)
     counts = None if args.regression else data.class_counts(splits["train"].labels, num_labels)
-    info = {"label_names": names, "pad_id": 0,
+    info = {"label_names": names, "pad_id": 0,  # any valid id: padded keys are masked out
             "minority": None if args.regression else int(np.argmin(counts))}
 
     # the BA-LoRA config: paper NLU defaults (Sec. 4.1), λ = 0 for plain lora / pissa unless given
@@ -518,7 +519,7 @@ def main(argv=None):
     lam = [x if x is not None else (default if regularise else 0.0)
            for x, default in zip(lam, (d.lambda1, d.lambda2, d.lambda3))]
     regularise = any(x > 0 for x in lam)
-    svd_k = args.svd_k or min(d.svd_k, max(num_labels - 1, 1))
+    svd_k = args.svd_k if args.svd_k is not None else min(d.svd_k, max(num_labels - 1, 1))
     if args.svd_k is None and svd_k != d.svd_k and lam[2] > 0:
         print(f"note: svd_k = {svd_k} instead of the paper's {d.svd_k}: with {num_labels} logit columns k=5 keeps "
               f"every singular value and Eq. 7 is the constant -1")
