@@ -306,7 +306,12 @@ def load_adapter(model: nn.Module, in_dir: str):
 
 def _saved_module_names(model, hf_names):
     # Map the HF module names written in the config back to this model's module names.
-    ours = {_hf_name(model, n): n for n, _ in model.named_modules() if n}
+    ours = {}
+    for n, _ in model.named_modules():
+        try:
+            ours[_hf_name(model, n)] = n
+        except KeyError:  # a container with no HF counterpart (model.py's `encoder`, `head`, ...)
+            pass
     for h in hf_names:
         if h not in ours:
             raise ValueError(f"adapter config lists modules_to_save {h!r}, which this model lacks")

@@ -198,7 +198,7 @@ def test_end_to_end_then_saved_adapter_reproduces_test_metrics(encoders, files, 
     # a fresh model + inject + load_adapter (adapters and head) gives exactly the reported test metrics
     args = train_nlu.parse_args(argv(enc, files, tmp_path / "x"))
     net = train_nlu.build_model(args, 2, "pissa", "cpu")
-    train_nlu.load_adapter(net, tmp_path / "run" / "adapter")
+    balora.load_adapter(net, tmp_path / "run" / "adapter")
     import data
     d = data.read_table(files["test"], ["sentence"], "label", ["neg", "pos"])
     ex, _ = data.encode_classification(modeling.load_tokenizer(enc), d, 128)

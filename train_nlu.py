@@ -431,32 +431,12 @@ def save_checkpoint(out, net, opt, state):
     return final
 
 
-def load_adapter(net, path):
-    # balora.load_adapter maps every module name of the model through model.hf_name to find the saved head,
-    # and model.py's hf_name raises KeyError for containers that have no HF name ("encoder", "head"). Until
-    # one of them changes, give the model a tolerant hf_name for the duration of the load (names it cannot
-    # map become keys no saved module can match, so nothing is loaded into the wrong module).
-    strict = net.hf_name
-
-    def tolerant(name):
-        try:
-            return strict(name)
-        except KeyError:
-            return f"<no hf name: {name}>"
-
-    net.hf_name = tolerant
-    try:
-        return balora.load_adapter(net, path)
-    finally:
-        del net.hf_name
-
-
 def load_checkpoint(out, net, opt):
     pointer = Path(out) / POINTER
     if not pointer.exists():
         raise FileNotFoundError(f"--resume: {pointer} not found: no checkpoint to continue in {out}")
     ckpt = Path(out) / json.loads(pointer.read_text())["checkpoint"]
-    load_adapter(net, ckpt)
+    balora.load_adapter(net, ckpt)
     state = json.loads((ckpt / STATE_FILE).read_text())
     tensors = load_file(ckpt / OPT_FILE)
     sd = opt.state_dict()
