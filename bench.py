@@ -90,7 +90,7 @@ def timed(fns, repeats, warmup):
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}, times
+    return {k: statistics.median(v) for k, v in times.items()}, {k: min(v) for k, v in times.items()}, times
 
 
 # ---- the peer: transformers + peft on the same batch ---------------------------------------------------------
@@ -130,7 +130,17 @@ def child(method, dtype, model_dir, rank):
         step = step_fn(*build(model_dir, method, rank), batch, dtype)
     for _ in range(2):
         step()
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": peak_rss_self_mb()}))
+
+
+def peak_rss_self_mb():
+    # VmHWM: this process's own peak RSS. (ru_maxrss is no good here: Linux carries the parent's value over
+    # fork + exec, so every child would report the benchmark process's peak.)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_rss(method, dtype, model_dir, rank, threads):
@@ -168,9 +178,15 @@ def main(argv=None):
         peer = not args.no_peer
     except ImportError:
         peer = False
+    res = {}
+    if not args.no_mem:  # first, before this process loads any model
+        res["peak_rss_mb"] = {dt: {m: peak_rss(m, dt, model_dir, args.rank, args.threads)
+                                   for m in ["lora", "pissa", "balora"] + (["peft-pissa"] if peer else [])}
+                              for dt in dtypes}
     batch = fixed_batch(model_dir)
-    res = {"batch": [BATCH, SEQ], "rank": args.rank, "threads": args.threads, "repeats": args.repeats,
-           "torch": torch.__version__, "steps_s": {}, "all_s": {}}
+    res |= {"batch": [BATCH, SEQ], "rank": args.rank, "threads": args.threads, "repeats": args.repeats,
+           "torch": torch.__version__, "steps_s": {}, "min_s": {}, "all_s": {},
+           "loadavg_start": os.getloadavg()}  # a shared machine: the ratios come from interleaved rounds
 
     nets = {m: build(model_dir, m, args.rank) for m in ("lora", "pissa")}
     nets["balora"] = (nets["pissa"][0], torch.optim.AdamW([p for p in nets["pissa"][0].parameters()
@@ -182,7 +198,8 @@ def main(argv=None):
         if peer:
             fns["peft_pissa"] = peft_step_fn(pm, batch, dt)
         print(f"bench: timing {dt} ({args.warmup} warm-up + {args.repeats} rounds of {list(fns)})", flush=True)
-        res["steps_s"][dt], res["all_s"][dt] = timed(fns, args.repeats, args.warmup)
+        res["steps_s"][dt], res["min_s"][dt], res["all_s"][dt] = timed(fns, args.repeats, args.warmup)
+        print(f"bench: {dt} medians: " + ", ".join(f"{k} {v:.2f} s" for k, v in res["steps_s"][dt].items()), flush=True)
         if args.profile:
             from torch.profiler import profile
             with profile() as prof:
@@ -201,10 +218,7 @@ def main(argv=None):
                 res["init_s"]["peft_" + init] = peft_model(model_dir, args.rank, init)[1]
             print(f"bench: init {init}: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["init_s"].items()
                                                      if k.endswith(init)), flush=True)
-    if not args.no_mem:
-        res["peak_rss_mb"] = {dt: {m: peak_rss(m, dt, model_dir, args.rank, args.threads)
-                                   for m in ["lora", "pissa", "balora"] + (["peft-pissa"] if peer else [])}
-                              for dt in dtypes}
+    res["loadavg_end"] = os.getloadavg()
     report(res)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
@@ -215,17 +229,17 @@ def main(argv=None):
 def report(res):
     rows = ["lora", "pissa", "balora", "teacher_forward", "regularisers", "peft_pissa"]
     dtypes = list(res["steps_s"])
-    head = "| step (median) | " + " | ".join(f"{dt} s | x pissa" for dt in dtypes)
+    head = "| step | " + " | ".join(f"{dt} median s | x pissa | {dt} min s | x pissa" for dt in dtypes)
     mem = "peak_rss_mb" in res
     head += " | " + " | ".join(f"peak RSS {dt} MB | x pissa" for dt in dtypes) if mem else ""
-    print("\n" + head + " |\n" + "|---" * (1 + 2 * len(dtypes) * (2 if mem else 1)) + "|")
+    print("\n" + head + " |\n" + "|---" * (1 + 4 * len(dtypes) + (2 * len(dtypes) if mem else 0)) + "|")
     for r in rows:
         if r not in res["steps_s"][dtypes[0]]:
             continue
         cells = []
         for dt in dtypes:
-            s = res["steps_s"][dt]
-            cells += [f"{s[r]:.2f}", f"{s[r] / s['pissa']:.2f}"]
+            for s in (res["steps_s"][dt], res["min_s"][dt]):
+                cells += [f"{s[r]:.2f}", f"{s[r] / s['pissa']:.2f}"]
         if mem:
             for dt in dtypes:
                 m = res["peak_rss_mb"][dt]

@@ -195,14 +195,21 @@ def gsm8k_prompt(question, template):
 
 # ---- the loss: task + regularisers on exactly the same token positions ---------------------------------
 
+def targets(labels):
+    # Logits at position t predict token t+1, so the target of position t is labels[:, t+1] (-100 after the
+    # last). The positions that carry loss are those whose *target* is not -100: no prompt and no padding, but
+    # the last prompt position (it predicts the first response token). The official BA-LoRA NLG code masks its
+    # regularisers with the unshifted labels != -100, i.e. one position off: it drops the position that
+    # predicts the first response token and counts the one after EOS. Shifting the labels rather than slicing
+    # the logits keeps the (B, T, V) logits contiguous: no copy of them for the plain cross-entropy.
+    return F.pad(labels[:, 1:], (0, 1), value=data.IGNORE_INDEX)     # (B, T)
+
+
 def select(logits, labels):
-    # Logits at position t predict token t+1, so the positions that carry loss are those whose *target*
-    # labels[:, t+1] is not -100: no prompt and no padding, but the last prompt position (it predicts the
-    # first response token). The official BA-LoRA NLG code masks its regularisers with the unshifted
-    # labels != -100, i.e. one position off: it drops the position that predicts the first response token
-    # and counts the one after EOS. Here task loss and regularisers see the same M rows by construction.
-    mask = labels[:, 1:] != data.IGNORE_INDEX        # (B, T-1)
-    return logits[:, :-1][mask], labels[:, 1:][mask], mask  # (M, V), (M,)
+    # -> the M counted rows of the logits (M, V), their target tokens (M,), and the mask (B, T)
+    y = targets(labels)
+    mask = y != data.IGNORE_INDEX
+    return logits[mask], y[mask], mask
 
 
 def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
@@ -213,17 +220,20 @@ def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
     # causal path; the logits at pad positions are never used.
     with amp:
         logits = net(ids)                                     # (B, T, V)
+    if cfg is None:  # LoRA / PiSSA: cross-entropy straight on the logits; -100 targets are skipped
+        y = targets(labels)
+        task = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+        return task, torch.zeros((), device=ids.device), int((y != data.IGNORE_INDEX).sum()), {}
     z, y, mask = select(logits, labels)
     del logits
-    z = z.float()  # one float32 copy of the M×V rows, shared by the cross-entropy and the regularisers
+    # Task loss and regularisers see the same M rows by construction, as one float32 copy of the M×V rows.
+    z = z.float()
     task = F.cross_entropy(z, y, reduction="sum")
-    if cfg is None:
-        return task, torch.zeros((), device=z.device), len(y), {}
     l1, _, _ = cfg.lambdas(step, total_steps)
     z_teacher = None
     if l1 > 0:  # the frozen pretrained model from the same weights (balora.teacher), no second copy
         with balora.teacher(net), amp:
-            z_teacher = net(ids)[:, :-1][mask]                # (M, V)
+            z_teacher = net(ids)[mask]                        # (M, V)
     reg, log = balora.regularizers(cfg, z, z_teacher, None, step, total_steps, generator)
     return task, reg, len(y), log
 
@@ -234,7 +244,7 @@ def accumulate(net, micro_batches, cfg, step, total_steps, amp, seed=0):
     # token-averaged consistency and diversity terms. The SVD term is a spectrum of each micro-batch's own
     # M×V matrix (as in the official code under gradient accumulation): it enters as the token-weighted
     # mean of the micro-batch values.
-    n_total = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in micro_batches)
+    n_total = sum(int((targets(b["labels"]) != data.IGNORE_INDEX).sum()) for b in micro_batches)
     totals = {"loss": 0.0, "task": 0.0}
     for i, batch in enumerate(micro_batches):
         # the range finder's Gaussian depends only on (seed, step, micro-batch): a resumed run draws the same
