@@ -5,7 +5,6 @@
 
 import json
 import math
-import os
 from contextlib import nullcontext
 
 import numpy as np
