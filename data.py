@@ -197,7 +197,7 @@ def vader_dir() -> Path:
 
 def smollm2_dir() -> Path:
     # The default NLG model as an ordinary HF directory, converted from the GGUF once (section at the end).
-    out = cache_dir() / "smollm2-135m-instruct-hf"
+    out = cache_dir() / "smollm2-135m-instruct"
     if not (out / "model.safetensors").is_file():
         convert_gguf(smollm2_gguf(), out)
     return out
