@@ -305,12 +305,11 @@ def rope_half(x, pos, theta=10000.0):  # HF's: pairs (j, j + hs/2)
 
 @pytest.mark.parametrize("n_head", [9, 3])  # SmolLM2's q and k heads
 def test_gguf_unpermute_inverts_llama_cpp_permutation(n_head):
-    from convert_part import unpermute_qk
     rng = np.random.default_rng(0)
     hs, C, T = 8, 12, 5
     w = rng.standard_normal((n_head * hs, C)).astype(np.float32)
     p = llama_cpp_permute(w, n_head)
-    assert not np.array_equal(p, w) and np.array_equal(unpermute_qk(p, n_head), w)
+    assert not np.array_equal(p, w) and np.array_equal(data.unpermute_qk(p, n_head), w)
     # and it is the right permutation: interleaved RoPE on the GGUF rows = rotate-half RoPE on the HF rows,
     # so q·k attention scores agree
     x, pos = rng.standard_normal((T, C)), np.arange(T, dtype=np.float64)

