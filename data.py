@@ -372,7 +372,7 @@ def _json_array_rows(path: Path, text: str):
         pos = ws.match(text, pos + 1).end()
 
 
-def _rows(path: Path):
+def read_rows(path: Path):
     # Yields (line number, {column: value}); the line number is the physical line where the row starts.
     if path.suffix == ".json":
         text = _decode(path.read_bytes(), path).removeprefix("\ufeff")
@@ -432,7 +432,7 @@ def read_table(path, text_fields: list[str], label_field: str, label_names: list
     if len(text_fields) not in (1, 2):
         raise ValueError(f"text_fields must name one column or two (a pair), got {text_fields}")
     texts, raw = [], []
-    for n, row in _rows(path):
+    for n, row in read_rows(path):
         values = []
         for key in [*text_fields, label_field]:
             value = row.get(key)
@@ -632,7 +632,7 @@ def read_instructions(path) -> list[tuple[str, str, str]]:
     # JSONL in any of INSTRUCTION_LAYOUTS (decided per line) -> (instruction, input, response)
     path = Path(path)
     records = []
-    for n, row in _rows(path):
+    for n, row in read_rows(path):
         for q_key, in_key, r_key in INSTRUCTION_LAYOUTS:
             if q_key in row and r_key in row:
                 break

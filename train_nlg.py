@@ -162,18 +162,11 @@ def read_gsm8k(spec):
     if spec == "default":
         return data.gsm8k_problems()
     problems = []
-    with open(spec, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{spec}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("question", "answer")):
-                raise ValueError(f"{spec}:{n}: expected an object with string 'question' and 'answer'")
-            data.gsm8k_reference(row["answer"])  # fails on a reference without '#### n'
-            problems.append((row["question"], row["answer"]))
+    for n, row in data.read_rows(Path(spec)):  # JSONL / JSON array / CSV / TSV, errors name the line
+        if not all(isinstance(row.get(k), str) for k in ("question", "answer")):
+            raise ValueError(f"{spec}:{n}: expected an object with string 'question' and 'answer'")
+        data.gsm8k_reference(row["answer"])  # fails on a reference without '#### n'
+        problems.append((row["question"], row["answer"]))
     if not problems:
         raise ValueError(f"{spec}: no problems")
     return problems
