@@ -61,16 +61,17 @@ def balora_parts(net, cfg, batch, dtype):
     # the two things BA-LoRA adds to a PiSSA step, timed alone: the teacher forward, and the regularisers'
     # forward + backward down to the logits (the model backward is shared with the task loss)
     ids = batch["input_ids"]
+    rows = train_nlg.targets(batch["labels"]) != data.IGNORE_INDEX  # as train_nlg.micro_batch_loss
     with torch.no_grad(), amp(dtype):
-        z = train_nlg.select(net(ids), batch["labels"])[0].float()
+        z = net(ids, rows=rows).float()
     with balora.teacher(net), amp(dtype):
-        zt = train_nlg.select(net(ids), batch["labels"])[0]
+        zt = net(ids, rows=rows)
     z.requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
 
     def teacher():
         with balora.teacher(net), amp(dtype):
-            net(ids)
+            net(ids, rows=rows)
 
     def regs():
         z.grad = None

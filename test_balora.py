@@ -673,6 +673,17 @@ def test_llama_logits_and_hidden_states_match_transformers(ckpt, name):
         assert (m(ids, mask)[1, 7:] - alone[0]).abs().max() <= TOL
 
 
+def test_llama_rows_gives_the_logits_at_those_positions_only():
+    # training asks for logits only where there is a target: same numbers, no (B, T, V) tensor
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    net = M.Llama(M.LlamaConfig.from_hf(cfg.to_dict())).eval()
+    ids = torch.randint(0, 40, (2, 7))
+    rows = torch.rand(2, 7) > 0.4
+    assert torch.allclose(net(ids, rows=rows), net(ids)[rows], atol=1e-6)  # same up to matmul blocking
+
+
 def test_sharded_checkpoint_loads(ckpt, tmp_path):
     d, hf = ckpt["llama_gqa"]
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
@@ -2071,8 +2082,9 @@ class FixedLogits(nn.Module):
         self.z = nn.Parameter(torch.randn(B, T, V, generator=g))
         self.register_buffer("zt", torch.randn(B, T, V, generator=g))
 
-    def forward(self, ids):
-        return self.z if self.training else self.zt
+    def forward(self, ids, rows=None):
+        z = self.z if self.training else self.zt
+        return z if rows is None else z[rows]
 
 
 ALL_ON = dict(focus_schedule="constant", lambda1_schedule="constant", svd_k=2, top_k=5)

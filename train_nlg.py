@@ -204,14 +204,14 @@ def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
     # Right padding: every pad comes after the real tokens, so the causal mask alone keeps pads out of real
     # positions and real positions count from 0 as without padding. attention_mask=None takes SDPA's fast
     # causal path; the logits at pad positions are never used.
+    y = targets(labels)
+    mask = y != data.IGNORE_INDEX                             # (B, T): positions with a target
     with amp:
-        logits = net(ids)                                     # (B, T, V)
-    if cfg is None:  # LoRA / PiSSA: cross-entropy straight on the logits; -100 targets are skipped
-        y = targets(labels)
-        task = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
-        return task, torch.zeros((), device=ids.device), int((y != data.IGNORE_INDEX).sum()), {}
-    z, y, mask = select(logits, labels)
-    del logits
+        z = net(ids, rows=mask)                               # (M, V): logits only where there is a target
+    y = y[mask]
+    if cfg is None:  # LoRA / PiSSA
+        task = F.cross_entropy(z, y, reduction="sum")
+        return task, torch.zeros((), device=ids.device), len(y), {}
     # Task loss and regularisers see the same M rows by construction, as one float32 copy of the M×V rows.
     z = z.float()
     task = F.cross_entropy(z, y, reduction="sum")
@@ -219,7 +219,7 @@ def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
     z_teacher = None
     if l1 > 0:  # the frozen pretrained model from the same weights (balora.teacher), no second copy
         with balora.teacher(net), amp:
-            z_teacher = net(ids)[mask]                        # (M, V)
+            z_teacher = net(ids, rows=mask)                   # (M, V)
     reg, log = balora.regularizers(cfg, z, z_teacher, None, step, total_steps, generator)
     return task, reg, len(y), log
 
