@@ -160,7 +160,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--warmup", type=int, default=WARMUP)
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, auto (model.resolve_dtype); "
+                   "each is timed and marked native or not on this machine")
     p.add_argument("--no-peer", action="store_true", help="skip transformers + peft")
     p.add_argument("--no-init", action="store_true", help="skip the PiSSA init timings")
     p.add_argument("--no-mem", action="store_true", help="skip the peak-memory subprocesses")
@@ -170,7 +171,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir = str(args.model or train_nlg.default_model_dir())
-    dtypes = args.dtypes.split(",")
+    dtypes = list(dict.fromkeys(modellib.resolve_dtype(d, "cpu")[0] for d in args.dtypes.split(",")))
     if args.child:
         return child(args.child, dtypes[0], model_dir, args.rank)
     try:
@@ -185,8 +186,10 @@ def main(argv=None):
                                    for m in ["lora", "pissa", "balora"] + (["peft-pissa"] if peer else [])}
                               for dt in dtypes}
     batch = fixed_batch(model_dir)
-    res |= {"batch": [BATCH, SEQ], "rank": args.rank, "threads": args.threads, "repeats": args.repeats,
-           "torch": torch.__version__, "steps_s": {}, "min_s": {}, "all_s": {},
+    native = {"fp32": True, "bf16": modellib.cpu_bf16_native()[0]}
+    res |= {"batch": [BATCH, SEQ], "rank": args.rank, "repeats": args.repeats,
+           "machine": modellib.machine("cpu", ",".join(dtypes), args.threads),
+           "dtype_native": {dt: native[dt] for dt in dtypes}, "steps_s": {}, "min_s": {}, "all_s": {},
            "loadavg_start": os.getloadavg()}  # a shared machine: the ratios come from interleaved rounds
 
     nets = {m: build(model_dir, m, args.rank) for m in ("lora", "pissa")}
@@ -230,6 +233,9 @@ def main(argv=None):
 def report(res):
     rows = ["lora", "pissa", "balora", "teacher_forward", "regularisers", "peft_pissa"]
     dtypes = list(res["steps_s"])
+    m = res["machine"]
+    print(f"\nbench: {m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, torch {m['torch']}; "
+          + ", ".join(f"{dt} {'native' if res['dtype_native'][dt] else 'NOT native (emulated, slow)'}" for dt in dtypes))
     head = "| step | " + " | ".join(f"{dt} median s | x pissa | {dt} min s | x pissa" for dt in dtypes)
     mem = "peak_rss_mb" in res
     head += " | " + " | ".join(f"peak RSS {dt} MB | x pissa" for dt in dtypes) if mem else ""

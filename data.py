@@ -610,6 +610,31 @@ def batches(examples: list[dict], batch_size: int, collate, shuffle: bool = True
         yield collate([examples[i] for i in order[start:start + batch_size]])
 
 
+def micro_batches(examples: list, n: int, collate) -> list:
+    # One optimizer step's examples -> n collated micro-batches of equal size (--batch-size is examples per
+    # optimizer step in both scripts, --grad-accum splits it); an epoch's last, smaller step gets n smaller ones.
+    size = math.ceil(len(examples) / n)
+    return [collate(examples[i:i + size]) for i in range(0, len(examples), size)]
+
+
+def balanced_sample(records: list, n: int, key=lambda r: r[:2]) -> tuple[list, list]:
+    # -> (n records, the rest). An evaluation subset must not depend on file order (the VADER file is sorted by
+    # polarity: its first 128 sentences are all positive): records are grouped by key (the prompt), each group
+    # is ordered by a hash of its records, and the groups are taken from in turn. With one record per prompt
+    # this is a fixed pseudo-random sample; the same for every seed and method, so all runs see the same set.
+    digest = lambda x: hashlib.sha256(json.dumps(x, ensure_ascii=False).encode()).digest()
+    groups = {}
+    for i, r in enumerate(records):
+        groups.setdefault(json.dumps(key(r), ensure_ascii=False), []).append(i)
+    queues = [sorted(g, key=lambda i: digest(records[i])) for _, g in sorted(groups.items(), key=lambda kv: digest(kv[0]))]
+    chosen = []
+    for rank in range(max(map(len, queues), default=0)):
+        chosen += [q[rank] for q in queues if rank < len(q)]
+    chosen = chosen[:n]
+    taken = set(chosen)
+    return [records[i] for i in chosen], [r for i, r in enumerate(records) if i not in taken]
+
+
 # -----------------------------------------------------------------------------
 # Instruction data for NLG: prompt tokens get label -100, only the response and EOS are learned.
 
@@ -719,30 +744,45 @@ def text_windows(tok: Tokenizer, text: str, window: int) -> torch.Tensor:
     return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
 
 
-_NUMBER = r"(?<!\d)-?\d+(?:\.\d+)?"  # "pages 10-12" gives 12, not -12
+# a number as GSM8K answers write it: 72, -5, 1250.5, .5, 3/4 ("pages 10-12" gives 12, not -12)
+_NUMBER = r"(?<![\d.])-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+(?:\.\d+)?)?"
+# Where a model's answer ends: it may go on to invent the next problem (MetaMath's evaluation stops at these).
+GSM8K_STOP = ("Question:", "Instruction:", "### Instruction", "Problem:", "Q:", "<|im_start|>", "<|im_end|>",
+              "<|endoftext|>", "</s>")
 
 
 def _clean_numbers(text: str) -> str:
     return re.sub(r"(?<=\d),(?=\d)", "", text).replace("$", "")
 
 
+def _value(number: str) -> float:
+    num, _, den = number.partition("/")
+    return float(num) / float(den) if den and float(den) != 0 else float(num)
+
+
 def gsm8k_reference(answer: str) -> float:
     m = re.search(r"####\s*(" + _NUMBER + ")", _clean_numbers(answer))
     if m is None:
         raise ValueError(f"GSM8K reference has no '#### n': {answer[-80:]!r}")
-    return float(m.group(1))
+    return _value(m.group(1))
+
+
+def gsm8k_first_answer(text: str) -> str:
+    # the output up to the first stop marker: what the model answered to *this* question
+    cut = min((i for i in (text.find(s) for s in GSM8K_STOP) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 def extract_gsm8k_answer(text: str) -> float | None:
-    # Model output -> number: after the last "The answer is", else after the last "####", else the last
-    # number in the text; None when there is no number at all.
-    text = _clean_numbers(text)
-    for marker in (r"[Tt]he answer is", r"####"):
-        hits = list(re.finditer(marker + r"\s*:?\s*(" + _NUMBER + ")", text))
-        if hits:
-            return float(hits[-1].group(1))
+    # Model output -> number, from the first answer only (gsm8k_first_answer): after the first "The answer is",
+    # else after the first "####", else the last number of that answer; None when it has no number at all.
+    text = _clean_numbers(gsm8k_first_answer(text))
+    for marker in (r"[Tt]he (?:final )?answer is", r"####"):
+        hit = re.search(marker + r"\s*:?\s*(" + _NUMBER + ")", text)
+        if hit:
+            return _value(hit.group(1))
     numbers = re.findall(_NUMBER, text)
-    return float(numbers[-1]) if numbers else None
+    return _value(numbers[-1]) if numbers else None
 
 
 if __name__ == "__main__":

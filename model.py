@@ -373,9 +373,10 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                 eos_token_id=None, attention_mask=None, pad_token_id=None, generator=None):
+                 eos_token_id=None, attention_mask=None, pad_token_id=None, generator=None, stop=None):
         # input_ids (B, T), left-padded with attention_mask for a batch of unequal prompts.
         # Returns (B, T + n) like HF: prompt, then new tokens; after eos a row continues with pad.
+        # stop: callable((B, n) new tokens so far) -> (B,) bool, rows that are finished (e.g. stop strings).
         was_training = self.training
         self.eval()
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -392,6 +393,8 @@ class Llama(nn.Module):
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             done = done | torch.isin(nxt, eos)
             out = torch.cat([out, nxt[:, None]], dim=1)
+            if stop is not None:
+                done = done | stop(out[:, T:])
             mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
             if step == max_new_tokens - 1 or done.all():
                 break
@@ -827,3 +830,58 @@ def load_tokenizer(path):
     tok.no_padding()      # padding is done per batch by the data code; some files fix it
     tok.no_truncation()   # (all-MiniLM-L6-v2 ships padding and truncation at 128)
     return tok
+
+# ----------------------------------------------------------------------------------------------
+# Where it runs: the autocast dtype for this device, and a record of the machine for every result.
+# bf16 pays only where the matmuls run natively in it: on CUDA when the GPU supports it, on a CPU with
+# AVX-512 BF16 or AMX *and* torch using them. On an AVX2 CPU torch has no fast bf16 matmul and falls back
+# to a reference path ~100-300x slower than float32 (pytorch issues #118499, #111456), so `auto` is fp32.
+
+
+def cpu_bf16_native():
+    # -> (bool, reason). Follows what torch will use, not only the CPU's flags: ATEN_CPU_CAPABILITY and
+    # ONEDNN_MAX_CPU_ISA lower both, which is how an AMX machine is tested as an AVX2 one.
+    cap = torch.backends.cpu.get_cpu_capability()
+    amx, avx512_bf16 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not (amx or avx512_bf16):
+        return False, f"this CPU has no native bf16 matmul ({cap}, no AVX512-BF16 or AMX)"
+    if cap != "AVX512" or not onednn:
+        return False, f"torch runs this CPU without its bf16 units ({cap}, oneDNN bf16 {onednn})"
+    return True, f"this CPU runs bf16 matmuls natively ({cap} with {'AMX' if amx else 'AVX512-BF16'})"
+
+
+def resolve_dtype(requested, device):
+    # "auto" | "bf16" | "fp32" -> ("bf16" | "fp32", one line saying what was chosen and why)
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+        reason = f"{torch.cuda.get_device_name(device)} {'supports' if native else 'lacks'} bf16"
+    else:
+        native, reason = cpu_bf16_native()
+    if requested == "auto":
+        chosen = "bf16" if native else "fp32"
+        return chosen, f"dtype auto -> {chosen}: {reason}" + ("" if native else "; --dtype bf16 forces it")
+    if requested == "bf16" and not native:
+        return "bf16", f"warning: --dtype bf16 on a device without native bf16 will be much slower: {reason}"
+    return requested, f"dtype {requested} (as asked; {reason})"
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def machine(device, dtype, threads=None):
+    # what every result records next to its numbers (metrics.json, log.jsonl, bench.json)
+    device = torch.device(device)
+    rec = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu_bf16_native": cpu_bf16_native()[0], "threads": threads or torch.get_num_threads(),
+           "torch": torch.__version__, "device": str(device), "dtype": dtype}
+    if device.type == "cuda":
+        rec["gpu"] = torch.cuda.get_device_name(device)
+    return rec

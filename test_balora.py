@@ -1310,7 +1310,13 @@ def test_text_windows_and_gsm8k_extraction():
         "She pays $1,200 in total. The answer is: 1200": 1200.0,
         "So he has 18 - 3 = 15 left.\n#### 15": 15.0,
         "The answer is 7. Check: 7 * 2 = 14": 7.0,
-        "The answer is 5? No: 5 + 1 = 6. The answer is 6.": 6.0,
+        # the first answer counts: a model that runs on invents the next question and answers that too
+        "The answer is 6.\n\nQuestion: Tom has 4 apples and eats 1. How many are left?\nThe answer is 3.": 6.0,
+        "Step 1: 2 + 2 = 4. Q: what is 9? 9": 4.0,
+        "<|im_start|>assistant\nThe answer is 1.": None,
+        "So she needs 3/4 of a cup. The answer is 3/4": 0.75,
+        "Half of 1 is .5, so the answer is .5": 0.5,
+        "The final answer is 12.5 dollars": 12.5,
         "First 3, then 5, so it is -2.5 degrees": -2.5,
         "It costs $18.": 18.0,
         "Read pages 10-12 today": 12.0,
@@ -1709,7 +1715,7 @@ def test_one_step_changes_only_adapters_and_head(encoders, files, tmp_path, meth
         assert g["weight_decay"] == 0.0 or not any(n.endswith(("lora_A", "lora_B")) for n in names)
     cfg = balora.BALoRAConfig.nlu(svd_k=1)
     net.train()
-    b = train_nlu.micro_batches(batch_of(files, encoders["dropout"], 16), 1, 0)
+    b = data.micro_batches(batch_of(files, encoders["dropout"], 16), 1, data.collate_classification)
     log = train_nlu.accumulate(net, b, cfg, regularise, 0, 10, False, "fp32")
     assert ("consistency" in log and "svd" in log) == regularise
     opt.step()
@@ -1730,7 +1736,7 @@ def test_teacher_is_pretrained_encoder_with_current_head(encoders, files, tmp_pa
     net = train_nlu.build_model(args, 2, init, "cpu")
     torch.manual_seed(0)
     fresh = M.from_pretrained(enc, num_labels=2).eval()  # same seed: the same new head
-    b = train_nlu.micro_batches(batch_of(files, enc, 16), 1, 0)[0]
+    b = data.micro_batches(batch_of(files, enc, 16), 1, data.collate_classification)[0]
     net.train()
     torch.testing.assert_close(train_nlu.teacher_logits(net, b), train_nlu.logits_of(fresh, b), rtol=0, atol=1e-5)
     opt = train_nlu.make_optimizer(net, args)
@@ -1761,7 +1767,7 @@ def test_grad_accumulation_equals_one_big_batch(encoders, files, tmp_path, metho
     for n_micro in (1, 4):
         torch.manual_seed(0)
         net = train_nlu.build_model(args, 2, init, "cpu").train()
-        bs = train_nlu.micro_batches(examples, n_micro, 0)
+        bs = data.micro_batches(examples, n_micro, data.collate_classification)
         assert [len(b["labels"]) for b in bs] == ([14] if n_micro == 1 else [4, 4, 4, 2])
         log = train_nlu.accumulate(net, bs, cfg, regularise, 0, 10, False, "fp32")
         grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad})
@@ -2050,7 +2056,7 @@ def tiny_llama(tmp_path_factory):
 def cli(tiny_llama, out, *extra):
     return ["--model", str(tiny_llama / "model"), "--train-file", str(tiny_llama / "train.jsonl"),
             "--val-file", str(tiny_llama / "val.jsonl"), "--eval-text", str(tiny_llama / "drift.txt"), "--template", "chatml",
-            "--max-len", "40", "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--batch-size", "2",
+            "--max-len", "40", "--rank", "4", "--alpha", "8", "--lr", "1e-2", "--batch-size", "4",
             "--grad-accum", "2", "--max-steps", "4", "--dtype", "fp32", "--val-examples", "4",
             "--drift-len", "16", "--drift-windows", "4", "--gen-prompts", "4", "--gen-tokens", "6",
             "--eval-batch-size", "3", "--out", str(out), *extra]
@@ -2210,7 +2216,7 @@ def test_nlg_resume_equals_uninterrupted(tiny_llama, tmp_path):
     mb = train_nlg.main(cli(tiny_llama, b, "--resume", str(b / "checkpoint.safetensors")))
     ta, tb = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (a, b))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-    la, lb = ([json.loads(l) for l in open(d / "log.jsonl")] for d in (a, b))
+    la, lb = ([r for l in open(d / "log.jsonl") if "step" in (r := json.loads(l))] for d in (a, b))
     assert [r["loss"] for r in la] == [r["loss"] for r in lb] and len(la) == 4
     assert "lambda2" in la[-1] and la[-1]["lambda2"] > 0  # all three terms took part
     ma = json.loads((a / "metrics.json").read_text())
@@ -2227,7 +2233,8 @@ def test_end_to_end_outputs_and_merge(tiny_llama, tmp_path, method):
     assert m["tuned"]["val_ppl"] < m["base"]["val_ppl"]  # it learned the task
     assert m["drift_ppl_ratio"] == pytest.approx(m["tuned"]["drift_ppl"] / m["base"]["drift_ppl"])
     assert json.loads((out / "metrics.json").read_text())["tuned"] == m["tuned"]
-    log = [json.loads(l) for l in open(out / "log.jsonl")]
+    start, *log = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert start["event"] == "start" and start["machine"]["dtype"] == "fp32" and start["machine"]["cpu"]
     assert len(log) == 4 and "val_ppl" in log[1] and all(r["tokens_per_s"] > 0 for r in log)
     assert (method == "balora") == ("consistency" in log[0])
     assert (out / "adapter_lora").exists() == (method != "lora")
@@ -2316,3 +2323,205 @@ def test_real_assets_smoke_default_model_end_to_end(tmp_path):
     assert 0.8 < m["drift_ppl_ratio"] < 1.2
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert m["eval_sizes"]["gsm8k_problems"] == 1 and m["train_examples"] > 8000
+
+
+# =================================================================================================
+# Fair numbers on any machine (issue 9): the dtype rule, threads, the machine record, one float32 task loss
+# for every method, an evaluation sample independent of file order, the same batch semantics in both scripts,
+# and inputs that used to hang or were silently misread.
+
+EMULATE_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def resolved_dtype_in_subprocess(env_extra):
+    code = "import model; print(model.resolve_dtype('auto', 'cpu')[0])"
+    env = {k: v for k, v in os.environ.items() if k not in EMULATE_AVX2} | env_extra
+    proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_dtype_auto_is_fp32_on_an_avx2_cpu_and_bf16_where_native():
+    # torch under the AVX2 emulation has no fast bf16 matmul: auto must pick fp32 there
+    assert resolved_dtype_in_subprocess(EMULATE_AVX2) == "fp32"
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if not ({"amx_bf16", "avx512_bf16"} & set(flags)):
+        pytest.skip("this CPU has no native bf16 (no amx_bf16 / avx512_bf16 flag): only the fp32 half applies")
+    assert resolved_dtype_in_subprocess({}) == "bf16"
+
+
+def test_dtype_resolution_says_why_and_warns_when_forcing_bf16(monkeypatch):
+    monkeypatch.setattr(M, "cpu_bf16_native", lambda: (False, "no native bf16 (AVX2)"))
+    assert M.resolve_dtype("auto", "cpu") == ("fp32", "dtype auto -> fp32: no native bf16 (AVX2); --dtype bf16 forces it")
+    dtype, why = M.resolve_dtype("bf16", "cpu")
+    assert dtype == "bf16" and why.startswith("warning:") and "slower" in why
+    assert M.resolve_dtype("fp32", "cpu")[0] == "fp32"
+    monkeypatch.setattr(M, "cpu_bf16_native", lambda: (True, "AMX"))
+    assert M.resolve_dtype("auto", "cpu")[0] == "bf16"
+
+
+def test_both_scripts_record_the_machine_and_leave_threads_to_torch(encoders, files, tiny_llama, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a user's torch default would be; no --threads: the scripts must keep it
+    try:
+        m_nlu = train_nlu.main(drop_flag(argv(encoders["plain"], files, tmp_path / "nlu", "--max-steps", "1"), "--threads"))
+        assert torch.get_num_threads() == 1
+        m_nlg = train_nlg.main(cli(tiny_llama, tmp_path / "nlg", "--max-steps", "1", "--dtype", "auto"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    for m, out in ((m_nlu, tmp_path / "nlu"), (m_nlg, tmp_path / "nlg")):
+        rec = m["machine"]
+        assert rec["threads"] == 1 and rec["cpu"] and rec["torch"] == torch.__version__ and rec["device"] == "cpu"
+        assert rec["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert rec["cpu_bf16_native"] == M.cpu_bf16_native()[0]
+        first = json.loads(open(out / "log.jsonl").readline())
+        assert first["machine"] == rec
+    assert m_nlg["machine"]["dtype"] == M.resolve_dtype("auto", "cpu")[0]
+
+
+class RecordingStub(nn.Module):
+    # logits from a fixed linear map of the token embeddings; records the dtype the task loss saw
+    def __init__(self, V=40):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = nn.Parameter(torch.randn(V, 16, generator=g))
+        self.out = nn.Linear(16, V)
+
+    def forward(self, ids, rows=None):
+        z = self.out(self.emb[ids])
+        return z if rows is None else z[rows]
+
+
+def test_nlg_task_loss_is_float32_and_identical_for_every_method_under_bf16_autocast(monkeypatch):
+    # LoRA / PiSSA (no regulariser) and BA-LoRA must take one float32 path for the task loss
+    ids = torch.randint(0, 40, (2, 9))
+    batch = {"input_ids": ids, "labels": torch.where(torch.arange(9) < 3, -100, ids)}
+    seen = []
+    real_ce = F.cross_entropy
+    monkeypatch.setattr(train_nlg.F, "cross_entropy", lambda z, *a, **k: (seen.append(z.dtype), real_ce(z, *a, **k))[1])
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    net = RecordingStub().train()
+    plain = train_nlg.micro_batch_loss(net, batch, None, 0, 10, amp)[0]
+    cfg = balora.BALoRAConfig.nlg(lambda1=0.0, focus_schedule="constant")
+    regularised = train_nlg.micro_batch_loss(net, batch, cfg, 0, 10, amp)[0]
+    assert seen == [torch.float32, torch.float32]
+    assert torch.equal(plain, regularised)
+
+
+def test_validation_sample_is_balanced_and_independent_of_file_order():
+    # a file sorted by class, as the VADER ratings are: the first 128 lines would all be one class
+    recs = [("Write a positive sentence.", "", f"good {i}") for i in range(500)] + \
+           [("Write a negative sentence.", "", f"bad {i}") for i in range(300)]
+    val, rest = data.balanced_sample(recs, 128)
+    assert len(val) == 128 and len(rest) == 672 and set(val).isdisjoint(rest) and set(val) | set(rest) == set(recs)
+    assert sum(r[0].startswith("Write a positive") for r in val) == 64
+    shuffled = recs[:]
+    random.Random(1).shuffle(shuffled)
+    assert sorted(data.balanced_sample(shuffled, 128)[0]) == sorted(val)
+    unique = [(f"question {i}", "", str(i)) for i in range(100)]  # one record per prompt: a fixed spread sample
+    picked = data.balanced_sample(unique, 10)[0]
+    assert len(set(picked)) == 10 and picked != unique[:10] and picked != unique[-10:]
+    assert data.balanced_sample(recs, 0) == ([], recs)
+
+
+def test_nlg_holds_out_a_balanced_sample_and_val_examples_zero_means_no_validation(tiny_llama, tmp_path):
+    f = tmp_path / "sorted.jsonl"  # sorted by prompt: "the last lines" would be one prompt only
+    recs = sorted(tiny_records(24, 1), key=lambda r: r["instruction"])
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = train_nlg.parse_args(drop_flag(cli(tiny_llama, tmp_path / "o", "--train-file", str(f), "--val-examples", "6"),
+                                          "--val-file"))
+    train, val, _ = train_nlg.load_records(args)
+    assert len(val) == 6 and len(train) == 18 and len({r[0] for r in val}) == 2
+    m = train_nlg.main(drop_flag(cli(tiny_llama, tmp_path / "none", "--max-steps", "1", "--val-examples", "0",
+                                     "--train-file", str(f)), "--val-file"))
+    assert m["train_examples"] == 24 and m["eval_sizes"]["val_examples"] == 0
+    assert m["base"]["val_ppl"] is None and m["tuned"]["val_ppl"] is None
+
+
+def drop_flag(args, flag):
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
+
+
+def test_empty_training_set_is_a_clear_error_not_a_hang(tiny_llama, tmp_path):
+    # every prompt longer than --max-len: nothing to train on. The old loop waited forever for a batch.
+    code = ("import sys, train_nlg\n"
+            "try:\n    train_nlg.main(sys.argv[1:])\nexcept ValueError as e:\n    print('ERR', e)\n")
+    args = drop_flag(cli(tiny_llama, tmp_path / "o", "--max-len", "4", "--val-examples", "0"), "--val-file")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert "ERR" in proc.stdout, proc.stdout + proc.stderr
+    msg = proc.stdout.split("ERR", 1)[1]
+    assert "train.jsonl" in msg and "no training examples" in msg and "24 records" in msg and "24 dropped" in msg
+    assert not (tmp_path / "o" / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("nlg", "--max-steps", "-1"), ("nlg", "--batch-size", "0"), ("nlg", "--grad-accum", "0"), ("nlg", "--rank", "0"),
+    ("nlg", "--lr", "0"), ("nlg", "--lr", "inf"), ("nlu", "--max-steps", "-1"), ("nlu", "--batch-size", "-8"),
+    ("nlu", "--rank", "0"), ("nlu", "--lr", "-1e-3"), ("nlu", "--max-len", "0"), ("nlg", "--batch-size", "5")])
+def test_out_of_range_flags_are_argparse_errors(script, flag, value, capsys):
+    module = train_nlg if script == "nlg" else train_nlu
+    with pytest.raises(SystemExit) as e:
+        module.parse_args([flag, value] + (["--grad-accum", "2"] if flag == "--batch-size" and script == "nlg" else []))
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_batch_size_means_examples_per_step_in_both_scripts_and_accumulation_does_not_change_it(
+        encoders, files, tiny_llama, tmp_path):
+    # 40 NLU / 24 NLG training examples, --batch-size 8, one epoch: 5 / 3 optimizer steps in both scripts,
+    # and --grad-accum 1 vs 2 (same examples per step, split in two) gives the same adapters
+    adapters = {}
+    for script, n in (("nlu", 40), ("nlg", 24)):
+        for accum in ("1", "2"):
+            out = tmp_path / f"{script}{accum}"
+            if script == "nlu":
+                m = train_nlu.main(argv(encoders["plain"], files, out, "--batch-size", "8", "--grad-accum", accum,
+                                        "--method", "pissa", "--epochs", "1"))
+            else:
+                m = train_nlg.main(cli(tiny_llama, out, "--batch-size", "8", "--grad-accum", accum, "--method",
+                                       "pissa", "--max-steps", "0", "--epochs", "1", "--lr", "1e-3"))
+            assert m["steps"] == math.ceil(n / 8)
+            adapters[script, accum] = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        a, b = adapters[script, "1"], adapters[script, "2"]
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{script}: {k}")
+
+
+def test_nlg_method_sets_defaults_and_explicit_flags_apply(tiny_llama):
+    args = train_nlg.parse_args(["--method", "pissa", "--lambda1", "0.1", "--rank", "8"])
+    cfg = train_nlg.reg_config(args)
+    assert (cfg.lambda1, cfg.lambda2, cfg.lambda3) == (0.1, 0.0, 0.0) and args.alpha == 8.0
+    cfg = train_nlg.reg_config(train_nlg.parse_args(["--method", "balora", "--lambda2", "0"]))
+    assert (cfg.lambda1, cfg.lambda2) == (balora.BALoRAConfig.nlg().lambda1, 0.0)
+    assert train_nlu.parse_args(["--rank", "4"]).alpha == 4.0
+
+
+@pytest.mark.parametrize("flag, value", [("--val-examples", "3"), ("--eval-text", None), ("--val-file", None),
+                                         ("--drift-len", "8")])
+def test_nlg_resume_refuses_a_changed_evaluation_setting(tiny_llama, tmp_path, flag, value):
+    out = tmp_path / "run"
+    train_nlg.main(cli(tiny_llama, out, "--stop-at", "1"))
+    if value is None:  # another file with the same content is still another setting
+        src = tiny_llama / ("drift.txt" if flag == "--eval-text" else "val.jsonl")
+        value = str(shutil.copy(src, tmp_path / src.name))
+    with pytest.raises(ValueError, match=flag):
+        train_nlg.main(cli(tiny_llama, out, flag, value, "--resume", str(out)))
+
+
+def test_nlg_refuses_to_overwrite_a_run_without_resume(tiny_llama, tmp_path):
+    train_nlg.main(cli(tiny_llama, tmp_path / "o", "--max-steps", "1"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "o", "--max-steps", "1"))
+
+
+def test_generation_stops_at_a_stop_string_and_gsm8k_takes_the_first_answer(tiny_llama):
+    net = M.from_pretrained(tiny_llama / "model")
+    tok = M.load_tokenizer(tiny_llama / "model")
+    args = train_nlg.parse_args(["--device", "cpu"])
+    prompts = [data.format_prompt("Write a positive movie review sentence.", "", "chatml")] * 2
+    free = train_nlg.generate(net, tok, prompts, args, 12, eos_id=99999, pad_id=2)
+    word = free[0][:len(free[0]) // 2].split()[-1]  # a word of the first half of the free-running output
+    cut = train_nlg.generate(net, tok, prompts, args, 12, eos_id=99999, pad_id=2, stop_strings=(word,))
+    assert cut[0] == cut[1] and word in cut[0] and free[0].startswith(cut[0]) and len(cut[0]) < len(free[0])

@@ -8,6 +8,7 @@
 #     --base-dtype bf16 --eval-gsm8k gsm8k_test.jsonl --device cuda --threads 8
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -26,21 +28,22 @@ import data
 import model as modellib
 
 # ---- defaults: the run `python train_nlg.py` does on a 2-core CPU ---------------------------------------
-METHOD = "balora"
+METHOD = "balora"              # lora | pissa | balora: the init, and the defaults of the regulariser flags
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all seven LLaMA projections
-RANK, ALPHA = 16, 16           # the paper uses r = alpha = 128 on LLaMA-2-7B
+RANK = 16                      # alpha defaults to r (scale 1); the paper uses r = alpha = 128 on LLaMA-2-7B
 PISSA_INIT = "pissa_niter_4"   # PiSSA's fast init (randomized SVD, 4 power iterations): seconds, not minutes
 LR, WARMUP = 2e-4, 0.03        # cosine to 0 after a linear warm-up over 3 % of the steps; paper: 2e-5
-BATCH_SIZE, GRAD_ACCUM = 4, 2  # effective batch 8 (paper: 32)
+BATCH_SIZE, GRAD_ACCUM = 8, 2  # examples per optimizer step, split into micro-batches (paper: 32)
 MAX_LEN = 64                   # prompt + response tokens; longer responses are cut (and counted)
 MAX_STEPS = 40                 # optimizer steps (0: --epochs over the whole training set)
-DTYPE = "bf16"                 # autocast; the adapters and the optimizer state stay float32
+DTYPE = "auto"                 # bf16 autocast where the device runs bf16 natively, else fp32 (model.resolve_dtype)
 TEMPLATE = "chatml"            # the default model is a ChatML instruct model; the paper's recipe uses alpaca
-# evaluation subsets (all flags): the first VAL_EXAMPLES validation examples; DRIFT_WINDOWS windows of
-# DRIFT_LEN tokens of the drift text; GEN_PROMPTS held-out prompts sampled with GEN_TOKENS new tokens each
+# evaluation subsets (all flags): VAL_EXAMPLES validation examples balanced over the prompts (data.balanced_sample);
+# DRIFT_WINDOWS windows of DRIFT_LEN tokens of the drift text; GEN_PROMPTS held-out prompts sampled with
+# GEN_TOKENS new tokens each
 VAL_EXAMPLES, DRIFT_WINDOWS, DRIFT_LEN, GEN_PROMPTS, GEN_TOKENS = 128, 32, 64, 32, 32
 GSM8K_TOKENS = 200             # greedy tokens per GSM8K problem (--eval-gsm8k default: the 100 problems)
-THREADS = 2
+METHODS = {"lora": "lora", "pissa": PISSA_INIT, "balora": PISSA_INIT}  # method -> default init
 
 
 def default_model_dir() -> Path:
@@ -57,16 +60,19 @@ def parse_args(argv):
     a("--train-file", help="instruction JSONL (query/response, instruction/input/output or prompt/response); "
                            "default: sentiment-conditioned movie-review writing (VADER human sentences)")
     a("--val-file", help="validation JSONL; default: the task's validation split (with --train-file and no "
-                         "--val-file, the last --val-examples records of the train file are held out)")
+                         "--val-file, --val-examples records of the train file, balanced over its prompts)")
     a("--template", default=TEMPLATE, choices=["alpaca", "chatml"])
     a("--max-len", type=int, default=MAX_LEN)
-    a("--method", default=METHOD, choices=["lora", "pissa", "balora"])
+    a("--method", default=METHOD, choices=sorted(METHODS),
+      help="sets the init and the regulariser defaults (balora: the paper's NLG setting; lora/pissa: all λ 0); "
+           "explicit flags below always apply")
     a("--init", help="adapter init: pissa (exact SVD) | pissa_niter_N (randomized, N power iterations) | lora "
                      f"(default: lora for --method lora, else {PISSA_INIT})")
     a("--rank", type=int, default=RANK)
-    a("--alpha", type=float, default=ALPHA)
+    a("--alpha", type=float, help="adapter scale = alpha / rank (default: alpha = rank)")
     a("--targets", default=TARGETS, help="comma-separated nn.Linear leaf names")
-    g = p.add_argument_group("BA-LoRA regularisers (default: BALoRAConfig.nlg(), the paper's NLG setting)")
+    g = p.add_argument_group("BA-LoRA regularisers (default: BALoRAConfig.nlg() for --method balora, "
+                             "all λ 0 otherwise)")
     for name, kind in [("lambda1", float), ("lambda2", float), ("lambda3", float), ("temperature", float),
                        ("svd-k", int), ("top-k", int)]:
         g.add_argument(f"--{name}", type=kind)
@@ -79,22 +85,23 @@ def parse_args(argv):
     a("--warmup", type=float, default=WARMUP, help="fraction of the steps")
     a("--weight-decay", type=float, default=0.0)
     a("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    a("--batch-size", type=int, default=BATCH_SIZE)
-    a("--grad-accum", type=int, default=GRAD_ACCUM)
+    a("--batch-size", type=int, default=BATCH_SIZE, help="examples per optimizer step")
+    a("--grad-accum", type=int, default=GRAD_ACCUM, help="micro-batches per optimizer step (divides --batch-size)")
     a("--epochs", type=int, default=1)
     a("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps; 0: --epochs over the training set")
-    a("--dtype", default=DTYPE, choices=["bf16", "fp32"], help="autocast dtype of the forward/backward")
+    a("--dtype", default=DTYPE, choices=["auto", "bf16", "fp32"],
+      help="autocast dtype of the forward/backward; auto: bf16 where the device runs it natively")
     a("--base-dtype", default="fp32", choices=["bf16", "fp32"],
       help="storage of the frozen weights (bf16 halves memory on a GPU for 7B models)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--threads", type=int, default=THREADS)
+    a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all physical cores)")
     a("--seed", type=int, default=0)
     a("--out", default="runs/nlg")
     a("--resume", help="checkpoint.safetensors (or its run directory) to continue from")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (one is always written at the end)")
     a("--stop-at", type=int, default=0, help="stop after this step with a checkpoint, as if interrupted")
     a("--eval-every", type=int, default=0, help="validation + drift perplexity every N steps")
-    a("--val-examples", type=int, default=VAL_EXAMPLES)
+    a("--val-examples", type=int, default=VAL_EXAMPLES, help="0: no validation")
     a("--eval-text", help="plain-text file for the drift perplexity (e.g. Wikitext-2 raw test); "
                           "default: the 5 190 NYT editorial sentences")
     a("--drift-windows", type=int, default=DRIFT_WINDOWS, help="0: all")
@@ -112,16 +119,32 @@ def parse_args(argv):
                                                   "metrics.json (same model and evaluation settings are checked)")
     a("--merge", action="store_true", help="also write a merged HF checkpoint to OUT/merged")
     args = p.parse_args(argv)
-    args.init = args.init or ("lora" if args.method == "lora" else PISSA_INIT)
-    if args.batch_size < 1 or args.grad_accum < 1 or args.max_len < 2 or args.max_steps < 0:
-        p.error("--batch-size, --grad-accum >= 1, --max-len >= 2, --max-steps >= 0")
+    for flag, ok, need in [
+            ("rank", args.rank >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
+            ("grad_accum", args.grad_accum >= 1, ">= 1"), ("max_len", args.max_len >= 2, ">= 2"),
+            ("max_steps", args.max_steps >= 0, ">= 0"), ("epochs", args.epochs >= 1, ">= 1"),
+            ("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("warmup", 0 <= args.warmup < 1, "in [0, 1)"),
+            ("threads", args.threads >= 0, ">= 0"), ("val_examples", args.val_examples >= 0, ">= 0"),
+            ("eval_batch_size", args.eval_batch_size >= 1, ">= 1"), ("drift_len", args.drift_len >= 2, ">= 2")]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {need}")
+    if args.batch_size % args.grad_accum:
+        p.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    args.init = args.init or METHODS[args.method]
+    args.alpha = float(args.rank if args.alpha is None else args.alpha)
     return args
 
 
-def reg_config(args):
-    keys = ["lambda1", "lambda2", "lambda3", "temperature", "svd_k", "top_k", "consistency", "diversity", "svd",
+REG_KEYS = ["lambda1", "lambda2", "lambda3", "temperature", "svd_k", "top_k", "consistency", "diversity", "svd",
             "lambda1_schedule", "focus_schedule"]
-    return balora.BALoRAConfig.nlg(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+
+
+def reg_config(args):
+    # --method sets the defaults (balora: the paper's NLG setting; lora / pissa: no regulariser), explicit
+    # flags always apply: `--method pissa --lambda1 0.1` is PiSSA with consistency only, as in train_nlu.py
+    defaults = {} if args.method == "balora" else dict(lambda1=0.0, lambda2=0.0, lambda3=0.0)
+    return balora.BALoRAConfig.nlg(**{**defaults, **{k: getattr(args, k) for k in REG_KEYS
+                                                      if getattr(args, k) is not None}})
 
 
 def autocast(args):
@@ -133,23 +156,48 @@ def autocast(args):
 # ---- data ------------------------------------------------------------------------------------------------
 
 def load_records(args):
-    # -> (train, validation, held-out prompts) as (instruction, input, response) tuples
+    # -> (train, validation, held-out prompts' records) as (instruction, input, response) tuples. Validation is
+    # a sample balanced over the prompts, independent of file order (data.balanced_sample); --val-examples 0: none.
     if args.train_file is None:
         splits = data.review_writing()
-        return splits["train"], splits["validation"][:args.val_examples], splits["test"]
+        return splits["train"], data.balanced_sample(splits["validation"], args.val_examples)[0], splits["test"]
     train = data.read_instructions(args.train_file)
     if args.val_file:
-        return train, data.read_instructions(args.val_file)[:args.val_examples], None
+        return train, data.balanced_sample(data.read_instructions(args.val_file), args.val_examples)[0], None
     if args.val_examples >= len(train):
         raise ValueError(f"{args.train_file}: {len(train)} records, cannot hold out --val-examples "
                          f"{args.val_examples} for validation (pass --val-file)")
-    return train[:-args.val_examples], train[-args.val_examples:], None
+    val, train = data.balanced_sample(train, args.val_examples)
+    return train, val, None
 
 
-def held_out_prompts(records, n):
-    # n prompts spread evenly over the held-out records (both sentiments in the default task)
-    step = max(len(records) / max(n, 1), 1)
-    return [records[int(i * step)] for i in range(min(n, len(records)))]
+def special_ids(model_dir, tok, template):
+    # (eos, pad) from config.json, read before the weights so that a data error costs no model load
+    cfg = modellib.LlamaConfig.from_hf(modellib._read_json(Path(model_dir) / "config.json"))
+    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
+    if template == "chatml":
+        eos = tok.token_to_id("<|im_end|>")  # the token that ends an assistant turn
+    if eos is None:
+        raise ValueError(f"{model_dir}: no eos_token_id in config.json (and no <|im_end|> for ChatML)")
+    return eos, cfg.pad_token_id if cfg.pad_token_id is not None else eos
+
+
+def prepare_data(args, tok):
+    # everything the run reads, checked before the model is loaded
+    eos_id, pad_id = special_ids(args.model, tok, args.template)
+    train_recs, val_recs, held_out = load_records(args)
+    train_ex, stats = data.encode_instructions(tok, train_recs, args.max_len, eos_id, args.template)
+    if not train_ex:
+        raise ValueError(f"{args.train_file or 'the default task'}: no training examples: {len(train_recs)} "
+                         f"records, {stats['dropped']} dropped (prompt alone >= --max-len {args.max_len} tokens)"
+                         + (f", {args.val_examples} held out for validation" if args.train_file and not
+                            args.val_file else ""))
+    val_ex = data.encode_instructions(tok, val_recs, args.max_len, eos_id, args.template)[0] if val_recs else []
+    gsm8k = read_gsm8k(args.eval_gsm8k) if args.eval_gsm8k else None
+    return SimpleNamespace(
+        eos_id=eos_id, pad_id=pad_id, train=train_ex, stats=stats, val=val_ex, windows=drift_windows(args, tok),
+        prompts=data.balanced_sample(held_out if held_out is not None else val_recs, args.gen_prompts)[0],
+        gsm8k=gsm8k[:args.gsm8k_limit or None] if gsm8k else None)
 
 
 def drift_windows(args, tok):
@@ -209,13 +257,13 @@ def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
     with amp:
         z = net(ids, rows=mask)                               # (M, V): logits only where there is a target
     y = y[mask]
-    if cfg is None:  # LoRA / PiSSA
-        task = F.cross_entropy(z, y, reduction="sum")
-        return task, torch.zeros((), device=ids.device), len(y), {}
-    # Task loss and regularisers see the same M rows by construction, as one float32 copy of the M×V rows.
+    # One float32 path for every method: the task loss of LoRA, PiSSA and BA-LoRA differs only by the method,
+    # never by the precision of its cross-entropy; the regularisers see the same M float32 rows.
     z = z.float()
     task = F.cross_entropy(z, y, reduction="sum")
-    l1, _, _ = cfg.lambdas(step, total_steps)
+    l1, l2, l3 = cfg.lambdas(step, total_steps) if cfg is not None else (0.0, 0.0, 0.0)
+    if l1 == l2 == l3 == 0:
+        return task, torch.zeros((), device=ids.device), len(y), {}
     z_teacher = None
     if l1 > 0:  # the frozen pretrained model from the same weights (balora.teacher), no second copy
         with balora.teacher(net), amp:
@@ -259,21 +307,16 @@ def lr_at(step, total_steps, lr, warmup):
     return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(total_steps - w, 1)))
 
 
-def step_groups(examples, args, pad_id, device):
-    # The stream of optimizer steps: lists of grad_accum micro-batches, epoch after epoch; each epoch's order
-    # depends only on (seed, epoch) (data.batches), so a resumed run skips to exactly where it stopped.
-    epoch = 0
-    while True:
-        group = []
-        for b in data.batches(examples, args.batch_size, lambda e: data.collate_lm(e, pad_id),
-                              shuffle=True, seed=args.seed, epoch=epoch):
-            group.append({k: v.to(device) for k, v in b.items()})
-            if len(group) == args.grad_accum:
-                yield group
-                group = []
-        if group:
-            yield group
-        epoch += 1
+def step_batches(examples, args, pad_id, device):
+    # The stream of optimizer steps: --batch-size examples each, split into --grad-accum micro-batches, epoch
+    # after epoch; each epoch's order depends only on (seed, epoch) (data.batches), so a resumed run skips to
+    # exactly where it stopped.
+    if not examples:
+        raise ValueError("no training examples")  # prepare_data says why; never loop forever on nothing
+    collate = lambda e: {k: v.to(device) for k, v in data.collate_lm(e, pad_id).items()}
+    for epoch in itertools.count():
+        for step in data.batches(examples, args.batch_size, list, shuffle=True, seed=args.seed, epoch=epoch):
+            yield data.micro_batches(step, args.grad_accum, collate)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
@@ -281,6 +324,8 @@ def step_groups(examples, args, pad_id, device):
 @torch.no_grad()
 def response_ppl(net, examples, args, pad_id):
     # perplexity of the reference responses (+ EOS) given the prompts: the task loss on held-out data
+    if not examples:
+        return None  # --val-examples 0
     was = net.training
     net.eval()
     nll, n = 0.0, 0
@@ -310,9 +355,13 @@ def text_ppl(net, windows, args):
 
 
 @torch.no_grad()
-def generate(net, tok, prompts, args, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=None, seed=0):
+def generate(net, tok, prompts, args, max_new_tokens, eos_id, pad_id, temperature=0.0, top_p=None, seed=0,
+             stop_strings=()):
     # Left-padded batches, prompts sorted by length so that a batch pads little; returns texts in input order.
+    # A row also ends at the first of stop_strings in its text (GSM8K: before the model invents a next question).
     generator = torch.Generator(device=args.device).manual_seed(seed)
+    stop = None if not stop_strings else lambda new: torch.tensor(
+        [any(s in tok.decode(row) for s in stop_strings) for row in new.tolist()], device=new.device)
     enc = [tok.encode(p).ids for p in prompts]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
     out = [None] * len(enc)
@@ -327,7 +376,7 @@ def generate(net, tok, prompts, args, max_new_tokens, eos_id, pad_id, temperatur
         with autocast(args):
             gen = net.generate(ids.to(args.device), max_new_tokens, temperature=temperature, top_p=top_p,
                                eos_token_id=eos_id, attention_mask=mask.to(args.device), pad_token_id=pad_id,
-                               generator=generator)
+                               generator=generator, stop=stop)
         for row, i in enumerate(idx):
             new = gen[row, T:].tolist()
             out[i] = tok.decode(new[:new.index(eos_id)] if eos_id in new else new)
@@ -342,7 +391,7 @@ def distinct_n(texts, n):
 
 def gsm8k_accuracy(net, tok, problems, args, eos_id, pad_id, path):
     outputs = generate(net, tok, [gsm8k_prompt(q, args.template) for q, _ in problems], args,
-                       args.gsm8k_tokens, eos_id, pad_id)
+                       args.gsm8k_tokens, eos_id, pad_id, stop_strings=data.GSM8K_STOP)
     correct = 0
     with open(path, "w", encoding="utf-8") as f:
         for (q, a), o in zip(problems, outputs):
@@ -353,24 +402,26 @@ def gsm8k_accuracy(net, tok, problems, args, eos_id, pad_id, path):
     return correct / len(problems)
 
 
-def evaluate(net, tok, val_examples, windows, prompts, gsm8k, args, eos_id, pad_id, tag):
+def evaluate(net, tok, d, args, tag):
+    # d: prepare_data's bundle. Validation and drift perplexity, distinct-n of samples, GSM8K when asked.
     t = time.time()
-    m = {"val_ppl": response_ppl(net, val_examples, args, pad_id), "drift_ppl": text_ppl(net, windows, args)}
-    samples = generate(net, tok, [data.format_prompt(i, x, args.template) for i, x, _ in prompts], args,
-                       args.gen_tokens, eos_id, pad_id, args.gen_temperature, args.gen_top_p, seed=args.seed)
+    m = {"val_ppl": response_ppl(net, d.val, args, d.pad_id), "drift_ppl": text_ppl(net, d.windows, args)}
+    samples = generate(net, tok, [data.format_prompt(i, x, args.template) for i, x, _ in d.prompts], args,
+                       args.gen_tokens, d.eos_id, d.pad_id, args.gen_temperature, args.gen_top_p, seed=args.seed)
     m.update(distinct_1=distinct_n(samples, 1), distinct_2=distinct_n(samples, 2))
     with open(os.path.join(args.out, f"samples_{tag}.jsonl"), "w", encoding="utf-8") as f:
-        for (i, x, _), s in zip(prompts, samples):
+        for (i, x, _), s in zip(d.prompts, samples):
             f.write(json.dumps({"instruction": i, "input": x, "response": s}) + "\n")
-    if gsm8k:
-        m["gsm8k_acc"] = gsm8k_accuracy(net, tok, gsm8k, args, eos_id, pad_id,
+    if d.gsm8k:
+        m["gsm8k_acc"] = gsm8k_accuracy(net, tok, d.gsm8k, args, d.eos_id, d.pad_id,
                                         os.path.join(args.out, f"gsm8k_{tag}.jsonl"))
     m["eval_s"] = round(time.time() - t, 1)
-    print(f"eval {tag}: " + " | ".join(f"{k} {v:.4g}" for k, v in m.items()), flush=True)
+    print(f"eval {tag}: " + " | ".join(f"{k} {'n/a' if v is None else f'{v:.4g}'}" for k, v in m.items()), flush=True)
     return m
 
 
-# what the base model's evaluation depends on (--base-from reuses it only when all of these agree)
+# what the base model's evaluation depends on (--base-from reuses it only when all of these agree; dtype is the
+# resolved one, so `auto` on another kind of machine counts as a change)
 EVAL_KEYS = ["model", "train_file", "val_file", "template", "max_len", "val_examples", "eval_text", "drift_windows",
              "drift_len", "gen_prompts", "gen_tokens", "gen_temperature", "gen_top_p", "eval_gsm8k", "gsm8k_limit",
              "gsm8k_tokens", "eval_batch_size", "dtype", "base_dtype", "seed"]
@@ -391,11 +442,10 @@ def base_metrics(path, eval_key):
 
 # ---- checkpoints: safetensors tensors + the JSON state in its metadata, one file, written atomically ------
 
-# what must not change between a run and its resumption
-RESUME_KEYS = ["model", "train_file", "template", "max_len", "method", "init", "rank", "alpha", "targets",
-               "lambda1", "lambda2", "lambda3", "temperature", "svd_k", "top_k", "consistency", "diversity",
-               "svd", "lambda1_schedule", "focus_schedule", "lr", "warmup", "weight_decay", "clip",
-               "batch_size", "grad_accum", "epochs", "max_steps", "dtype", "base_dtype", "seed"]
+# what must not change between a run and its resumption: the training settings, and everything the stored
+# base evaluation (the drift baseline) depends on
+RESUME_KEYS = ["method", "init", "rank", "alpha", "targets", *REG_KEYS, "lr", "warmup", "weight_decay", "clip",
+               "batch_size", "grad_accum", "epochs", "max_steps"] + EVAL_KEYS
 
 
 def save_checkpoint(path, net, opt, state):
@@ -468,48 +518,18 @@ def hms(s):
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    t_start = time.time()
+def open_run(args):
+    # the output directory and log.jsonl; a finished or started run is never overwritten without --resume
     os.makedirs(args.out, exist_ok=True)
-    args.model = str(args.model or default_model_dir())
-    tok = modellib.load_tokenizer(args.model)
-    net = modellib.from_pretrained(args.model, dtype=torch.bfloat16 if args.base_dtype == "bf16" else None)
-    net.to(args.device)
-    cfg_eos = net.config.eos_token_id
-    eos_id = cfg_eos[0] if isinstance(cfg_eos, list) else cfg_eos
-    if args.template == "chatml":
-        eos_id = tok.token_to_id("<|im_end|>")  # the token that ends an assistant turn
-    if eos_id is None:
-        raise ValueError(f"{args.model}: no eos_token_id in config.json (and no <|im_end|> for ChatML)")
-    pad_id = net.config.pad_token_id if net.config.pad_token_id is not None else eos_id
+    used = [n for n in ("checkpoint.safetensors", "log.jsonl", "metrics.json") if os.path.exists(os.path.join(args.out, n))]
+    if used and not args.resume:
+        raise FileExistsError(f"{args.out} already holds a run ({', '.join(used)}): pass --resume to continue "
+                              f"it, or another --out")
+    return open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w", encoding="utf-8")
 
-    train_recs, val_recs, held_out = load_records(args)
-    train_ex, train_stats = data.encode_instructions(tok, train_recs, args.max_len, eos_id, args.template)
-    val_ex, _ = data.encode_instructions(tok, val_recs, args.max_len, eos_id, args.template)
-    prompts = held_out_prompts(held_out if held_out is not None else val_recs, args.gen_prompts)
-    windows = drift_windows(args, tok)
-    gsm8k = read_gsm8k(args.eval_gsm8k) if args.eval_gsm8k else None
-    if gsm8k and args.gsm8k_limit:
-        gsm8k = gsm8k[:args.gsm8k_limit]
-    n_groups = math.ceil(math.ceil(len(train_ex) / args.batch_size) / args.grad_accum)
-    total_steps = args.max_steps or args.epochs * n_groups
-    print(f"train_nlg: {args.method} (init {args.init}, r={args.rank}, alpha={args.alpha}) on {args.model}; "
-          f"{len(train_ex)} train examples, {total_steps} steps of {args.batch_size}x{args.grad_accum}; eval on "
-          f"{len(val_ex)} validation examples, {len(windows)}x{args.drift_len} drift tokens, {len(prompts)} "
-          f"prompts{f', {len(gsm8k)} GSM8K problems' if gsm8k else ''}", flush=True)
 
-    state = checkpoint_state(args.resume, args) if args.resume else None
-    # the base model's metrics (a resumed run has them in its checkpoint)
-    eval_key = {k: getattr(args, k) for k in EVAL_KEYS}
-    if state:
-        base = state["base"]
-    elif args.base_from:
-        base = base_metrics(args.base_from, eval_key)
-    else:
-        base = evaluate(net, tok, val_ex, windows, prompts, gsm8k, args, eos_id, pad_id, "base")
-
+def build(args, net):
+    # adapters (and the time the init takes), the optimizer, the regulariser config
     torch.manual_seed(args.seed)  # the LoRA init draws from it
     t0 = time.time()
     n_layers = balora.inject(net, args.targets.split(","), args.rank, args.alpha, args.init)
@@ -517,22 +537,14 @@ def main(argv=None):
     trainable = [p for p in net.parameters() if p.requires_grad]
     print(f"train_nlg: {n_layers} adapted layers, {sum(p.numel() for p in trainable):,} trainable parameters, "
           f"init {init_s:.1f} s", flush=True)
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    cfg = reg_config(args) if args.method == "balora" else None
-    start, history = 0, []
-    ckpt = os.path.join(args.out, "checkpoint.safetensors")
-    if state:
-        load_checkpoint(args.resume, net, opt, state)
-        start, history = state["step"], state["history"]
-        print(f"train_nlg: resumed from {args.resume} at step {start}", flush=True)
+    return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay), init_s
 
-    def checkpoint(step):
-        save_checkpoint(ckpt, net, opt, {"step": step, "args": {k: getattr(args, k) for k in RESUME_KEYS},
-                                         "base": base, "history": history})
 
-    logf = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w", encoding="utf-8")
+def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint):
+    # the optimizer steps start..total_steps-1; returns (training seconds, tokens), or None when --stop-at stopped it
+    trainable = [p for g in opt.param_groups for p in g["params"]]
     net.train()
-    groups = step_groups(train_ex, args, pad_id, args.device)
+    groups = step_batches(d.train, args, d.pad_id, args.device)
     for _ in range(start):
         next(groups)
     t_train, tokens_done = time.time(), 0
@@ -552,56 +564,107 @@ def main(argv=None):
         elapsed = time.time() - t_train
         eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
         rec = {"step": step + 1, **totals, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
-               "elapsed_s": round(time.time() - t_start, 1), "eta_s": round(eta, 1)}
+               "elapsed_s": round(elapsed, 1), "eta_s": round(eta, 1)}
         terms = " ".join(f"{k} {totals[k]:+.4f}" for k in ("consistency", "diversity", "svd") if k in totals)
         lams = " ".join(f"{totals[k]:.4g}" for k in ("lambda1", "lambda2", "lambda3") if k in totals)
         print(f"step {step + 1}/{total_steps} | loss {totals['loss']:.4f} | task {totals['task']:.4f}"
-              f"{' | ' + terms if terms else ''}{' | λ ' + lams if lams else ''} | lr {lr:.2e} | "
-              f"gnorm {grad_norm:.3f} | {tokens / dt:.0f} tok/s | {hms(time.time() - t_start)} elapsed | "
-              f"ETA {hms(eta)}", flush=True)
+              f" | {terms or 'no regularisers'}{' | λ ' + lams if lams else ''} | lr {lr:.2e} | "
+              f"gnorm {grad_norm:.3f} | {tokens / dt:.0f} tok/s | {hms(elapsed)} elapsed | ETA {hms(eta)}", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
-            rec["val_ppl"] = response_ppl(net, val_ex, args, pad_id)
-            rec["drift_ppl"] = text_ppl(net, windows, args)
-            print(f"eval step {step + 1}: val_ppl {rec['val_ppl']:.4f} | drift_ppl {rec['drift_ppl']:.4f}", flush=True)
+            rec["val_ppl"] = response_ppl(net, d.val, args, d.pad_id)
+            rec["drift_ppl"] = text_ppl(net, d.windows, args)
+            print(f"eval step {step + 1}: val_ppl {rec['val_ppl']} | drift_ppl {rec['drift_ppl']:.4f}", flush=True)
         history.append(rec)
         logf.write(json.dumps(rec) + "\n")
         logf.flush()
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.stop_at:
             checkpoint(step + 1)
-        if step + 1 == args.stop_at:
-            print(f"train_nlg: stopped after step {step + 1} as asked; continue with --resume {ckpt}", flush=True)
+        if step + 1 == args.stop_at and step + 1 < total_steps:
+            print(f"train_nlg: stopped after step {step + 1} as asked; continue with --resume "
+                  f"{os.path.join(args.out, 'checkpoint.safetensors')}", flush=True)
             return None
-    train_s = time.time() - t_train
     if start < total_steps:
         checkpoint(total_steps)
-    logf.close()
+    return time.time() - t_train, tokens_done
 
-    tuned = evaluate(net, tok, val_ex, windows, prompts, gsm8k, args, eos_id, pad_id, "tuned")
+
+def finish(net, tok, d, args, run, base, history, train_s, tokens_done, init_s, t_start):
+    # the tuned model's evaluation, adapters, merged checkpoint on request, metrics.json
+    tuned = evaluate(net, tok, d, args, "tuned")
     balora.save_adapter(net, os.path.join(args.out, "adapter"))
     if args.init != "lora":  # the rank-2r LoRA that applies to the untouched base model
         balora.save_adapter(net, os.path.join(args.out, "adapter_lora"), convert_to_lora=True)
+    if args.merge:
+        modellib.save_pretrained(balora.merge(net), os.path.join(args.out, "merged"))
     metrics = {
-        "method": args.method, "init": args.init, "steps": total_steps, "train_examples": len(train_ex),
-        "truncated": train_stats["truncated"], "dropped": train_stats["dropped"],
+        **run, "train_examples": len(d.train), "truncated": d.stats["truncated"], "dropped": d.stats["dropped"],
         "final_task_loss": history[-1]["task"] if history else None,
         "train_s": round(train_s, 1), "train_tokens_per_s": round(tokens_done / train_s, 1) if tokens_done else None,
         "init_s": round(init_s, 2), "base": base, "tuned": tuned,
         "drift_ppl_ratio": tuned["drift_ppl"] / base["drift_ppl"],
-        "eval_sizes": {"val_examples": len(val_ex), "drift_windows": len(windows), "drift_len": args.drift_len,
-                       "gen_prompts": len(prompts), "gsm8k_problems": len(gsm8k) if gsm8k else 0},
-        "args": vars(args), "eval_key": eval_key,
-    }
-    if args.merge:
-        modellib.save_pretrained(balora.merge(net), os.path.join(args.out, "merged"))
-    metrics["wall_s"] = round(time.time() - t_start, 1)
+        "eval_sizes": {"val_examples": len(d.val), "drift_windows": len(d.windows), "drift_len": args.drift_len,
+                       "gen_prompts": len(d.prompts), "gsm8k_problems": len(d.gsm8k) if d.gsm8k else 0},
+        "args": vars(args), "eval_key": {k: getattr(args, k) for k in EVAL_KEYS}, "wall_s": round(time.time() - t_start, 1)}
     with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
-    print(f"train_nlg: done in {hms(metrics['wall_s'])}: val ppl {base['val_ppl']:.3f} -> {tuned['val_ppl']:.3f}, "
+    ppl = lambda m: "n/a" if m["val_ppl"] is None else f"{m['val_ppl']:.3f}"
+    print(f"train_nlg: done in {hms(metrics['wall_s'])}: val ppl {ppl(base)} -> {ppl(tuned)}, "
           f"drift ppl {base['drift_ppl']:.3f} -> {tuned['drift_ppl']:.3f} (x{metrics['drift_ppl_ratio']:.4f}), "
           f"distinct-2 {base['distinct_2']:.3f} -> {tuned['distinct_2']:.3f}"
-          + (f", GSM8K {base['gsm8k_acc']:.2%} -> {tuned['gsm8k_acc']:.2%}" if gsm8k else "")
+          + (f", GSM8K {base['gsm8k_acc']:.2%} -> {tuned['gsm8k_acc']:.2%}" if d.gsm8k else "")
           + f"; outputs in {args.out}", flush=True)
     return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dtype, why = modellib.resolve_dtype(args.dtype, args.device)
+    print(f"train_nlg: {why}", flush=True)
+    args.model = str(args.model or default_model_dir())
+    logf = open_run(args)
+    tok = modellib.load_tokenizer(args.model)
+    d = prepare_data(args, tok)  # every data error before the model is loaded
+    cfg = reg_config(args)
+    total_steps = args.max_steps or args.epochs * math.ceil(len(d.train) / args.batch_size)
+    run = {"method": args.method, "init": args.init, "steps": total_steps,
+           "config": {k: getattr(cfg, k) for k in REG_KEYS}, "machine": modellib.machine(args.device, args.dtype)}
+    print(f"train_nlg: {args.method} (init {args.init}, r={args.rank}, alpha={args.alpha}; {run['config']}) on "
+          f"{args.model}; {len(d.train)} train examples, {total_steps} steps of {args.batch_size} examples "
+          f"({args.grad_accum} micro-batches); eval on {len(d.val)} validation examples, {len(d.windows)}x"
+          f"{args.drift_len} drift tokens, {len(d.prompts)} prompts"
+          f"{f', {len(d.gsm8k)} GSM8K problems' if d.gsm8k else ''}; {run['machine']}", flush=True)
+    net = modellib.from_pretrained(args.model, dtype=torch.bfloat16 if args.base_dtype == "bf16" else None)
+    net.to(args.device)
+
+    state = checkpoint_state(args.resume, args) if args.resume else None
+    if state:  # the base model's metrics: from the checkpoint, an earlier run, or measured now
+        base = state["base"]
+    elif args.base_from:
+        base = base_metrics(args.base_from, {k: getattr(args, k) for k in EVAL_KEYS})
+    else:
+        base = evaluate(net, tok, d, args, "base")
+    opt, init_s = build(args, net)
+    start, history = 0, []
+    if state:
+        load_checkpoint(args.resume, net, opt, state)
+        start, history = state["step"], state["history"]
+        print(f"train_nlg: resumed from {args.resume} at step {start}", flush=True)
+    else:
+        logf.write(json.dumps({"event": "start", **run, "args": vars(args)}) + "\n")
+
+    def checkpoint(step):
+        save_checkpoint(os.path.join(args.out, "checkpoint.safetensors"), net, opt,
+                        {"step": step, "args": {k: getattr(args, k) for k in RESUME_KEYS}, "base": base,
+                         "history": history})
+
+    done = train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint)
+    logf.close()
+    if done is None:
+        return None
+    return finish(net, tok, d, args, run, base, history, *done, init_s, t_start)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ EPOCHS = 1
 MAX_STEPS = 100            # budget cap (0 = none): 100 steps x 32 = 3 200 sentences, ~40 % of an epoch
 MAX_LEN = 128
 CLIP = 1.0
-DTYPE = "bf16"             # autocast dtype; master weights, adapters and regularisers stay float32
+DTYPE = "auto"             # bf16 autocast where the device runs bf16 natively, else fp32 (model.resolve_dtype);
+                           # master weights, adapters, task loss and regularisers stay float32
 SEED = 0
-THREADS = 2
 SAVE_EVERY = 50            # optimizer steps between checkpoints (and at every epoch end)
 HEAD = ("head.pooler", "head.classifier")  # trained in full; saved with the adapter (peft modules_to_save)
 # -------------------------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ METHODS = {  # method -> (init, regularisers on)
     "pissa": ("pissa", False),
     "balora": ("pissa", True),
 }
-RESUME_MAY_DIFFER = {"resume", "stop_after", "threads", "device", "log_every", "save_every"}
+RESUME_MAY_DIFFER = {"resume", "stop_after", "threads", "device", "log_every", "save_every", "eval_batch_size"}
 
 
 def parse_args(argv=None):
@@ -104,9 +104,10 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=MAX_STEPS, help="cap on optimizer steps (0: epochs only)")
     g.add_argument("--seed", type=int, default=SEED)
     g = p.add_argument_group("run")
-    g.add_argument("--dtype", choices=("bf16", "fp32"), default=DTYPE, help="autocast dtype (CPU and CUDA)")
+    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=DTYPE,
+                   help="autocast dtype (CPU and CUDA); auto: bf16 where the device runs it natively")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all physical cores)")
     g.add_argument("--eval-batch-size", type=int, default=128)
     g.add_argument("--out", default=None, help="run directory (default: runs/nlu-METHOD-TIME)")
     g.add_argument("--save-every", type=int, default=SAVE_EVERY, help="checkpoint every N steps (0: epoch ends)")
@@ -116,6 +117,15 @@ def parse_args(argv=None):
                         "still spans the whole budget; --resume continues)")
     g.add_argument("--log-every", type=int, default=1)
     args = p.parse_args(argv)
+    for flag, ok, need in [
+            ("rank", args.rank >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
+            ("grad_accum", args.grad_accum >= 1, ">= 1"), ("max_len", args.max_len >= 2, ">= 2"),
+            ("max_steps", args.max_steps >= 0, ">= 0"), ("epochs", args.epochs >= 1, ">= 1"),
+            ("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("warmup_ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
+            ("threads", args.threads >= 0, ">= 0"), ("eval_batch_size", args.eval_batch_size >= 1, ">= 1"),
+            ("label_noise", 0 <= args.label_noise < 1, "in [0, 1)"), ("temperature", args.temperature > 0, "> 0")]:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {need}")
     if args.batch_size % args.grad_accum:
         p.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if args.train and not args.validation:
@@ -149,12 +159,6 @@ def load_splits(args):
     if args.label_noise:
         splits["train"] = data.add_label_noise(splits["train"], args.label_noise, args.seed)
     return splits
-
-
-def micro_batches(examples, n, pad_id):
-    # one optimizer batch (a list of examples) -> n collated micro-batches, each padded to its own longest
-    size = math.ceil(len(examples) / n)
-    return [data.collate_classification(examples[i:i + size], pad_id) for i in range(0, len(examples), size)]
 
 
 def to_device(batch, device):
@@ -466,78 +470,56 @@ def fmt_time(s):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    init, regularise = METHODS[args.method]
-    init = args.init or init
-    out = Path(args.out)
-    if not args.resume and (out / POINTER).exists():
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.jsonl", "a")
-
-    def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-
-    # data
+def prepare_data(args):
+    # -> (tokenised splits, label info, training class counts); every data error before the model is loaded
     splits = load_splits(args)
     tok = modeling.load_tokenizer(args.model or data.minilm_dir())
     encoded = {s: (data.encode_classification(tok, d, args.max_len)[0] if d is not None else None)
                for s, d in splits.items()}
-    train = encoded["train"]
     names = splits["train"].label_names
     num_labels = 1 if args.regression else len(names)
     counts = None if args.regression else data.class_counts(splits["train"].labels, num_labels)
-    info = {"label_names": names, "pad_id": 0,  # any valid id: padded keys are masked out
-            "minority": None if args.regression else int(np.argmin(counts))}
+    info = {"label_names": names, "num_labels": num_labels, "pad_id": 0,  # any valid id: padded keys are masked
+            "minority": None if args.regression else int(np.argmin(counts)), "counts": counts}
+    return encoded, info
 
-    # the BA-LoRA config: paper NLU defaults (Sec. 4.1), λ = 0 for plain lora / pissa unless given
+
+def reg_config(args, num_labels, regularise):
+    # the BA-LoRA config: paper NLU defaults (Sec. 4.1); --method sets the λ defaults (0 for lora / pissa),
+    # explicit flags always apply
     d = balora.BALoRAConfig.nlu()
     lam = [getattr(args, f"lambda{i}") for i in (1, 2, 3)]
     lam = [x if x is not None else (default if regularise else 0.0)
            for x, default in zip(lam, (d.lambda1, d.lambda2, d.lambda3))]
-    regularise = any(x > 0 for x in lam)
     svd_k = args.svd_k if args.svd_k is not None else min(d.svd_k, max(num_labels - 1, 1))
     if args.svd_k is None and svd_k != d.svd_k and lam[2] > 0:
         print(f"note: svd_k = {svd_k} instead of the paper's {d.svd_k}: with {num_labels} logit columns k=5 keeps "
               f"every singular value and Eq. 7 is the constant -1")
-    cfg = balora.BALoRAConfig.nlu(
+    return balora.BALoRAConfig.nlu(
         lambda1=lam[0], lambda2=lam[1], lambda3=lam[2], svd_k=svd_k, temperature=args.temperature,
         top_k=args.top_k, consistency=args.consistency or ("mse" if args.regression else "kl"),
         diversity=args.diversity, svd=args.svd, lambda1_schedule=args.lambda1_schedule,
         focus_schedule=args.focus_schedule)
 
-    # model, optimiser, budget
-    torch.manual_seed(args.seed)  # head init and LoRA init; a resumed run rebuilds the same, then loads
-    net = build_model(args, num_labels, init, args.device)
-    opt = make_optimizer(net, args)
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
-    total = args.epochs * steps_per_epoch
-    if args.max_steps:
-        total = min(total, args.max_steps)
-    warmup = max(1, round(args.warmup_ratio * total))
-    config = {k: v for k, v in vars(args).items()}
-    state = {"step": 0, "epoch": 0, "batch": 0, "validation": [], "args": config,
-             "train_seconds": 0.0, "examples": 0}
-    if args.resume:
-        ckpt, state = load_checkpoint(out, net, opt)
-        differ = {k: (state["args"].get(k), v) for k, v in config.items()
-                  if k not in RESUME_MAY_DIFFER and state["args"].get(k) != v}
-        if differ:
-            raise ValueError(f"--resume: {ckpt / STATE_FILE} was written with other settings "
-                             f"(saved, now): {differ}")
-        state["args"] = config
-        print(f"resume: {ckpt} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
-        log({"event": "resume", "from": str(ckpt), "step": state["step"]})
-    desc = (f"{args.method} (init {init}; λ1/λ2/λ3 {cfg.lambda1}/{cfg.lambda2}/{cfg.lambda3}, k={cfg.svd_k}, "
-            f"T={cfg.temperature}, {cfg.consistency}/{cfg.diversity}/{cfg.svd})")
-    print(f"train: {desc}; {len(train)} examples, {total} steps of {args.batch_size} "
-          f"({args.grad_accum} micro-batches), {steps_per_epoch} steps/epoch, warm-up {warmup}, "
-          f"lr {args.lr}, {args.dtype} on {args.device}, out {out}")
-    log({"event": "start", "method": desc, "total_steps": total, "warmup": warmup, "args": config})
 
+def resume_state(args, out, net, opt, config, log):
+    # the state to continue from; the saved settings must equal this run's but for RESUME_MAY_DIFFER
+    ckpt, state = load_checkpoint(out, net, opt)
+    differ = {k: (state["args"].get(k), v) for k, v in config.items()
+              if k not in RESUME_MAY_DIFFER and state["args"].get(k) != v}
+    if differ:
+        raise ValueError(f"--resume: {ckpt / STATE_FILE} was written with other settings (saved, now): {differ}")
+    state["args"] = config
+    print(f"resume: {ckpt} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
+    log({"event": "resume", "from": str(ckpt), "step": state["step"]})
+    return state
+
+
+def train(net, opt, cfg, encoded, info, args, state, total, warmup, log):
+    # the epochs from the state's position on; validation and a checkpoint at each epoch end.
+    # Returns the training seconds, or None when --stop-after stopped the run.
+    out, train_set = Path(args.out), encoded["train"]
+    regularise = any(x > 0 for x in (cfg.lambda1, cfg.lambda2, cfg.lambda3))
     net.train()
     step = state["step"]
     t_start, step_at_start, seconds_before = time.time(), step, state["train_seconds"]
@@ -545,8 +527,7 @@ def main(argv=None):
 
     def checkpoint(epoch, batch):
         nonlocal last_saved
-        state.update(step=step, epoch=epoch, batch=batch,
-                     train_seconds=seconds_before + time.time() - t_start)
+        state.update(step=step, epoch=epoch, batch=batch, train_seconds=seconds_before + time.time() - t_start)
         save_checkpoint(out, net, opt, state)
         last_saved = step
 
@@ -554,13 +535,14 @@ def main(argv=None):
         if step >= total:
             break
         skip = state["batch"] if epoch == state["epoch"] else 0
-        for i, examples in enumerate(data.batches(train, args.batch_size, list, seed=args.seed, epoch=epoch)):
+        for i, examples in enumerate(data.batches(train_set, args.batch_size, list, seed=args.seed, epoch=epoch)):
             if i < skip:
                 continue
             if step >= total:
                 break
             t0 = time.time()
-            bs = [to_device(b, args.device) for b in micro_batches(examples, args.grad_accum, info["pad_id"])]
+            bs = data.micro_batches(examples, args.grad_accum,
+                                    lambda e: to_device(data.collate_classification(e, info["pad_id"]), args.device))
             lr = lr_at(step, total, warmup, args.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -575,17 +557,14 @@ def main(argv=None):
                 kept = f"the last checkpoint (step {last_saved})" if last_saved >= 0 else "no checkpoint yet"
                 msg = f"{e}; stopping without applying it. Kept: {out / 'log.jsonl'} and {kept} in {out}"
                 log({"event": "non-finite", "step": step + 1, "message": msg})
-                log_file.close()
                 raise NonFiniteLoss(msg) from None
             opt.step()
             step += 1
             state["examples"] += len(examples)
-            dt = time.time() - t0
-            elapsed = time.time() - t_start
+            dt, elapsed = time.time() - t0, time.time() - t_start
             eta = elapsed / (step - step_at_start) * (total - step)
-            rec = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": norm.item(), **terms,
-                   "examples_per_s": len(examples) / dt, "elapsed_s": seconds_before + elapsed, "eta_s": eta}
-            log(rec)
+            log({"step": step, "epoch": epoch, "lr": lr, "grad_norm": norm.item(), **terms,
+                 "examples_per_s": len(examples) / dt, "elapsed_s": seconds_before + elapsed, "eta_s": eta})
             if step % args.log_every == 0 or step == total:
                 regs = " ".join(f"{k} {terms[k]:+.4g}" for k in ("consistency", "diversity", "svd") if k in terms)
                 lams = "/".join(f"{terms.get(f'lambda{j}', 0.0):.3g}" for j in (1, 2, 3))
@@ -595,7 +574,6 @@ def main(argv=None):
             if args.stop_after and step == args.stop_after and step < total:
                 checkpoint(epoch, i + 1)
                 print(f"stop: --stop-after {args.stop_after} reached; continue with --resume --out {out}")
-                log_file.close()
                 return None
             if args.save_every and step % args.save_every == 0 and step < total:
                 checkpoint(epoch, i + 1)
@@ -605,26 +583,74 @@ def main(argv=None):
         log({"event": "validation", "epoch": epoch, "step": step, **m})
         print(f"validation (epoch {epoch}, step {step}): {summary(m)}", flush=True)
         checkpoint(epoch + 1, 0)
+    return state["train_seconds"] if step == step_at_start else seconds_before + time.time() - t_start
 
-    train_seconds = state["train_seconds"] if step == step_at_start else seconds_before + time.time() - t_start
+
+def finish(net, encoded, info, args, run, state, train_seconds, log):
+    # test metrics (or the last validation's), the adapter + head, metrics.json
+    out = Path(args.out)
     if encoded["test"] is not None:
         test = evaluate(net, encoded["test"], args, info)
         print(f"test: {summary(test)}", flush=True)
-        log({"event": "test", "step": step, **test})
+        log({"event": "test", "step": state["step"], **test})
     else:  # GLUE-style: no labelled test set, the last validation (at the final weights) is the result
         test = None
         print("test: no --test file; the final metrics are the last validation's")
     balora.save_adapter(net, out / "adapter", modules_to_save=HEAD)
-    metrics = {"method": args.method, "init": init, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-               "steps": step, "total_steps": total, "examples_seen": state["examples"],
-               "train_seconds": train_seconds, "examples_per_s": state["examples"] / max(train_seconds, 1e-9),
-               "train_class_counts": None if counts is None else dict(zip(names, counts)),
-               "validation": state["validation"], "test": test, "args": config}
+    counts = info["counts"]
+    metrics = {**run, "steps": state["step"], "examples_seen": state["examples"], "train_seconds": train_seconds,
+               "examples_per_s": state["examples"] / max(train_seconds, 1e-9),
+               "train_class_counts": None if counts is None else dict(zip(info["label_names"], counts)),
+               "validation": state["validation"], "test": test, "args": state["args"]}
     atomic_json(out / "metrics.json", metrics)
-    print(f"done: {step} steps, {fmt_time(train_seconds)} training; adapter + head in {out / 'adapter'}, "
+    print(f"done: {state['step']} steps, {fmt_time(train_seconds)} training; adapter + head in {out / 'adapter'}, "
           f"metrics in {out / 'metrics.json'}")
-    log_file.close()
     return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dtype, why = modeling.resolve_dtype(args.dtype, args.device)
+    print(why)
+    init, regularise = METHODS[args.method]
+    init = args.init or init
+    out = Path(args.out)
+    if not args.resume and (out / POINTER).exists():
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "log.jsonl", "a")
+
+    def log(record):
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    encoded, info = prepare_data(args)
+    cfg = reg_config(args, info["num_labels"], regularise)
+    torch.manual_seed(args.seed)  # head init and LoRA init; a resumed run rebuilds the same, then loads
+    net = build_model(args, info["num_labels"], init, args.device)
+    opt = make_optimizer(net, args)
+    steps_per_epoch = math.ceil(len(encoded["train"]) / args.batch_size)
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    warmup = max(1, round(args.warmup_ratio * total))
+    config = dict(vars(args))
+    run = {"method": args.method, "init": init, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+           "total_steps": total, "machine": modeling.machine(args.device, args.dtype)}
+    state = {"step": 0, "epoch": 0, "batch": 0, "validation": [], "args": config, "train_seconds": 0.0, "examples": 0}
+    if args.resume:
+        state = resume_state(args, out, net, opt, config, log)
+    desc = (f"{args.method} (init {init}; λ1/λ2/λ3 {cfg.lambda1}/{cfg.lambda2}/{cfg.lambda3}, k={cfg.svd_k}, "
+            f"T={cfg.temperature}, {cfg.consistency}/{cfg.diversity}/{cfg.svd})")
+    print(f"train: {desc}; {len(encoded['train'])} examples, {total} steps of {args.batch_size} "
+          f"({args.grad_accum} micro-batches), {steps_per_epoch} steps/epoch, warm-up {warmup}, "
+          f"lr {args.lr}, {args.dtype} on {args.device}, out {out}; {run['machine']}")
+    log({"event": "start", "method": desc, "warmup": warmup, **run, "args": config})
+    try:
+        train_seconds = train(net, opt, cfg, encoded, info, args, state, total, warmup, log)
+        return None if train_seconds is None else finish(net, encoded, info, args, run, state, train_seconds, log)
+    finally:
+        log_file.close()
 
 
 if __name__ == "__main__":
