@@ -176,6 +176,11 @@ def teacher(model: nn.Module):
 # -- adapters on disk: the peft LoRA layout, safetensors only, atomic writes --------------------
 
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
+
+
+class AdapterError(ValueError):
+    # an adapter directory that cannot be loaded, or adapters that must not be written; names file and key
+    pass
 PEFT_PREFIX = "base_model.model."
 
 
@@ -231,6 +236,9 @@ def save_adapter(model: nn.Module, out_dir: str, convert_to_lora: bool = False, 
     # modules_to_save: names of fully trained modules (e.g. a classification head) saved alongside.
     tensors, targets, (r, alpha, init), saved_modules = _adapter_tensors(
         model, convert_to_lora, modules_to_save)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # never replace a good adapter on disk with NaN / inf
+        raise AdapterError(f"not writing {out_dir}: {len(bad)} tensor(s) hold non-finite values, e.g. {bad[0]}")
     converted = convert_to_lora and init != "lora"
     config = {
         "peft_type": "LORA",
@@ -261,22 +269,33 @@ def load_adapter(model: nn.Module, in_dir: str):
     cfg_path, st_path = os.path.join(in_dir, CONFIG_FILE), os.path.join(in_dir, ADAPTER_FILE)
     for p in (cfg_path, st_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"adapter file missing: {p}")
+            raise AdapterError(f"adapter file missing: {p}")
     try:
-        config = json.load(open(cfg_path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        config = json.loads(open(cfg_path, "rb").read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object, got a {type(config).__name__}")
+    for key, kinds, what in (("r", int, "an integer"), ("lora_alpha", (int, float), "a number"),
+                             ("modules_to_save", (list, type(None)), "a list of module names or null")):
+        v = config.get(key)
+        if not isinstance(v, kinds) or isinstance(v, bool) or (key == "modules_to_save" and v is not None
+                                                                and not all(isinstance(x, str) for x in v)):
+            raise AdapterError(f"{cfg_path}: {key} = {v!r} should be {what}")
     try:
         tensors = load_file(st_path)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{st_path}: not a readable safetensors file ({e})") from None
+        raise AdapterError(f"{st_path}: not a readable safetensors file ({e})") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterError(f"{st_path}: {bad[0]} holds non-finite values (NaN or inf)")
     layers = pissa_layers(model)
     if not layers:
-        raise ValueError("the model has no PiSSALinear layers: call balora.inject before load_adapter")
+        raise AdapterError("the model has no PiSSALinear layers: call balora.inject before load_adapter")
     r, alpha, init = layers[0][1].r, layers[0][1].alpha, layers[0][1].init
     want_init = True if init == "lora" else init
     if (config.get("r"), config.get("lora_alpha"), config.get("init_lora_weights")) != (r, alpha, want_init):
-        raise ValueError(
+        raise AdapterError(
             f"{cfg_path}: adapter has r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, "
             f"init_lora_weights={config.get('init_lora_weights')!r} but the model was injected with "
             f"r={r}, alpha={alpha}, init={init!r} (a rank-2r converted adapter loads in peft on the "
@@ -292,11 +311,11 @@ def load_adapter(model: nn.Module, in_dir: str):
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise ValueError(f"{st_path}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+        raise AdapterError(f"{st_path}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected keys {extra[:5]}{'...' if len(extra) > 5 else ''}")
     for key, dst in expected.items():
         if tensors[key].shape != dst.shape:
-            raise ValueError(f"{st_path}: {key} has shape {tuple(tensors[key].shape)}, "
+            raise AdapterError(f"{st_path}: {key} has shape {tuple(tensors[key].shape)}, "
                              f"the model expects {tuple(dst.shape)}")
     with torch.no_grad():
         for key, dst in expected.items():
@@ -314,7 +333,7 @@ def _saved_module_names(model, hf_names):
             pass
     for h in hf_names:
         if h not in ours:
-            raise ValueError(f"adapter config lists modules_to_save {h!r}, which this model lacks")
+            raise AdapterError(f"adapter config lists modules_to_save {h!r}, which this model lacks")
     return [ours[h] for h in hf_names]
 
 

@@ -6,6 +6,7 @@
 # NLG model. `python data.py` fetches the defaults and prints counts.
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -24,13 +25,17 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file as load_tensor_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 try:  # only the GGUF conversion of the default NLG model needs it (requirements.txt says so)
     import gguf
 except ImportError:
     gguf = None
+
+from model import InputError  # bad input: one line naming the file and line, no traceback (cli below)
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding); the value torch's CE skips
 
@@ -40,6 +45,23 @@ IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding); 
 
 class AssetError(RuntimeError):
     pass
+
+
+# The user-facing shape of an error: bad input (a file, flag, directory, the asset cache) or a non-finite stop
+# is one line on stderr, `train_nlu.py: error: <file>:<line>: <what and what to do>`, exit status 1, and no
+# traceback; `--debug` (or BALORA_DEBUG=1) shows the traceback. Anything else is a bug and raises as usual.
+USER_ERRORS = (InputError, AssetError, FloatingPointError, FileNotFoundError, FileExistsError, IsADirectoryError,
+               NotADirectoryError, PermissionError)
+
+
+def cli(main, prog, extra_errors=()):
+    debug = "--debug" in sys.argv[1:] or os.environ.get("BALORA_DEBUG", "") not in ("", "0")
+    try:
+        return main(sys.argv[1:])
+    except USER_ERRORS + tuple(extra_errors) as e:
+        if debug:
+            raise
+        sys.exit(f"{os.path.basename(prog)}: error: {e}")
 
 
 @dataclass(frozen=True)
@@ -162,18 +184,52 @@ def _unpack(archive: Path, dest: Path, prefix: str = "") -> None:
         raise AssetError(f"{archive} contains no file under {prefix!r}")
 
 
-def asset_root(asset: Asset) -> Path:
-    # The unpacked asset. It is built in a scratch directory and renamed into place, so the directory
-    # exists only when complete; once it exists nothing is downloaded, hashed or unpacked again.
-    root = cache_dir() / asset.filename.removesuffix(".whl").removesuffix(".tar.gz")
-    if root.is_dir():
+# What is *used* is verified, not only what was downloaded: every directory the cache builds (an unpacked
+# asset, the converted SmolLM2) gets a manifest of its files' sha256, and the first use in a process checks
+# every file against it, so an edited weight or score is an error, never a silent change of results. Cost:
+# one read of the files, ~1 s for all the default assets on a laptop-class CPU.
+MANIFEST = ".manifest.json"
+_verified = set()
+
+
+def _write_manifest(root: Path) -> None:
+    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    (root / MANIFEST).write_text(json.dumps(files, indent=1) + "\n")
+
+
+def verified(root: Path) -> Path | None:
+    # root if it is complete and every file matches its manifest; None if it has no manifest (built by an
+    # older version, or interrupted: the caller rebuilds it); an AssetError naming the file if one changed
+    if root in _verified:
         return root
+    if not (root / MANIFEST).is_file():
+        return None
+    want = json.loads((root / MANIFEST).read_text())
+    have = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
+    for rel in sorted(set(want) | have):
+        if rel not in have or rel not in want or sha256_file(root / rel) != want[rel]:
+            what = "is missing" if rel not in have else "was added" if rel not in want else "was changed"
+            raise AssetError(f"{root / rel} {what} since the cache made {root} (its sha256 is recorded in "
+                             f"{root / MANIFEST}). Delete {root} and it is rebuilt from the pinned download.")
+    _verified.add(root)
+    return root
+
+
+def asset_root(asset: Asset) -> Path:
+    # The unpacked asset, verified (above). It is built in a scratch directory and renamed into place, so the
+    # directory exists only when complete; once it exists nothing is downloaded or unpacked again.
+    root = cache_dir() / asset.filename.removesuffix(".whl").removesuffix(".tar.gz")
+    if root.is_dir() and verified(root):
+        return root
+    shutil.rmtree(root, ignore_errors=True)  # no manifest: made by an older version; rebuild it
     archive = fetch(asset)
     scratch = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.unpack-"))
     try:
         _unpack(archive, scratch, asset.member)
         if asset.inner is not None:
             _unpack(scratch / asset.inner, scratch)
+        _write_manifest(scratch)
         scratch.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         os.replace(scratch, root)
     except OSError:
@@ -199,8 +255,11 @@ def vader_dir() -> Path:
 def smollm2_dir() -> Path:
     # The default NLG model as an ordinary HF directory, converted from the GGUF once (section at the end).
     out = cache_dir() / "smollm2-135m-instruct"
-    if not (out / "model.safetensors").is_file():
-        convert_gguf(smollm2_gguf(), out)
+    if out.is_dir() and verified(out):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    convert_gguf(smollm2_gguf(), out)
+    _write_manifest(out)
     return out
 
 
@@ -213,12 +272,12 @@ def gsm8k_problems(directory: Path | None = None) -> list[tuple[str, str]]:
         try:
             record = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"{path}: cannot read GSM8K problem: {e}") from e
+            raise InputError(f"{path}: cannot read GSM8K problem: {e}") from e
         for key in ("question", "answer"):
             if not isinstance(record.get(key), str) or not record[key].strip():
-                raise ValueError(f"{path}: key {key!r} missing or not a non-empty string")
+                raise InputError(f"{path}: key {key!r} missing or not a non-empty string")
         if "####" not in record["answer"]:
-            raise ValueError(f"{path}: key 'answer' has no '#### n' final answer")
+            raise InputError(f"{path}: key 'answer' has no '#### n' final answer")
         problems.append((record["question"].strip(), record["answer"].strip()))
     return problems
 
@@ -240,7 +299,7 @@ def _decode(raw: bytes, path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise InputError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def read_ground_truth(path: Path) -> list[tuple[str, float, str]]:
@@ -254,16 +313,16 @@ def read_ground_truth(path: Path) -> list[tuple[str, float, str]]:
     for n, line in enumerate(lines, 1):
         fields = line.rstrip("\r").split("\t")
         if len(fields) != 3:
-            raise ValueError(f"{path}:{n}: expected 3 tab-separated fields (id, score, text), got {len(fields)}")
+            raise InputError(f"{path}:{n}: expected 3 tab-separated fields (id, score, text), got {len(fields)}")
         sid, score, sentence = fields[0].strip(), fields[1], fields[2].strip()
         try:
             score = float(score)
         except ValueError:
-            raise ValueError(f"{path}:{n}: score {fields[1]!r} is not a number") from None
+            raise InputError(f"{path}:{n}: score {fields[1]!r} is not a number") from None
         if not -4.0 <= score <= 4.0:
-            raise ValueError(f"{path}:{n}: score {score} outside the rating scale [-4, 4]")
+            raise InputError(f"{path}:{n}: score {score} outside the rating scale [-4, 4]")
         if not sid or sid in seen or not sentence:
-            raise ValueError(f"{path}:{n}: empty or duplicate id {sid!r}, or empty sentence")
+            raise InputError(f"{path}:{n}: empty or duplicate id {sid!r}, or empty sentence")
         seen.add(sid)
         rows.append((sid, score, sentence))
     return rows
@@ -296,7 +355,7 @@ def sentiment_label(score: float, task: str) -> int | None:
         return 0 if score <= -NEUTRAL_BAND else 2 if score >= NEUTRAL_BAND else 1
     if task == "binary":
         return None if abs(score) < NEUTRAL_BAND else int(score > 0)
-    raise ValueError(f"task must be 'binary' or 'three', got {task!r}")
+    raise InputError(f"task must be 'binary' or 'three', got {task!r}")
 
 
 def sentiment_splits(rows: list[tuple[str, float, str]], task: str, source: str = "") -> dict[str, TextData]:
@@ -315,7 +374,7 @@ def movie_reviews(task: str = "binary") -> dict[str, TextData]:
     path = vader_dir() / "movieReviewSnippets_GroundTruth.txt"
     rows = read_ground_truth(path)
     if len(rows) != N_REVIEWS:
-        raise ValueError(f"{path}: {len(rows)} sentences, the pinned file has {N_REVIEWS}")
+        raise InputError(f"{path}: {len(rows)} sentences, the pinned file has {N_REVIEWS}")
     splits = sentiment_splits(rows, task, path.name)
     for name, d in splits.items():
         print(f"data: movie reviews ({task}) {name}: {len(d.labels)} [{describe_counts(d)}]")
@@ -327,7 +386,7 @@ def nyt_sentences() -> list[str]:
     path = vader_dir() / "nytEditorialSnippets_GroundTruth.txt"
     rows = read_ground_truth(path)
     if len(rows) != N_NYT:
-        raise ValueError(f"{path}: {len(rows)} sentences, the pinned file has {N_NYT}")
+        raise InputError(f"{path}: {len(rows)} sentences, the pinned file has {N_NYT}")
     return [sentence for _, _, sentence in rows]
 
 
@@ -361,15 +420,15 @@ def _json_array_rows(path: Path, text: str):
         try:
             row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+            raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{line_at(pos)}: expected a JSON object, got {type(row).__name__}")
+            raise InputError(f"{path}:{line_at(pos)}: expected a JSON object, got {type(row).__name__}")
         yield line_at(pos), row
         pos = ws.match(text, end).end()
         if text.startswith("]", pos):
             return
         if not text.startswith(",", pos):
-            raise ValueError(f"{path}:{line_at(pos)}: malformed JSON array (expected ',' or ']')")
+            raise InputError(f"{path}:{line_at(pos)}: malformed JSON array (expected ',' or ']')")
         pos = ws.match(text, pos + 1).end()
 
 
@@ -381,39 +440,48 @@ def read_rows(path: Path):
             yield from _json_array_rows(path, text)
             return
     if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield n, row
+        # decoded as a whole through _decode: a non-UTF-8 byte is an error naming the line, as for .json arrays
+        for n, line in enumerate(_decode(path.read_bytes(), path).removeprefix("\ufeff").split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield n, row
         return
     if path.suffix not in (".csv", ".tsv"):
-        raise ValueError(f"{path}: unknown format, expected .jsonl, .json (an array, or one object per line), "
+        raise InputError(f"{path}: unknown format, expected .jsonl, .json (an array, or one object per line), "
                          ".csv or .tsv")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        # GLUE's TSVs are unquoted (sentences contain stray quotes), CSVs use ordinary quoting
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" else csv.reader(f)
-        header, start = None, 1
-        try:
-            for fields in reader:
-                if not fields:
-                    start = reader.line_num + 1
-                    continue
-                if header is None:
-                    header = fields
-                elif len(fields) != len(header):
-                    raise ValueError(f"{path}:{start}: {len(fields)} fields, the header has {len(header)}")
-                else:
-                    yield start, dict(zip(header, fields))
+    text = _decode(path.read_bytes(), path).removeprefix("\ufeff")
+    # GLUE's TSVs are unquoted (sentences contain stray quotes), CSVs use ordinary quoting
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE) \
+        if path.suffix == ".tsv" else csv.reader(io.StringIO(text, newline=""))
+    header, start, multiline = None, 1, []
+    try:
+        for fields in reader:
+            if not fields:
                 start = reader.line_num + 1
-        except csv.Error as e:
-            raise ValueError(f"{path}:{reader.line_num}: malformed row ({e})") from None
+                continue
+            if header is None:
+                header = fields
+                dup = sorted({h for h in header if header.count(h) > 1})
+                if dup:
+                    raise InputError(f"{path}:{start}: duplicate column(s) {dup} in the header")
+            elif len(fields) != len(header):
+                raise InputError(f"{path}:{start}: {len(fields)} fields, the header has {len(header)}")
+            else:
+                if reader.line_num > start:  # a quoted field spanning lines, or an unterminated quote
+                    multiline.append(start)
+                yield start, dict(zip(header, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise InputError(f"{path}:{reader.line_num}: malformed row ({e})") from None
+    if multiline:
+        print(f"data: warning: {path}: {len(multiline)} row(s) span several lines (a quoted newline, or a quote "
+              f"that is never closed), first at line {multiline[0]}: check the quoting", file=sys.stderr)
 
 
 def _sort_labels(names: set[str]) -> list[str]:
@@ -424,6 +492,16 @@ def _sort_labels(names: set[str]) -> list[str]:
         return sorted(names)
 
 
+def _label_text(value: str) -> str:
+    # 1, "1", 1.0 and "1.0" are one class, "1": a numeric label is written in one canonical form
+    value = value.strip()
+    try:
+        x = float(value)
+    except ValueError:
+        return value
+    return str(int(x)) if x.is_integer() else repr(x) if math.isfinite(x) else value
+
+
 def read_table(path, text_fields: list[str], label_field: str, label_names: list[str] | None = None,
                regression: bool = False) -> TextData:
     # Classification: labels are strings (JSON numbers are read as their text) mapped to ids through
@@ -431,7 +509,7 @@ def read_table(path, text_fields: list[str], label_field: str, label_names: list
     # splits so that ids are fixed and an unseen label is an error. Regression (STS-B): float labels.
     path = Path(path)
     if len(text_fields) not in (1, 2):
-        raise ValueError(f"text_fields must name one column or two (a pair), got {text_fields}")
+        raise InputError(f"text_fields must name one column or two (a pair), got {text_fields}")
     texts, raw = [], []
     for n, row in read_rows(path):
         values = []
@@ -439,28 +517,28 @@ def read_table(path, text_fields: list[str], label_field: str, label_names: list
             value = row.get(key)
             if value is None or isinstance(value, (dict, list, bool)) or str(value).strip() == "":
                 what = "missing" if key not in row else f"empty or not a string/number ({value!r})"
-                raise ValueError(f"{path}:{n}: column {key!r} {what}; columns here: {sorted(row)}")
+                raise InputError(f"{path}:{n}: column {key!r} {what}; columns here: {sorted(row)}")
             values.append(str(value))
         texts.append(tuple(values[:-1]))
-        raw.append((n, values[-1].strip()))
+        raw.append((n, _label_text(values[-1])))
     if not texts:
-        raise ValueError(f"{path}: no examples")
+        raise InputError(f"{path}: no examples")
     if regression:
         labels = []
         for n, value in raw:
             try:
                 labels.append(float(value))
             except ValueError:
-                raise ValueError(f"{path}:{n}: regression label {value!r} is not a number") from None
+                raise InputError(f"{path}:{n}: regression label {value!r} is not a number") from None
             if not math.isfinite(labels[-1]):
-                raise ValueError(f"{path}:{n}: regression label {value!r} is not finite")
+                raise InputError(f"{path}:{n}: regression label {value!r} is not finite")
         return TextData(texts, labels, None, str(path))
     names = list(label_names) if label_names is not None else _sort_labels({v for _, v in raw})
     index = {name: i for i, name in enumerate(names)}
     labels = []
     for n, value in raw:
         if value not in index:
-            raise ValueError(f"{path}:{n}: unknown label {value!r}; known labels: {names}")
+            raise InputError(f"{path}:{n}: unknown label {value!r}; known labels: {names}")
         labels.append(index[value])
     return TextData(texts, labels, names, str(path))
 
@@ -487,9 +565,9 @@ def parse_ratios(spec: str) -> list[Fraction]:
     try:
         ratios = [Fraction(part.strip()) for part in spec.split(":")]
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"imbalance {spec!r}: expected ratios like 100:10:1") from None
+        raise InputError(f"imbalance {spec!r}: expected ratios like 100:10:1") from None
     if any(r < 0 for r in ratios) or max(ratios) <= 0:
-        raise ValueError(f"imbalance {spec!r}: ratios must be >= 0 with a positive largest one")
+        raise InputError(f"imbalance {spec!r}: ratios must be >= 0 with a positive largest one")
     return ratios
 
 
@@ -497,14 +575,14 @@ def imbalance_counts(counts: list[int], ratios: list[Fraction]) -> list[int]:
     # Class k gets floor(N * r_k / r_max) examples, where N (the majority target) is the largest value for
     # which every class still has that many: N = min_k floor(c_k * r_max / r_k). Exact rational arithmetic.
     if len(counts) != len(ratios):
-        raise ValueError(f"{len(ratios)} imbalance ratios for {len(counts)} classes")
+        raise InputError(f"{len(ratios)} imbalance ratios for {len(counts)} classes")
     r_max = max(ratios)
     n_major = min(math.floor(c * r_max / r) for c, r in zip(counts, ratios) if r > 0)
     if n_major == 0:
-        raise ValueError(f"imbalance {ratios}: a class with a positive ratio has no examples (counts {counts})")
+        raise InputError(f"imbalance {ratios}: a class with a positive ratio has no examples (counts {counts})")
     targets = [math.floor(n_major * r / r_max) for r in ratios]
     if any(t == 0 and r > 0 for t, r in zip(targets, ratios)):
-        raise ValueError(f"imbalance {':'.join(map(str, ratios))} on class counts {counts} leaves a class with a "
+        raise InputError(f"imbalance {':'.join(map(str, ratios))} on class counts {counts} leaves a class with a "
                          f"positive ratio no examples ({targets}); the majority class has too few examples")
     return targets
 
@@ -524,7 +602,7 @@ def flip_labels(labels: list[int], num_classes: int, p: float, seed: int) -> tup
     # Exactly floor(p*N + 0.5) labels (round half up), chosen without replacement, each moved to a class drawn
     # uniformly from the other num_classes - 1. Returns the new labels and the sorted flipped indices.
     if not 0.0 <= p <= 1.0 or num_classes < 2:
-        raise ValueError(f"label noise needs 0 <= p <= 1 and >= 2 classes, got p={p}, {num_classes} classes")
+        raise InputError(f"label noise needs 0 <= p <= 1 and >= 2 classes, got p={p}, {num_classes} classes")
     rng = random.Random(seed)
     flipped = sorted(rng.sample(range(len(labels)), math.floor(p * len(labels) + 0.5)))
     noisy = list(labels)
@@ -663,15 +741,15 @@ def read_instructions(path) -> list[tuple[str, str, str]]:
             if q_key in row and r_key in row:
                 break
         else:
-            raise ValueError(f"{path}:{n}: no instruction layout matches keys {sorted(row)}; expected "
+            raise InputError(f"{path}:{n}: no instruction layout matches keys {sorted(row)}; expected "
                              + " or ".join("/".join(k for k in lay if k) for lay in INSTRUCTION_LAYOUTS))
         fields = [row[q_key], row.get(in_key, "") if in_key else "", row[r_key]]
         if not all(isinstance(v, str) for v in fields) or not fields[0].strip() or not fields[2].strip():
-            raise ValueError(f"{path}:{n}: {q_key!r} and {r_key!r} must be non-empty strings"
+            raise InputError(f"{path}:{n}: {q_key!r} and {r_key!r} must be non-empty strings"
                              + (f", {in_key!r} a string" if in_key else ""))
         records.append(tuple(fields))
     if not records:
-        raise ValueError(f"{path}: no examples")
+        raise InputError(f"{path}: no examples")
     return records
 
 
@@ -680,7 +758,7 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -
         return (ALPACA_PROMPT_INPUT if input else ALPACA_PROMPT).format(instruction=instruction, input=input)
     if template == "chatml":
         return CHATML_PROMPT.format(instruction=f"{instruction}\n\n{input}" if input else instruction)
-    raise ValueError(f"template must be 'alpaca' or 'chatml', got {template!r}")
+    raise InputError(f"template must be 'alpaca' or 'chatml', got {template!r}")
 
 
 def encode_instructions(tok: Tokenizer, records: list[tuple[str, str, str]], max_len: int, eos_id: int,
@@ -739,7 +817,7 @@ def text_windows(tok: Tokenizer, text: str, window: int) -> torch.Tensor:
     ids = _plain(tok).encode(text, add_special_tokens=False).ids
     n = len(ids) // window
     if n == 0:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {window}")
+        raise InputError(f"text has {len(ids)} tokens, fewer than one window of {window}")
     print(f"data: eval text: {len(ids)} tokens -> {n} windows of {window} ({len(ids) - n * window} tail tokens unused)")
     return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
 
@@ -763,7 +841,7 @@ def _value(number: str) -> float:
 def gsm8k_reference(answer: str) -> float:
     m = re.search(r"####\s*(" + _NUMBER + ")", _clean_numbers(answer))
     if m is None:
-        raise ValueError(f"GSM8K reference has no '#### n': {answer[-80:]!r}")
+        raise InputError(f"GSM8K reference has no '#### n': {answer[-80:]!r}")
     return _value(m.group(1))
 
 
@@ -783,6 +861,75 @@ def extract_gsm8k_answer(text: str) -> float | None:
             return _value(hit.group(1))
     numbers = re.findall(_NUMBER, text)
     return _value(numbers[-1]) if numbers else None
+
+
+# -----------------------------------------------------------------------------
+# Reading back what the scripts wrote (checkpoints, metrics): every failure names the file.
+
+
+def read_json(path, what="JSON") -> dict:
+    path = Path(path)
+    try:
+        obj = json.loads(_decode(path.read_bytes(), path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid {what} (truncated or edited? {e})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
+def load_tensors(path) -> dict:
+    try:
+        return load_tensor_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path}: not a readable safetensors file (truncated or edited? {e})") from None
+
+
+def optimizer_state(opt, tensors: dict, prefix: str, path) -> dict:
+    # {f"{prefix}{i}.{name}": tensor} -> a state_dict for opt, every tensor checked against its parameter:
+    # torch's load_state_dict does not compare shapes, and a wrong one would only fail inside opt.step()
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for key, t in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        idx, _, name = key[len(prefix):].partition(".")
+        if not idx.isdigit() or int(idx) >= len(params):
+            raise InputError(f"{path}: {key} names parameter {idx}, the optimizer has {len(params)}")
+        p = params[int(idx)]
+        if name in ("exp_avg", "exp_avg_sq") and t.shape != p.shape:
+            raise InputError(f"{path}: {key} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{path}: {key} holds non-finite values")
+        state.setdefault(int(idx), {})[name] = t
+    return {**sd, "state": state}
+
+
+def truncate_log(path, step: int) -> None:
+    # A resumed run replays the steps after its checkpoint: drop their records first, so that log.jsonl ends
+    # up as an uninterrupted run's (records without a step, like the start record, are kept).
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def clean_stale(out: Path) -> list[str]:
+    # the scratch files and directories of a save that was killed half-way (never the finished ones)
+    stale = [p for p in Path(out).glob(".tmp-*")] + [p for p in Path(out).glob(".checkpoint-*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return [p.name for p in stale]
 
 
 if __name__ == "__main__":
@@ -809,7 +956,7 @@ def _meta(reader, path, key, default=KeyError):
     field = reader.fields.get(key)
     if field is None:
         if default is KeyError:
-            raise KeyError(f"{path}: GGUF metadata key {key!r} is missing")
+            raise InputError(f"{path}: GGUF metadata key {key!r} is missing")
         return default
     kind = field.types[0]
     if kind == gguf.GGUFValueType.ARRAY:
@@ -859,11 +1006,11 @@ def build_tokenizer(tokens, token_types, merges, where="tokenizer"):
     # space (llama.cpp's "smollm" pre-type), ByteLevel decoder, no BOS added. Control tokens (type 3)
     # become special added tokens so "<|im_start|>" in text is one id and never merged into words.
     if len(tokens) != len(token_types):
-        raise ValueError(f"{where}: {len(tokens)} tokens but {len(token_types)} token types")
+        raise InputError(f"{where}: {len(tokens)} tokens but {len(token_types)} token types")
     vocab = {}
     for i, t in enumerate(tokens):
         if t in vocab:
-            raise ValueError(f"{where}: token {t!r} appears twice (ids {vocab[t]} and {i})")
+            raise InputError(f"{where}: token {t!r} appears twice (ids {vocab[t]} and {i})")
         vocab[t] = i
     # A byte-level vocabulary holds single-byte tokens. SmolLM2's lacks 21 of the 256 (0xC0, 0xC1,
     # 0xF5-0xFF never occur in UTF-8; 0xF1, 0xF2 start only unassigned planes; and six rare ASCII
@@ -873,12 +1020,12 @@ def build_tokenizer(tokens, token_types, merges, where="tokenizer"):
     needed = [b2u[b] for b in [0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0xC0), *range(0xC2, 0xF1)]]
     missing = [c for c in needed if c not in vocab]
     if missing:
-        raise ValueError(f"{where}: not a byte-level BPE vocabulary: lacks {len(missing)} byte tokens, e.g. {missing[:5]}")
+        raise InputError(f"{where}: not a byte-level BPE vocabulary: lacks {len(missing)} byte tokens, e.g. {missing[:5]}")
     pairs = []
     for n, m in enumerate(merges):
         parts = m.split(" ")  # byte-level tokens never contain a literal space (it is written 'Ġ')
         if len(parts) != 2 or parts[0] + parts[1] not in vocab:
-            raise ValueError(f"{where}: merge {n} {m!r} is not 'a b' with 'ab' in the vocabulary")
+            raise InputError(f"{where}: merge {n} {m!r} is not 'a b' with 'ab' in the vocabulary")
         pairs.append((parts[0], parts[1]))
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -895,7 +1042,7 @@ def build_tokenizer(tokens, token_types, merges, where="tokenizer"):
         elif kind == _USER_DEFINED:
             added.append(AddedToken(t, special=False, normalized=False))
         elif kind != _NORMAL:
-            raise ValueError(f"{where}: token {i} {t!r} has type {kind}, not normal/control/user-defined")
+            raise InputError(f"{where}: token {i} {t!r} has type {kind}, not normal/control/user-defined")
     tok.add_special_tokens(special)
     tok.add_tokens(added)
     for a in special + added:  # already in the vocab, so they must keep their ids
@@ -922,26 +1069,26 @@ def _hf_name(name, path):
     parts = name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES and parts[3] == "weight":
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
-    raise ValueError(f"{path}: unexpected GGUF tensor {name!r} (not a plain LLaMA tensor; rope_freqs etc. unsupported)")
+    raise InputError(f"{path}: unexpected GGUF tensor {name!r} (not a plain LLaMA tensor; rope_freqs etc. unsupported)")
 
 
 def _read_config(reader, path):
     arch = _meta(reader, path, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: general.architecture is {arch!r}, only 'llama' is supported")
+        raise InputError(f"{path}: general.architecture is {arch!r}, only 'llama' is supported")
     m = lambda key, default=KeyError: _meta(reader, path, f"llama.{key}", default)  # noqa: E731
     hidden, n_head = m("embedding_length"), m("attention.head_count")
     n_kv = m("attention.head_count_kv", n_head)  # llama.cpp omits it for plain multi-head attention
     head_dim = hidden // n_head
     if hidden % n_head or n_head % n_kv:
-        raise ValueError(f"{path}: hidden {hidden}, {n_head} heads, {n_kv} kv heads do not divide")
+        raise InputError(f"{path}: hidden {hidden}, {n_head} heads, {n_kv} kv heads do not divide")
     rope_dim = m("rope.dimension_count", head_dim)
     if rope_dim != head_dim:  # partial rotary would make the q/k un-permute wrong
-        raise ValueError(f"{path}: llama.rope.dimension_count {rope_dim} != head dim {head_dim}")
+        raise InputError(f"{path}: llama.rope.dimension_count {rope_dim} != head dim {head_dim}")
     tokens = _meta(reader, path, "tokenizer.ggml.tokens")
     vocab = m("vocab_size", len(tokens))  # older llama.cpp files omit vocab_size; the token list is authoritative
     if vocab != len(tokens):
-        raise ValueError(f"{path}: llama.vocab_size {vocab} != {len(tokens)} tokens")
+        raise InputError(f"{path}: llama.vocab_size {vocab} != {len(tokens)} tokens")
     tok = lambda key: _meta(reader, path, f"tokenizer.ggml.{key}")  # noqa: E731
     cfg = {
         "architectures": ["LlamaForCausalLM"],
@@ -969,7 +1116,7 @@ def _read_config(reader, path):
         "torch_dtype": "float32",
     }
     if any(k.startswith("llama.rope.scaling") for k in reader.fields):
-        raise ValueError(f"{path}: RoPE scaling metadata present; this converter writes plain RoPE only")
+        raise InputError(f"{path}: RoPE scaling metadata present; this converter writes plain RoPE only")
     return cfg
 
 
@@ -978,9 +1125,9 @@ def _read_tokenizer_files(reader, path, cfg):
     pre = _meta(reader, path, "tokenizer.ggml.pre", None)
     if model != "gpt2" or pre != "smollm":
         # the pre-tokenizer below is SmolLM's; another pre-type (llama3, qwen2, ...) needs another regex
-        raise ValueError(f"{path}: tokenizer.ggml.model/pre = {model!r}/{pre!r}; only 'gpt2'/'smollm' is supported")
+        raise InputError(f"{path}: tokenizer.ggml.model/pre = {model!r}/{pre!r}; only 'gpt2'/'smollm' is supported")
     if _meta(reader, path, "tokenizer.ggml.add_bos_token", False):
-        raise ValueError(f"{path}: tokenizer.ggml.add_bos_token is true; SmolLM2 adds no BOS and neither does this tokenizer")
+        raise InputError(f"{path}: tokenizer.ggml.add_bos_token is true; SmolLM2 adds no BOS and neither does this tokenizer")
     tokens = _meta(reader, path, "tokenizer.ggml.tokens")
     tok = build_tokenizer(tokens, _meta(reader, path, "tokenizer.ggml.token_type"),
                           _meta(reader, path, "tokenizer.ggml.merges"), where=path)
@@ -1017,7 +1164,7 @@ def _read_weights(reader, path, cfg):
         try:
             w = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type))
         except NotImplementedError as e:
-            raise ValueError(f"{path}: tensor {t.name!r}: {e}") from None
+            raise InputError(f"{path}: tensor {t.name!r}: {e}") from None
         w = np.asarray(w, dtype=np.float32).reshape(shape)
         if name.endswith("q_proj.weight"):
             w = unpermute_qk(w, n_head)
@@ -1041,13 +1188,13 @@ def _read_weights(reader, path, cfg):
                      p + "mlp.gate_proj.weight": (F, C), p + "mlp.up_proj.weight": (F, C),
                      p + "mlp.down_proj.weight": (C, F)})
     if set(out) != set(want):
-        raise ValueError(f"{path}: tensors missing {sorted(set(want) - set(out))[:5]}, "
+        raise InputError(f"{path}: tensors missing {sorted(set(want) - set(out))[:5]}, "
                          f"unexpected {sorted(set(out) - set(want))[:5]}")
     for k, s in want.items():
         if out[k].shape != s:
-            raise ValueError(f"{path}: tensor {k} has shape {out[k].shape}, config implies {s}")
+            raise InputError(f"{path}: tensor {k} has shape {out[k].shape}, config implies {s}")
         if not np.isfinite(out[k]).all():
-            raise ValueError(f"{path}: tensor {k} has non-finite values after dequantization")
+            raise InputError(f"{path}: tensor {k} has non-finite values after dequantization")
     return out
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -804,11 +805,11 @@ def _copy(src, dst, edit=None, cfg=None):
 def test_loader_errors_name_the_tensor_or_file(ckpt, tmp_path):
     src = ckpt["llama_gqa"][0]
     d = _copy(src, tmp_path / "missing", edit=lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(M.InputError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         M.from_pretrained(d)
     d = _copy(src, tmp_path / "extra",
               edit=lambda sd: sd.update({"model.layers.0.extra.weight": torch.zeros(2)}))
-    with pytest.raises(KeyError, match=r"model\.layers\.0\.extra\.weight"):
+    with pytest.raises(M.InputError, match=r"model\.layers\.0\.extra\.weight"):
         M.from_pretrained(d)
     d = _copy(src, tmp_path / "shape",
               edit=lambda sd: sd.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(32, 48)}))
@@ -1558,7 +1559,7 @@ def test_convert_tiny_gguf_roundtrip(tmp_path):
                                  "llama.context_length", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id"])
 def test_missing_metadata_key_is_named(tmp_path, key):
     write_tiny_gguf(tmp_path / "bad.gguf", skip_key=key)
-    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+    with pytest.raises(M.InputError, match=key.replace(".", r"\.")):
         convert_gguf(tmp_path / "bad.gguf", tmp_path / "hf")
     assert sorted(os.listdir(tmp_path)) == ["bad.gguf"]  # nothing half-written
 
@@ -2525,3 +2526,262 @@ def test_generation_stops_at_a_stop_string_and_gsm8k_takes_the_first_answer(tiny
     word = free[0][:len(free[0]) // 2].split()[-1]  # a word of the first half of the free-running output
     cut = train_nlg.generate(net, tok, prompts, args, 12, eos_id=99999, pad_id=2, stop_strings=(word,))
     assert cut[0] == cut[1] and word in cut[0] and free[0].startswith(cut[0]) and len(cut[0]) < len(free[0])
+
+
+# =================================================================================================
+# Bad input (issue 10): every kind of user error is one clear line naming the file, key, line, shape or flag;
+# nothing silent, nothing read from outside the model / run directory, a resumed run's log as an uninterrupted one's.
+
+def run_script(script, *args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "BALORA_DEBUG"} | (env_extra or {})
+    return subprocess.run([sys.executable, str(HERE / script), *map(str, args)], cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_user_error_is_one_line_without_traceback_and_debug_shows_it(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"sentence": "fine", "label": "a"}\n{"sentence": "caf\xe9", "label": "b"}\n')
+    for script, args in (("train_nlu.py", ["--train", bad, "--validation", bad, "--out", tmp_path / "u"]),
+                         ("train_nlg.py", ["--train-file", tmp_path / "missing.jsonl", "--model", tmp_path,
+                                           "--out", tmp_path / "g"])):
+        proc = run_script(script, *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), proc.stderr
+        debug = run_script(script, *args, "--debug")
+        assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert "bad.jsonl:2: not UTF-8" in run_script("train_nlu.py", "--train", bad, "--validation", bad,
+                                                   "--out", tmp_path / "u2").stderr
+
+
+def test_non_utf8_csv_and_jsonl_name_the_line(tmp_path):
+    for name, raw in (("a.jsonl", b'{"sentence": "x", "label": 1}\n{"sentence": "\xff", "label": 0}\n'),
+                      ("a.csv", b"sentence,label\nok,1\nbad \xff,0\n"), ("a.tsv", b"sentence\tlabel\nok\t1\n\xfe\t0\n")):
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(M.InputError, match=rf"{re.escape(name)}:[23]: not UTF-8"):
+            data.read_table(tmp_path / name, ["sentence"], "label")
+
+
+def test_numeric_labels_in_any_format_are_one_class(tmp_path):
+    f = write_jsonl(tmp_path / "l.jsonl", [{"sentence": "a", "label": 1}, {"sentence": "b", "label": "1"},
+                                           {"sentence": "c", "label": 1.0}, {"sentence": "d", "label": "0"},
+                                           {"sentence": "e", "label": 0.0}])
+    d = data.read_table(f, ["sentence"], "label")
+    assert d.label_names == ["0", "1"] and d.labels == [1, 1, 1, 0, 0]
+
+
+def test_csv_duplicate_header_is_refused_and_a_multiline_field_is_reported(tmp_path, capsys):
+    (tmp_path / "dup.csv").write_text("sentence,label,label\nx,1,0\n")
+    with pytest.raises(M.InputError, match=r"dup\.csv:1: duplicate column.*'label'"):
+        data.read_table(tmp_path / "dup.csv", ["sentence"], "label")
+    (tmp_path / "q.csv").write_text('sentence,label\n"an unterminated quote,1\nnext row,0\n')
+    with pytest.raises(M.InputError):  # the runaway quote swallows the rest: no row has 2 fields
+        data.read_table(tmp_path / "q.csv", ["sentence"], "label")
+    (tmp_path / "m.csv").write_text('sentence,label\n"two\nlines",1\nok,0\n')
+    d = data.read_table(tmp_path / "m.csv", ["sentence"], "label")
+    assert len(d.labels) == 2 and "m.csv" in capsys.readouterr().err
+
+
+def test_cache_verifies_the_files_it_uses_not_only_the_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_verified", set())
+    root = tmp_path / "asset"
+    (root / "sub").mkdir(parents=True)
+    (root / "model.safetensors").write_bytes(b"weights" * 100)
+    (root / "sub" / "scores.txt").write_text("id\t1.0\tgood\n")
+    assert data.verified(root) is None  # no manifest: the cache rebuilds it
+    data._write_manifest(root)
+    assert data.verified(root) == root
+    monkeypatch.setattr(data, "_verified", set())
+    (root / "sub" / "scores.txt").write_text("id\t-1.0\tgood\n")  # an edited score
+    with pytest.raises(data.AssetError, match=r"scores\.txt was changed.*Delete"):
+        data.verified(root)
+    (root / "sub" / "scores.txt").write_text("id\t1.0\tgood\n")
+    (root / "extra.bin").write_bytes(b"x")
+    with pytest.raises(data.AssetError, match=r"extra\.bin was added"):
+        data.verified(root)
+
+
+def test_adapters_with_non_finite_values_are_never_written_or_loaded(tmp_path):
+    net = TinyNet()
+    balora.inject(net, ["q_proj"], 2, 2)
+    balora.save_adapter(net, tmp_path / "good")
+    with torch.no_grad():
+        net.q_proj.lora_A[0, 0] = float("nan")
+    with pytest.raises(balora.AdapterError, match="non-finite"):
+        balora.save_adapter(net, tmp_path / "bad")
+    assert not (tmp_path / "bad" / balora.ADAPTER_FILE).exists()
+    t = load_file(str(tmp_path / "good" / balora.ADAPTER_FILE))
+    next(iter(t.values()))[0, 0] = float("inf")
+    save_file(t, str(tmp_path / "good" / balora.ADAPTER_FILE))
+    with pytest.raises(balora.AdapterError, match="non-finite"):
+        balora.load_adapter(net, tmp_path / "good")
+
+
+@pytest.mark.parametrize("key, value, message", [("r", "8", r"r = '8' should be an integer"),
+                                                 ("modules_to_save", "head", r"modules_to_save = 'head' should be a list"),
+                                                 ("lora_alpha", None, "lora_alpha")])
+def test_adapter_config_with_wrong_types_names_the_key(tmp_path, key, value, message):
+    net = TinyNet()
+    balora.inject(net, ["q_proj"], 2, 2)
+    balora.save_adapter(net, tmp_path)
+    cfg = json.loads((tmp_path / balora.CONFIG_FILE).read_text())
+    cfg[key] = value
+    (tmp_path / balora.CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(balora.AdapterError, match=message):
+        balora.load_adapter(net, tmp_path)
+
+
+def test_model_directory_errors_name_the_file_and_key(ckpt, tmp_path):
+    src = ckpt["llama_gqa"][0]
+    cases = [
+        (dict(cfg=lambda c: c.update(hidden_size="48")), r"config\.json: n_embd = '48' should be int"),
+        (dict(cfg=lambda c: c.pop("hidden_size")), r"config\.json: required key 'hidden_size' is missing"),
+        (dict(edit=lambda sd: sd["model.layers.0.mlp.up_proj.weight"].__setitem__((0, 0), float("nan"))),
+         r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' holds non-finite"),
+    ]
+    for i, (kw, message) in enumerate(cases):
+        with pytest.raises(M.InputError, match=message):
+            M.from_pretrained(_copy(src, tmp_path / f"c{i}", **kw))
+    d = _copy(src, tmp_path / "list")
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(M.InputError, match=r"config\.json: expected a JSON object, got a list"):
+        M.from_pretrained(d)
+    d = _copy(src, tmp_path / "trunc")
+    raw = (d / "model.safetensors").read_bytes()
+    for content in (raw[:len(raw) // 2], b""):
+        (d / "model.safetensors").write_bytes(content)
+        with pytest.raises(M.InputError, match=r"trunc/model\.safetensors"):
+            M.from_pretrained(d)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(M.InputError, match=r"tok/tokenizer\.json: not a readable"):
+        M.load_tokenizer(tmp_path / "tok")
+
+
+def test_sharded_index_may_only_name_files_inside_the_model_directory(ckpt, tmp_path):
+    d = _copy(ckpt["llama_gqa"][0], tmp_path / "m")
+    names = list(load_file(d / "model.safetensors"))
+    (tmp_path / "outside.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    for weight_map, message in (({n: "../outside.safetensors" for n in names}, r"not a file name inside"),
+                                (None, r"no 'weight_map'")):
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}} | (
+            {"weight_map": weight_map} if weight_map else {})))
+        with pytest.raises(M.InputError, match=message):
+            M.from_pretrained(d)
+
+
+def test_scripts_refuse_the_wrong_architecture_and_a_tokenizer_larger_than_the_model(
+        encoders, files, tiny_llama, tmp_path):
+    with pytest.raises(M.InputError, match="train_nlu.py takes encoders"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "g", "--model", str(encoders["plain"])))
+    with pytest.raises(M.InputError, match="train_nlg.py takes decoders"):
+        train_nlu.main(argv(tiny_llama / "model", files, tmp_path / "u"))
+    small = _copy_dir(encoders["plain"], tmp_path / "small", vocab_size=8)
+    with pytest.raises(M.InputError, match=r"tokenizer\.json has \d+ tokens, the model's embedding table 8"):
+        train_nlu.main(argv(small, files, tmp_path / "u2"))
+
+
+def _copy_dir(src, dst, **cfg):
+    shutil.copytree(src, dst)
+    c = json.loads((dst / "config.json").read_text())
+    c.update(cfg)
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def test_regression_with_class_interventions_is_an_argparse_error(capsys):
+    for extra in (["--label-noise", "0.1"], ["--imbalance", "1:2"]):
+        with pytest.raises(SystemExit):
+            train_nlu.parse_args(["--regression", *extra])
+        assert "do not apply with --regression" in capsys.readouterr().err
+    for script in (train_nlu, train_nlg):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--lambda1", "-0.1"])
+        assert "--lambda1" in capsys.readouterr().err
+
+
+def test_nlu_checkpoint_files_are_checked_and_only_read_inside_the_run(encoders, files, tmp_path):
+    common = ("--epochs", "2", "--save-every", "2", "--method", "pissa")
+    out = tmp_path / "r"
+    assert train_nlu.main(argv(encoders["plain"], files, out, *common, "--stop-after", "3")) is None
+    pointer = out / train_nlu.POINTER
+    good = pointer.read_text()
+    for content, message in (((tmp_path / "elsewhere").as_posix(), "expected a name like checkpoint-"),
+                             ("../r/checkpoint-000003", "expected a name like checkpoint-"), ('{"checkpoint": ', "not valid")):
+        pointer.write_text(json.dumps({"checkpoint": content}) if "{" not in content else content)
+        with pytest.raises(M.InputError, match=message):
+            train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+    pointer.write_text(good)
+    opt_file = out / json.loads(good)["checkpoint"] / train_nlu.OPT_FILE
+    t = load_file(str(opt_file))
+    key = next(k for k in t if k.endswith("exp_avg"))
+    raw = opt_file.read_bytes()
+    save_file({**t, key: torch.zeros(3, 3)}, str(opt_file))
+    with pytest.raises(M.InputError, match=rf"{re.escape(key)} has shape \(3, 3\)"):
+        train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+    opt_file.write_bytes(raw[:100])
+    with pytest.raises(M.InputError, match="optimizer.safetensors: not a readable safetensors"):
+        train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+
+
+def test_nlg_checkpoint_with_wrong_optimizer_shape_and_incomplete_base_from(tiny_llama, tmp_path):
+    out = tmp_path / "r"
+    train_nlg.main(cli(tiny_llama, out, "--stop-at", "1"))
+    ck = out / "checkpoint.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(ck), "pt") as f:
+        meta = f.metadata()
+    t = load_file(str(ck))
+    key = next(k for k in t if k.endswith("exp_avg_sq"))
+    save_file({**t, key: torch.zeros(2)}, str(ck), metadata=meta)
+    with pytest.raises(M.InputError, match=rf"{re.escape(key)} has shape \(2,\)"):
+        train_nlg.main(cli(tiny_llama, out, "--resume", str(out)))
+    (tmp_path / "m.json").write_text(json.dumps({"eval_key": {}}))
+    with pytest.raises(M.InputError, match="not a finished train_nlg.py metrics.json"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "b", "--base-from", str(tmp_path / "m.json")))
+    assert not (tmp_path / "b" / "checkpoint.safetensors").exists()  # refused before any training
+
+
+UNTIMED = lambda rec: {k: v for k, v in rec.items() if k not in ("examples_per_s", "tokens_per_s", "elapsed_s", "eta_s")}
+
+
+def test_resume_after_a_crash_cleans_leftovers_and_the_log_equals_an_uninterrupted_one(
+        encoders, files, tiny_llama, tmp_path):
+    # NLU: a run killed after step 5 with its last checkpoint at step 4 (and a half-written save beside it)
+    common = ("--epochs", "2", "--save-every", "2", "--method", "balora")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_nlu.main(argv(encoders["plain"], files, a, *common))
+    train_nlu.main(argv(encoders["plain"], files, b, *common, "--stop-after", "4"))
+    with open(b / "log.jsonl", "a") as f:  # the step the crash lost after the checkpoint
+        f.write(json.dumps({"step": 5, "task": 0.1}) + "\n")
+    (b / ".checkpoint-000006-xyz").mkdir()
+    (b / ".tmp-abc").write_text("half")
+    train_nlu.main(argv(encoders["plain"], files, b, *common, "--resume"))
+    la, lb = ([UNTIMED(json.loads(l)) for l in open(d / "log.jsonl")] for d in (a, b))
+    la[0].pop("args"), lb[0].pop("args")  # --stop-after differs
+    assert la == lb
+    assert not list(b.glob(".checkpoint-*")) and not list(b.glob(".tmp-*"))
+    # NLG: the same with --save-every
+    a, b = tmp_path / "ga", tmp_path / "gb"
+    train_nlg.main(cli(tiny_llama, a, "--save-every", "2"))
+    train_nlg.main(cli(tiny_llama, b, "--save-every", "2", "--stop-at", "2"))
+    with open(b / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    (b / ".tmp-checkpoint-zzz").write_bytes(b"half")
+    train_nlg.main(cli(tiny_llama, b, "--save-every", "2", "--resume", str(b)))
+    la, lb = ([UNTIMED(json.loads(l)) for l in open(d / "log.jsonl")] for d in (a, b))
+    for log in (la, lb):
+        log[0]["args"].pop("stop_at"), log[0]["args"].pop("out"), log[0]["args"].pop("resume")
+    assert la == lb and not list(b.glob(".tmp-*"))
+
+
+def test_nlu_checkpoint_is_not_written_with_non_finite_weights(encoders, files, tmp_path):
+    args = train_nlu.parse_args(argv(encoders["plain"], files, tmp_path / "x"))
+    net = train_nlu.build_model(args, 2, "pissa", "cpu")
+    opt = train_nlu.make_optimizer(net, args)
+    with torch.no_grad():
+        next(p for p in net.parameters() if p.requires_grad).fill_(float("nan"))
+    (tmp_path / "x").mkdir()
+    with pytest.raises(train_nlu.NonFiniteLoss, match="not written"):
+        train_nlu.save_checkpoint(tmp_path / "x", net, opt, {"step": 3})
+    assert not list((tmp_path / "x").glob("checkpoint-*"))

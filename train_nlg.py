@@ -20,8 +20,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import balora
 import data
@@ -118,6 +117,7 @@ def parse_args(argv):
     a("--base-from", metavar="METRICS_JSON", help="reuse the base model's evaluation from an earlier run's "
                                                   "metrics.json (same model and evaluation settings are checked)")
     a("--merge", action="store_true", help="also write a merged HF checkpoint to OUT/merged")
+    a("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     for flag, ok, need in [
             ("rank", args.rank >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
@@ -125,7 +125,18 @@ def parse_args(argv):
             ("max_steps", args.max_steps >= 0, ">= 0"), ("epochs", args.epochs >= 1, ">= 1"),
             ("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("warmup", 0 <= args.warmup < 1, "in [0, 1)"),
             ("threads", args.threads >= 0, ">= 0"), ("val_examples", args.val_examples >= 0, ">= 0"),
-            ("eval_batch_size", args.eval_batch_size >= 1, ">= 1"), ("drift_len", args.drift_len >= 2, ">= 2")]:
+            ("eval_batch_size", args.eval_batch_size >= 1, ">= 1"), ("drift_len", args.drift_len >= 2, ">= 2"),
+            ("drift_windows", args.drift_windows >= 0, ">= 0"), ("gen_prompts", args.gen_prompts >= 0, ">= 0"),
+            ("gen_tokens", args.gen_tokens >= 1, ">= 1"), ("gen_temperature", args.gen_temperature >= 0, ">= 0"),
+            ("gen_top_p", 0 < args.gen_top_p <= 1, "in (0, 1]"), ("gsm8k_limit", args.gsm8k_limit >= 0, ">= 0"),
+            ("gsm8k_tokens", args.gsm8k_tokens >= 1, ">= 1"), ("save_every", args.save_every >= 0, ">= 0"),
+            ("stop_at", args.stop_at >= 0, ">= 0"), ("eval_every", args.eval_every >= 0, ">= 0"),
+            ("clip", args.clip >= 0, ">= 0"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+            ("alpha", args.alpha is None or 0 < args.alpha < math.inf, "> 0"),
+            ("temperature", args.temperature is None or args.temperature > 0, "> 0"),
+            ("svd_k", args.svd_k is None or args.svd_k >= 1, ">= 1"), ("top_k", args.top_k is None or args.top_k >= 1, ">= 1")
+            ] + [(f"lambda{i}", getattr(args, f"lambda{i}") is None or 0 <= getattr(args, f"lambda{i}") < math.inf,
+                  ">= 0 and finite") for i in (1, 2, 3)]:
         if not ok:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {need}")
     if args.batch_size % args.grad_accum:
@@ -165,20 +176,27 @@ def load_records(args):
     if args.val_file:
         return train, data.balanced_sample(data.read_instructions(args.val_file), args.val_examples)[0], None
     if args.val_examples >= len(train):
-        raise ValueError(f"{args.train_file}: {len(train)} records, cannot hold out --val-examples "
+        raise modellib.InputError(f"{args.train_file}: {len(train)} records, cannot hold out --val-examples "
                          f"{args.val_examples} for validation (pass --val-file)")
     val, train = data.balanced_sample(train, args.val_examples)
     return train, val, None
 
 
 def special_ids(model_dir, tok, template):
-    # (eos, pad) from config.json, read before the weights so that a data error costs no model load
-    cfg = modellib.LlamaConfig.from_hf(modellib._read_json(Path(model_dir) / "config.json"))
+    # (eos, pad) from config.json, read before the weights so that a data error costs no model load; the
+    # architecture and the tokenizer's size are checked against it here too
+    arch, cfg = modellib.read_config(model_dir)
+    if arch != "llama":
+        raise modellib.InputError(f"{model_dir}: a {arch} encoder; train_nlg.py fine-tunes LLaMA-style decoders "
+                                  f"(train_nlu.py takes encoders)")
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise modellib.InputError(f"{model_dir}: tokenizer.json has {tok.get_vocab_size()} tokens, the model's "
+                                  f"embedding table {cfg.vocab_size}: they do not belong together")
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
     if template == "chatml":
         eos = tok.token_to_id("<|im_end|>")  # the token that ends an assistant turn
     if eos is None:
-        raise ValueError(f"{model_dir}: no eos_token_id in config.json (and no <|im_end|> for ChatML)")
+        raise modellib.InputError(f"{model_dir}: no eos_token_id in config.json (and no <|im_end|> for ChatML)")
     return eos, cfg.pad_token_id if cfg.pad_token_id is not None else eos
 
 
@@ -188,7 +206,7 @@ def prepare_data(args, tok):
     train_recs, val_recs, held_out = load_records(args)
     train_ex, stats = data.encode_instructions(tok, train_recs, args.max_len, eos_id, args.template)
     if not train_ex:
-        raise ValueError(f"{args.train_file or 'the default task'}: no training examples: {len(train_recs)} "
+        raise modellib.InputError(f"{args.train_file or 'the default task'}: no training examples: {len(train_recs)} "
                          f"records, {stats['dropped']} dropped (prompt alone >= --max-len {args.max_len} tokens)"
                          + (f", {args.val_examples} held out for validation" if args.train_file and not
                             args.val_file else ""))
@@ -212,11 +230,11 @@ def read_gsm8k(spec):
     problems = []
     for n, row in data.read_rows(Path(spec)):  # JSONL / JSON array / CSV / TSV, errors name the line
         if not all(isinstance(row.get(k), str) for k in ("question", "answer")):
-            raise ValueError(f"{spec}:{n}: expected an object with string 'question' and 'answer'")
+            raise modellib.InputError(f"{spec}:{n}: expected an object with string 'question' and 'answer'")
         data.gsm8k_reference(row["answer"])  # fails on a reference without '#### n'
         problems.append((row["question"], row["answer"]))
     if not problems:
-        raise ValueError(f"{spec}: no problems")
+        raise modellib.InputError(f"{spec}: no problems")
     return problems
 
 
@@ -256,6 +274,9 @@ def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
     mask = y != data.IGNORE_INDEX                             # (B, T): positions with a target
     with amp:
         z = net(ids, rows=mask)                               # (M, V): logits only where there is a target
+    if not bool(torch.isfinite(z).all()):  # before any SVD, which would fail with a LinAlgError instead
+        raise FloatingPointError(f"non-finite logits at optimizer step {step}: stopping (lower --lr, or check "
+                                 f"the model's weights)")
     y = y[mask]
     # One float32 path for every method: the task loss of LoRA, PiSSA and BA-LoRA differs only by the method,
     # never by the precision of its cross-entropy; the regularisers see the same M float32 rows.
@@ -312,7 +333,7 @@ def step_batches(examples, args, pad_id, device):
     # after epoch; each epoch's order depends only on (seed, epoch) (data.batches), so a resumed run skips to
     # exactly where it stopped.
     if not examples:
-        raise ValueError("no training examples")  # prepare_data says why; never loop forever on nothing
+        raise modellib.InputError("no training examples")  # prepare_data says why; never loop forever on nothing
     collate = lambda e: {k: v.to(device) for k, v in data.collate_lm(e, pad_id).items()}
     for epoch in itertools.count():
         for step in data.batches(examples, args.batch_size, list, shuffle=True, seed=args.seed, epoch=epoch):
@@ -428,13 +449,15 @@ EVAL_KEYS = ["model", "train_file", "val_file", "template", "max_len", "val_exam
 
 
 def base_metrics(path, eval_key):
-    try:
-        prev = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--base-from {path}: cannot read metrics ({e})") from None
+    prev = data.read_json(path, "metrics JSON")
+    base = prev.get("base")
+    if not isinstance(base, dict) or not {"val_ppl", "drift_ppl", "distinct_1", "distinct_2"} <= set(base) \
+            or not isinstance(prev.get("eval_key"), dict):
+        raise modellib.InputError(f"--base-from {path}: not a finished train_nlg.py metrics.json (needs 'eval_key' "
+                                  f"and 'base' with val_ppl, drift_ppl, distinct_1, distinct_2)")
     diff = [k for k in EVAL_KEYS if prev.get("eval_key", {}).get(k) != eval_key[k]]
     if diff:
-        raise ValueError(f"--base-from {path}: evaluated with different settings: "
+        raise modellib.InputError(f"--base-from {path}: evaluated with different settings: "
                          + ", ".join(f"--{k.replace('_', '-')} {prev.get('eval_key', {}).get(k)!r} "
                                      f"(now {eval_key[k]!r})" for k in diff))
     return prev["base"]
@@ -450,10 +473,12 @@ RESUME_KEYS = ["method", "init", "rank", "alpha", "targets", *REG_KEYS, "lr", "w
 
 def save_checkpoint(path, net, opt, state):
     tensors = {f"param.{n}": p.detach().contiguous() for n, p in net.named_parameters() if p.requires_grad}
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise FloatingPointError(f"step {state['step']}: non-finite adapter weights; {path} is not written")
     opt_state = opt.state_dict()
     for i, s in opt_state["state"].items():
         tensors.update({f"opt.{i}.{k}": v.detach().contiguous() for k, v in s.items()})
-    state = {**state, "param_groups": opt_state["param_groups"]}
+    # the param groups come from the arguments (checked equal on resume); only the state tensors are saved
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-checkpoint-")
     os.close(fd)
     try:
@@ -474,40 +499,35 @@ def checkpoint_state(spec, args):
     path = checkpoint_path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"--resume {spec}: no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as f:
+    with modellib.open_safetensors(path) as f:
         meta = f.metadata() or {}
-    if "train_state" not in meta:
-        raise ValueError(f"{path}: not a train_nlg.py checkpoint (no 'train_state' metadata)")
-    state = json.loads(meta["train_state"])
+    try:
+        state = json.loads(meta["train_state"])
+        state["args"].items()
+    except (KeyError, json.JSONDecodeError, AttributeError, TypeError):
+        raise modellib.InputError(f"{path}: not a train_nlg.py checkpoint (no readable 'train_state' metadata)") from None
     for k in RESUME_KEYS:
         if state["args"].get(k) != getattr(args, k):
-            raise ValueError(f"{path}: was written with --{k.replace('_', '-')} {state['args'].get(k)!r}, "
+            raise modellib.InputError(f"{path}: was written with --{k.replace('_', '-')} {state['args'].get(k)!r}, "
                              f"this run has {getattr(args, k)!r}; resume with the same settings")
     return state
 
 
 def load_checkpoint(spec, net, opt, state):
     path = checkpoint_path(spec)
-    tensors = load_file(str(path))
+    tensors = data.load_tensors(path)
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
     want = {f"param.{n}" for n in params}
     have = {k for k in tensors if k.startswith("param.")}
     if want != have:
-        raise ValueError(f"{path}: adapter tensors missing {sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
+        raise modellib.InputError(f"{path}: adapter tensors missing {sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
     with torch.no_grad():
         for n, p in params.items():
             if tensors[f"param.{n}"].shape != p.shape:
-                raise ValueError(f"{path}: param.{n} has shape {tuple(tensors[f'param.{n}'].shape)}, "
+                raise modellib.InputError(f"{path}: param.{n} has shape {tuple(tensors[f'param.{n}'].shape)}, "
                                  f"the model expects {tuple(p.shape)}")
             p.copy_(tensors[f"param.{n}"])
-    opt_state = {"state": {}, "param_groups": state.pop("param_groups")}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            opt_state["state"].setdefault(int(i), {})[name] = v
-    for g in opt_state["param_groups"]:
-        g["betas"] = tuple(g["betas"])
-    opt.load_state_dict(opt_state)
+    opt.load_state_dict(data.optimizer_state(opt, tensors, "opt.", path))
     return state
 
 
@@ -518,14 +538,25 @@ def hms(s):
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def open_run(args):
-    # the output directory and log.jsonl; a finished or started run is never overwritten without --resume
+def check_out(args):
+    # a finished or started run is never overwritten without --resume
     os.makedirs(args.out, exist_ok=True)
     used = [n for n in ("checkpoint.safetensors", "log.jsonl", "metrics.json") if os.path.exists(os.path.join(args.out, n))]
     if used and not args.resume:
         raise FileExistsError(f"{args.out} already holds a run ({', '.join(used)}): pass --resume to continue "
                               f"it, or another --out")
-    return open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w", encoding="utf-8")
+
+
+def open_log(args, state):
+    # log.jsonl; a resumed run first drops what a killed save left behind and the records of the steps after its
+    # checkpoint (it replays them), so that the log ends up as an uninterrupted run's
+    path = os.path.join(args.out, "log.jsonl")
+    if state:
+        stale = data.clean_stale(args.out)
+        if stale:
+            print(f"train_nlg: removed the leftovers of an interrupted save: {', '.join(stale)}", flush=True)
+        data.truncate_log(path, state["step"])
+    return open(path, "a" if state else "w", encoding="utf-8")
 
 
 def build(args, net):
@@ -624,7 +655,7 @@ def main(argv=None):
     args.dtype, why = modellib.resolve_dtype(args.dtype, args.device)
     print(f"train_nlg: {why}", flush=True)
     args.model = str(args.model or default_model_dir())
-    logf = open_run(args)
+    check_out(args)
     tok = modellib.load_tokenizer(args.model)
     d = prepare_data(args, tok)  # every data error before the model is loaded
     cfg = reg_config(args)
@@ -648,6 +679,7 @@ def main(argv=None):
         base = evaluate(net, tok, d, args, "base")
     opt, init_s = build(args, net)
     start, history = 0, []
+    logf = open_log(args, state)
     if state:
         load_checkpoint(args.resume, net, opt, state)
         start, history = state["step"], state["history"]
@@ -668,4 +700,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main, __file__, (balora.AdapterError,))

@@ -9,8 +9,8 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import balora
 import data
@@ -51,7 +51,7 @@ METHODS = {  # method -> (init, regularisers on)
     "pissa": ("pissa", False),
     "balora": ("pissa", True),
 }
-RESUME_MAY_DIFFER = {"resume", "stop_after", "threads", "device", "log_every", "save_every", "eval_batch_size"}
+RESUME_MAY_DIFFER = {"resume", "stop_after", "threads", "device", "log_every", "save_every", "eval_batch_size", "debug"}
 
 
 def parse_args(argv=None):
@@ -116,6 +116,7 @@ def parse_args(argv=None):
                    help="checkpoint and stop after this many optimizer steps, as if interrupted (the schedule "
                         "still spans the whole budget; --resume continues)")
     g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     for flag, ok, need in [
             ("rank", args.rank >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
@@ -123,11 +124,20 @@ def parse_args(argv=None):
             ("max_steps", args.max_steps >= 0, ">= 0"), ("epochs", args.epochs >= 1, ">= 1"),
             ("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("warmup_ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
             ("threads", args.threads >= 0, ">= 0"), ("eval_batch_size", args.eval_batch_size >= 1, ">= 1"),
-            ("label_noise", 0 <= args.label_noise < 1, "in [0, 1)"), ("temperature", args.temperature > 0, "> 0")]:
+            ("label_noise", 0 <= args.label_noise < 1, "in [0, 1)"), ("temperature", args.temperature > 0, "> 0"),
+            ("svd_k", args.svd_k is None or args.svd_k >= 1, ">= 1"), ("top_k", args.top_k >= 1, ">= 1"),
+            ("save_every", args.save_every >= 0, ">= 0"), ("stop_after", args.stop_after >= 0, ">= 0"),
+            ("log_every", args.log_every >= 1, ">= 1"), ("clip", args.clip >= 0, ">= 0"),
+            ("weight_decay", args.weight_decay >= 0, ">= 0"),
+            ("alpha", args.alpha is None or 0 < args.alpha < math.inf, "> 0")] + [
+            (f"lambda{i}", getattr(args, f"lambda{i}") is None or 0 <= getattr(args, f"lambda{i}") < math.inf,
+             ">= 0 and finite") for i in (1, 2, 3)]:
         if not ok:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {need}")
     if args.batch_size % args.grad_accum:
         p.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    if args.regression and (args.imbalance or args.label_noise):
+        p.error("--imbalance and --label-noise act on classes: they do not apply with --regression")
     if args.train and not args.validation:
         p.error("--train needs --validation")
     if args.resume and not args.out:
@@ -172,9 +182,6 @@ def to_device(batch, device):
 def build_model(args, num_labels, init, device):
     path = args.model or data.minilm_dir()
     net = modeling.from_pretrained(path, num_labels=num_labels)  # float32 master weights; autocast does bf16
-    if not hasattr(net, "head"):
-        raise ValueError(f"{path}: train_nlu.py needs an encoder with a classification head "
-                         f"(model.py built {type(net).__name__})")
     for p in net.parameters():
         p.requires_grad_(False)
     # Only the encoder gets adapters: a bare suffix like "dense" would otherwise also catch the pooler.
@@ -206,7 +213,7 @@ def task_loss(z, labels, regression):
     return F.mse_loss(z[:, 0], labels) if regression else F.cross_entropy(z, labels)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(FloatingPointError):
     pass
 
 
@@ -224,6 +231,8 @@ def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dty
         w = len(b["labels"]) / n_total
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             z = logits_of(net, b)
+            if not bool(torch.isfinite(z).all()):
+                raise NonFiniteLoss(f"step {step + 1}: the logits are non-finite")
             terms = {"task": task_loss(z, b["labels"], regression)}
             reg = 0.0
             if regularise:
@@ -409,6 +418,8 @@ def atomic_json(path, obj):
 def save_checkpoint(out, net, opt, state):
     out = Path(out)
     name = f"checkpoint-{state['step']:06d}"
+    if not all(bool(torch.isfinite(p).all()) for p in net.parameters() if p.requires_grad):
+        raise NonFiniteLoss(f"step {state['step']}: non-finite weights; the checkpoint is not written")
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}-"))
     balora.save_adapter(net, tmp, modules_to_save=HEAD)
     tensors = {}
@@ -439,21 +450,16 @@ def load_checkpoint(out, net, opt):
     pointer = Path(out) / POINTER
     if not pointer.exists():
         raise FileNotFoundError(f"--resume: {pointer} not found: no checkpoint to continue in {out}")
-    ckpt = Path(out) / json.loads(pointer.read_text())["checkpoint"]
+    name = data.read_json(pointer).get("checkpoint")
+    if not isinstance(name, str) or not re.fullmatch(r"checkpoint-\d{6}", name):  # only inside the run directory
+        raise modeling.InputError(f"{pointer}: 'checkpoint' is {name!r}, expected a name like checkpoint-000050")
+    ckpt = Path(out) / name
     balora.load_adapter(net, ckpt)
-    state = json.loads((ckpt / STATE_FILE).read_text())
-    tensors = load_file(ckpt / OPT_FILE)
-    sd = opt.state_dict()
-    n_params = sum(len(g["params"]) for g in sd["param_groups"])
-    opt_state = {}
-    for key, t in tensors.items():
-        if key.startswith("state."):
-            _, idx, name = key.split(".", 2)
-            if int(idx) >= n_params:
-                raise ValueError(f"{ckpt / OPT_FILE}: {key} refers to parameter {idx}, the optimizer has {n_params}")
-            opt_state.setdefault(int(idx), {})[name] = t
-    sd["state"] = opt_state
-    opt.load_state_dict(sd)  # checks every state tensor's shape against its parameter
+    state = data.read_json(ckpt / STATE_FILE)
+    tensors = data.load_tensors(ckpt / OPT_FILE)
+    opt.load_state_dict(data.optimizer_state(opt, tensors, "state.", ckpt / OPT_FILE))
+    if "rng.cpu" not in tensors:
+        raise modeling.InputError(f"{ckpt / OPT_FILE}: no rng.cpu tensor")
     torch.set_rng_state(tensors["rng.cpu"])
     cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
     if cuda and torch.cuda.is_available():
@@ -473,7 +479,15 @@ def fmt_time(s):
 def prepare_data(args):
     # -> (tokenised splits, label info, training class counts); every data error before the model is loaded
     splits = load_splits(args)
-    tok = modeling.load_tokenizer(args.model or data.minilm_dir())
+    model_dir = args.model or data.minilm_dir()
+    arch, mcfg = modeling.read_config(model_dir)
+    if arch == "llama":
+        raise modeling.InputError(f"{model_dir}: a {arch} decoder; train_nlu.py fine-tunes BERT / DeBERTa encoders "
+                                  f"(train_nlg.py takes decoders)")
+    tok = modeling.load_tokenizer(model_dir)
+    if tok.get_vocab_size() > mcfg.vocab_size:
+        raise modeling.InputError(f"{model_dir}: tokenizer.json has {tok.get_vocab_size()} tokens, the model's "
+                                  f"embedding table {mcfg.vocab_size}: they do not belong together")
     encoded = {s: (data.encode_classification(tok, d, args.max_len)[0] if d is not None else None)
                for s, d in splits.items()}
     names = splits["train"].label_names
@@ -502,8 +516,12 @@ def reg_config(args, num_labels, regularise):
         focus_schedule=args.focus_schedule)
 
 
-def resume_state(args, out, net, opt, config, log):
-    # the state to continue from; the saved settings must equal this run's but for RESUME_MAY_DIFFER
+def resume_state(args, out, net, opt, config):
+    # the state to continue from; the saved settings must equal this run's but for RESUME_MAY_DIFFER.
+    # What a killed save left behind is removed, and the log loses the steps after the checkpoint.
+    stale = data.clean_stale(out)
+    if stale:
+        print(f"resume: removed the leftovers of an interrupted save: {', '.join(stale)}")
     ckpt, state = load_checkpoint(out, net, opt)
     differ = {k: (state["args"].get(k), v) for k, v in config.items()
               if k not in RESUME_MAY_DIFFER and state["args"].get(k) != v}
@@ -511,7 +529,7 @@ def resume_state(args, out, net, opt, config, log):
         raise ValueError(f"--resume: {ckpt / STATE_FILE} was written with other settings (saved, now): {differ}")
     state["args"] = config
     print(f"resume: {ckpt} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
-    log({"event": "resume", "from": str(ckpt), "step": state["step"]})
+    data.truncate_log(out / "log.jsonl", state["step"])
     return state
 
 
@@ -620,12 +638,6 @@ def main(argv=None):
     if not args.resume and (out / POINTER).exists():
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.jsonl", "a")
-
-    def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-
     encoded, info = prepare_data(args)
     cfg = reg_config(args, info["num_labels"], regularise)
     torch.manual_seed(args.seed)  # head init and LoRA init; a resumed run rebuilds the same, then loads
@@ -639,13 +651,20 @@ def main(argv=None):
            "total_steps": total, "machine": modeling.machine(args.device, args.dtype)}
     state = {"step": 0, "epoch": 0, "batch": 0, "validation": [], "args": config, "train_seconds": 0.0, "examples": 0}
     if args.resume:
-        state = resume_state(args, out, net, opt, config, log)
+        state = resume_state(args, out, net, opt, config)
+    log_file = open(out / "log.jsonl", "a" if args.resume else "w")
+
+    def log(record):
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
     desc = (f"{args.method} (init {init}; λ1/λ2/λ3 {cfg.lambda1}/{cfg.lambda2}/{cfg.lambda3}, k={cfg.svd_k}, "
             f"T={cfg.temperature}, {cfg.consistency}/{cfg.diversity}/{cfg.svd})")
     print(f"train: {desc}; {len(encoded['train'])} examples, {total} steps of {args.batch_size} "
           f"({args.grad_accum} micro-batches), {steps_per_epoch} steps/epoch, warm-up {warmup}, "
           f"lr {args.lr}, {args.dtype} on {args.device}, out {out}; {run['machine']}")
-    log({"event": "start", "method": desc, "warmup": warmup, **run, "args": config})
+    if not args.resume:
+        log({"event": "start", "method": desc, "warmup": warmup, **run, "args": config})
     try:
         train_seconds = train(net, opt, cfg, encoded, info, args, state, total, warmup, log)
         return None if train_seconds is None else finish(net, encoded, info, args, run, state, train_seconds, log)
@@ -654,7 +673,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NonFiniteLoss as e:
-        sys.exit(f"error: {e}")
+    data.cli(main, __file__, (balora.AdapterError,))
