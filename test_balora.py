@@ -2785,3 +2785,31 @@ def test_nlu_checkpoint_is_not_written_with_non_finite_weights(encoders, files, 
     with pytest.raises(train_nlu.NonFiniteLoss, match="not written"):
         train_nlu.save_checkpoint(tmp_path / "x", net, opt, {"step": 3})
     assert not list((tmp_path / "x").glob("checkpoint-*"))
+
+
+# =================================================================================================
+# BA-LoRA's step overhead (issue 12): the NLU teacher cache
+
+def test_nlu_teacher_cache_gives_the_same_losses_and_skips_the_teacher_forward_after_epoch_one(
+        encoders, files, tmp_path, monkeypatch):
+    calls = {"teacher_rows": []}
+    real = M.Encoder.forward
+
+    def counting(self, ids, *a, **k):
+        if any(m.teacher_mode for m in self.modules() if isinstance(m, PiSSALinear)):
+            calls["teacher_rows"].append(len(ids))
+        return real(self, ids, *a, **k)
+    monkeypatch.setattr(M.Encoder, "forward", counting)
+    common = ("--epochs", "3", "--method", "balora", "--lambda1", "0.5", "--batch-size", "16")
+    logs = {}
+    for tag, extra in (("cache", ()), ("plain", ("--no-teacher-cache",))):
+        calls["teacher_rows"] = []
+        train_nlu.main(argv(encoders["dropout"], files, tmp_path / tag, *common, *extra))
+        logs[tag] = [json.loads(l) for l in open(tmp_path / tag / "log.jsonl")]
+        logs[tag + "_rows"] = sum(calls["teacher_rows"])
+    steps = lambda tag: [r for r in logs[tag] if "consistency" in r]
+    assert len(steps("cache")) == len(steps("plain")) == 9
+    for a, b in zip(steps("cache"), steps("plain")):
+        for k in ("task", "consistency", "diversity", "svd", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
+    assert logs["cache_rows"] == 40 and logs["plain_rows"] == 3 * 40  # each example's teacher forward once

@@ -51,7 +51,8 @@ METHODS = {  # method -> (init, regularisers on)
     "pissa": ("pissa", False),
     "balora": ("pissa", True),
 }
-RESUME_MAY_DIFFER = {"resume", "stop_after", "threads", "device", "log_every", "save_every", "eval_batch_size", "debug"}
+RESUME_MAY_DIFFER = {"resume", "stop_after", "threads", "device", "log_every", "save_every", "eval_batch_size", "debug",
+                     "teacher_cache"}
 
 
 def parse_args(argv=None):
@@ -116,6 +117,8 @@ def parse_args(argv=None):
                    help="checkpoint and stop after this many optimizer steps, as if interrupted (the schedule "
                         "still spans the whole budget; --resume continues)")
     g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false",
+                   help="run the teacher forward every step instead of caching its features after the first epoch")
     g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     for flag, ok, need in [
@@ -199,13 +202,38 @@ def logits_of(net, batch):
     return net(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])  # (B, num_labels)
 
 
-def teacher_logits(net, batch):
+def teacher_logits(net, batch, cache=None):
     # Z_P of Eq. 4: the *pretrained* encoder followed by the *current* head, without gradient. The head is
     # shared by student and teacher because a fresh classifier has no pretrained counterpart (paper App. B.3).
     # balora.teacher switches every adapter back to its initial value (W itself), turns dropout off and
-    # records no graph, so this costs one forward pass and no second copy of the model.
+    # records no graph, so this costs one forward pass and no second copy of the model; with a cache
+    # (TeacherCache) only the first visit of an example pays it.
     with balora.teacher(net):
-        return net.head(net.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
+        if cache is None:
+            return net.head(net.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
+        return net.head(cache.features(net, batch)[:, None, :])     # the head reads the first token only
+
+
+class TeacherCache:
+    # The teacher's encoder output for an example never changes (pretrained weights, eval mode, no dropout):
+    # only the shared head does. So the first-token features of each training example are kept on its first
+    # visit (N x C floats: 12 MB for the default) and the teacher forward disappears from the second epoch on.
+    # Exact up to float rounding: the same function of the same tokens (the batch around them, and so its
+    # padding, differs between epochs). Not saved: a resumed run refills it.
+    def __init__(self, n):
+        self.n, self.feats, self.have = n, None, torch.zeros(n, dtype=torch.bool)
+
+    def features(self, net, b):
+        idx = b["idx"].cpu()
+        new = ~self.have[idx]
+        if new.any():
+            rows = new.to(b["idx"].device)
+            h = net.encoder(b["input_ids"][rows], b["attention_mask"][rows], b["token_type_ids"][rows])[:, 0]
+            if self.feats is None:
+                self.feats = torch.zeros(self.n, h.shape[-1], dtype=torch.float32, device=h.device)
+            self.feats[idx[new].to(h.device)] = h.float()
+            self.have[idx[new]] = True
+        return self.feats[b["idx"]]
 
 
 def task_loss(z, labels, regression):
@@ -217,7 +245,7 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dtype):
+def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dtype, cache=None):
     # Forward + backward over the micro-batches of one optimizer step; .grad then holds the gradient of the
     # step's loss. Each micro-batch loss is scaled by its share of the step's examples (1/grad_accum when
     # they are equal): summing the scaled gradients gives the gradient of the mean over the whole batch, so
@@ -237,7 +265,7 @@ def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dty
             reg = 0.0
             if regularise:
                 l1, _, _ = cfg.lambdas(step, total_steps)
-                zt = teacher_logits(net, b) if l1 > 0 else None
+                zt = teacher_logits(net, b, cache) if l1 > 0 else None
                 reg, reg_log = balora.regularizers(cfg, z, zt, None, step, total_steps)
                 terms.update({k: v for k, v in reg_log.items() if not k.startswith("lambda")})
                 log.update({k: v for k, v in reg_log.items() if k.startswith("lambda")})
@@ -490,6 +518,8 @@ def prepare_data(args):
                                   f"embedding table {mcfg.vocab_size}: they do not belong together")
     encoded = {s: (data.encode_classification(tok, d, args.max_len)[0] if d is not None else None)
                for s, d in splits.items()}
+    for i, e in enumerate(encoded["train"]):
+        e["idx"] = i  # the teacher cache's key
     names = splits["train"].label_names
     num_labels = 1 if args.regression else len(names)
     counts = None if args.regression else data.class_counts(splits["train"].labels, num_labels)
@@ -538,6 +568,9 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log):
     # Returns the training seconds, or None when --stop-after stopped the run.
     out, train_set = Path(args.out), encoded["train"]
     regularise = any(x > 0 for x in (cfg.lambda1, cfg.lambda2, cfg.lambda3))
+    cache = TeacherCache(len(train_set)) if cfg.lambda1 > 0 and args.teacher_cache else None
+    collate = lambda e: to_device({**data.collate_classification(e, info["pad_id"]),
+                                   "idx": torch.tensor([x["idx"] for x in e])}, args.device)
     net.train()
     step = state["step"]
     t_start, step_at_start, seconds_before = time.time(), step, state["train_seconds"]
@@ -559,14 +592,13 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log):
             if step >= total:
                 break
             t0 = time.time()
-            bs = data.micro_batches(examples, args.grad_accum,
-                                    lambda e: to_device(data.collate_classification(e, info["pad_id"]), args.device))
+            bs = data.micro_batches(examples, args.grad_accum, collate)
             lr = lr_at(step, total, warmup, args.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             try:
-                terms = accumulate(net, bs, cfg, regularise, step, total, args.regression, args.dtype)
+                terms = accumulate(net, bs, cfg, regularise, step, total, args.regression, args.dtype, cache)
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in opt.param_groups for p in g["params"]], args.clip if args.clip > 0 else math.inf)
                 if not torch.isfinite(norm):
