@@ -356,7 +356,12 @@ def _warn_once(reason):
 
 
 def _rows(z, mask=None):
-    # [..., V] (+ mask over ...) -> [M, V] float32
+    # [..., V] (+ mask over ...) -> [M, V] float32 (TeacherLogits: the same rows, still lazy)
+    if isinstance(z, TeacherLogits):
+        if mask is None and z.hidden.dim() == 2:
+            return z
+        return TeacherLogits(z.hidden.reshape(-1, z.hidden.shape[-1]) if mask is None else z.hidden[mask], z.weight,
+                             z.weight.dtype)
     z = z.reshape(-1, z.shape[-1]) if mask is None else z[mask]
     return z.float()
 
@@ -377,22 +382,67 @@ def _fp32(fn):
 
 # -- consistency --------------------------------------------------------------------------------
 
+class TeacherLogits:
+    # The teacher's logits Z_P = H Wᵀ (M×V) without ever holding them: the rows are computed chunk by chunk from
+    # the teacher's final hidden states H (M×C) and the output embedding W (V×C), inside the consistency sweep.
+    # On a 49k vocabulary this saves one M×V float32 matrix (200 MB at M = 1 024) and a pass over it.
+    def __init__(self, hidden, weight, dtype=None):
+        # dtype: of the product (the autocast dtype the model's own LM head would use); float32 rows come out
+        dtype = dtype or hidden.dtype
+        self.hidden, self.weight = hidden.detach().to(dtype), weight.detach().to(dtype)
+        self.shape = (*hidden.shape[:-1], weight.shape[0])
+        self.device = hidden.device
+
+    def __getitem__(self, rows):
+        return (self.hidden[rows] @ self.weight.T).float()
+
+
+class _KLDiv(torch.autograd.Function):
+    # Σ_rows T²·KL(p_t ‖ p_s) / M with its closed-form gradient ∂/∂z_s = T·(p_s − p_t) / M, in one sweep over row
+    # chunks small enough to stay in cache: the value and the gradient (kept for backward) come out of the same
+    # softmaxes, with no M×V temporary besides the gradient itself (F.kl_div + autograd make ~8 passes over M×V).
+    @staticmethod
+    def forward(ctx, zs, zt, T):
+        M, V = zs.shape
+        chunk = M if zs.is_cuda else max(1, (1 << 17) // V)  # CPU: ~0.5 MB per row block; GPU: one launch
+        # lazy teacher rows come in blocks of >= 128 rows: the output embedding is read once per block, not per chunk
+        block = max(chunk, 128) if isinstance(zt, TeacherLogits) else chunk
+        grad, total = torch.empty_like(zs), torch.zeros((), dtype=torch.float64, device=zs.device)
+        for b in range(0, M, block):
+            zt_b = zt[b:b + block]
+            for i in range(b, min(b + block, M), chunk):
+                log_ps = F.log_softmax(zs[i:i + chunk] / T, dim=-1)
+                log_pt = F.log_softmax(zt_b[i - b:i - b + chunk] / T, dim=-1)
+                p_t = log_pt.exp()
+                total += (p_t * (log_pt - log_ps)).sum(dtype=torch.float64)
+                torch.sub(log_ps.exp_(), p_t, out=grad[i:i + chunk])
+        ctx.save_for_backward(grad.mul_(T / M))
+        ctx.used = False
+        return (total * (T * T / M)).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.used:  # the kept gradient is scaled in place: no second M×V buffer
+            raise RuntimeError("consistency: backward through the KL twice (retain_graph) is not supported")
+        ctx.used = True
+        return ctx.saved_tensors[0].mul_(g), None, None
+
+
 @_fp32
 def consistency_nlu(z_student, z_teacher, T: float = 2.0):
-    # Eq. (4): L_cr = T² · KL(softmax(Z_P/T) ‖ softmax(Z_F/T)), averaged over the N examples.
-    # Z_P (teacher, pretrained) is the target distribution; gradients flow into Z_F only.
-    zs, zt = _rows(z_student), _rows(z_teacher).detach()
+    # Eq. (4): L_cr = T² · KL(softmax(Z_P/T) ‖ softmax(Z_F/T)), averaged over the N examples, i.e.
+    #     (T²/N) Σ_n Σ_v p_t log(p_t / p_s),   p_t = softmax(Z_P/T), p_s = softmax(Z_F/T),
+    # Z_P (teacher, pretrained) is the target distribution; gradients flow into Z_F only. Computed by _KLDiv.
+    zs = _rows(z_student)
+    zt = z_teacher if isinstance(z_teacher, TeacherLogits) else _rows(z_teacher).detach()
     if zs.shape[0] == 0:
         return _zero(zs)
     if zs.shape[1] == 1:
         _warn_once("consistency (KL) on D=1 logits is the constant 0: softmax over one class is 1; "
                    "use consistency='mse' for regression")
-    log_ps = F.log_softmax(zs / T, dim=-1)
-    with torch.no_grad():
-        log_pt = F.log_softmax(zt / T, dim=-1)
-    # Σ_rows Σ_v p_t (log p_t − log p_s), in one fused pass (and one in backward) over the [M, V] rows
-    kl = F.kl_div(log_ps, log_pt, log_target=True, reduction="sum")
-    return T * T * kl / zs.shape[0]
+    if tuple(zt.shape) != tuple(zs.shape):
+        raise ValueError(f"consistency: student logits {tuple(zs.shape)}, teacher {tuple(zt.shape)}")
+    return _KLDiv.apply(zs, zt, T)
 
 
 def consistency_nlg(z_student, z_teacher, mask, T: float = 2.0):
@@ -403,7 +453,8 @@ def consistency_nlg(z_student, z_teacher, mask, T: float = 2.0):
 @_fp32
 def consistency_mse(z_student, z_teacher, mask=None):
     # Swap-in for Eqs. (4)/(9): mean squared logit difference (logit matching), per element.
-    zs, zt = _rows(z_student, mask), _rows(z_teacher, mask).detach()
+    zs, zt = _rows(z_student, mask), _rows(z_teacher, mask)
+    zt = zt[:] if isinstance(zt, TeacherLogits) else zt.detach()
     if zs.numel() == 0:
         return _zero(zs)
     return (zs - zt).pow(2).mean()
@@ -467,6 +518,27 @@ def svd_nlu(z, k: int = 5):
     return -_safe_ratio(s[:k].sum(), s.sum(), s[0] > 1e-12)
 
 
+class _EnergyRatio(torch.autograd.Function):
+    # −Σ_{i≤k} σ̃_i / ‖Z‖_F with σ̃ = σ(QᵀZ) for a fixed orthonormal basis Q (M×q), and its closed-form gradient
+    #     ∂/∂Z = −Q U_k V_kᵀ / ‖Z‖_F + (Σ_{i≤k} σ̃_i / ‖Z‖_F³) · Z,      QᵀZ = U S Vᵀ,
+    # one addmm that reads Z once and writes the gradient (autograd through matmul, svdvals and the norm makes
+    # ~6 passes over M×V). The same gradient as svdvals' (U diag(1) Vᵀ, stable where σ repeat).
+    @staticmethod
+    def forward(ctx, z, Q, k):
+        U, S, Vh = torch.linalg.svd(Q.T @ z, full_matrices=False)     # (q, q), (q,), (q, V)
+        frob, top = torch.linalg.vector_norm(z), S[:k].sum()
+        ctx.ok = bool(frob > 1e-12)  # all-zero logits: the ratio is undefined, the term is 0 with zero gradient
+        ctx.save_for_backward(z, Q, U[:, :k] @ Vh[:k], top, frob)
+        return -top / frob if ctx.ok else top * 0.0
+
+    @staticmethod
+    def backward(ctx, g):
+        z, Q, G, top, frob = ctx.saved_tensors
+        if not ctx.ok:
+            return torch.zeros_like(z), None, None
+        return torch.addmm(z, Q, G, beta=float(g * top / frob ** 3), alpha=float(-g / frob)), None, None
+
+
 @_fp32
 def svd_nlg(z, mask=None, k: int = 10, oversample: int = 5, niter: int = 2, generator=None):
     # Eq. (12): L_svd = −Σ_{i≤k} σ̃_i / ‖Z‖_F, σ̃ from a randomized range finder (Halko et al.):
@@ -474,6 +546,7 @@ def svd_nlg(z, mask=None, k: int = 10, oversample: int = 5, niter: int = 2, gene
     # Q is detached: it only chooses the subspace. The gradient is then exactly that of σ(QᵀZ) for
     # that subspace (which captures the top-k directions), and we skip back-propagating through QR,
     # which is costly and unstable when σ's are close. svdvals of the small q×V matrix is cheap.
+    # Every product reads Z row-major (Z Zᵀ Q as Z (QᵀZ)ᵀ): 2 + 2·niter passes over Z, one more for ‖Z‖_F.
     z = _rows(z, mask)
     M, V = z.shape
     if M == 0:
@@ -483,10 +556,8 @@ def svd_nlg(z, mask=None, k: int = 10, oversample: int = 5, niter: int = 2, gene
         omega = torch.randn(V, q, device=z.device, generator=generator)
         Q = torch.linalg.qr(z @ omega).Q                       # [M, q]
         for _ in range(niter):
-            Q = torch.linalg.qr(z @ (z.T @ Q)).Q               # re-orthonormalise each round
-    s = torch.linalg.svdvals(Q.T @ z)                           # [q]
-    frob = torch.linalg.vector_norm(z)                          # its gradient at 0 is 0, not NaN
-    return -_safe_ratio(s[:k].sum(), frob, frob > 1e-12)
+            Q = torch.linalg.qr(z @ (Q.T @ z).T).Q             # re-orthonormalise each round
+    return _EnergyRatio.apply(z, Q, k)
 
 
 # -- the swappable formulations (the seed documents' ablation) ------------------------------------

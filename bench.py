@@ -34,13 +34,16 @@ def amp(dtype):
 
 def fixed_batch(model_dir):
     # 4 windows of 256 consecutive NYT tokens; every token is a target, so the regularisers see M = 4 x 255 rows
-    tok = modellib.load_tokenizer(model_dir)
-    ids = data.text_windows(tok, "\n".join(data.nyt_sentences()), SEQ)[:BATCH]
+    if model_dir == "1b":  # random tokens for the random model
+        ids = torch.randint(3, 32000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    else:
+        tok = modellib.load_tokenizer(model_dir)
+        ids = data.text_windows(tok, "\n".join(data.nyt_sentences()), SEQ)[:BATCH]
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
 def build(model_dir, method, rank):
-    net = modellib.from_pretrained(model_dir)
+    net = llama_1b() if model_dir == "1b" else modellib.from_pretrained(model_dir)
     torch.manual_seed(0)
     balora.inject(net, TARGETS, rank, rank, METHODS[method])
     net.train()
@@ -58,20 +61,23 @@ def step_fn(net, opt, cfg, batch, dtype):
 
 
 def balora_parts(net, cfg, batch, dtype):
-    # the two things BA-LoRA adds to a PiSSA step, timed alone: the teacher forward, and the regularisers'
-    # forward + backward down to the logits (the model backward is shared with the task loss)
+    # the two things BA-LoRA adds to a PiSSA step, timed alone, as train_nlg.micro_batch_loss runs them: the
+    # teacher forward (to its final hidden states), and the regularisers' forward + backward down to the logits
+    # (the KL makes the teacher's logits chunk by chunk from those hidden states, so its LM head is in here; the
+    # model backward is shared with the task loss)
     ids = batch["input_ids"]
     rows = train_nlg.targets(batch["labels"]) != data.IGNORE_INDEX  # as train_nlg.micro_batch_loss
     with torch.no_grad(), amp(dtype):
         z = net(ids, rows=rows).float()
     with balora.teacher(net), amp(dtype):
-        zt = net(ids, rows=rows)
+        h = net(ids, rows=rows, logits=False)
+    zt = balora.TeacherLogits(h, net.output_weight(), torch.bfloat16 if dtype == "bf16" else None)
     z.requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
 
     def teacher():
         with balora.teacher(net), amp(dtype):
-            net(ids, rows=rows)
+            net(ids, rows=rows, logits=False)
 
     def regs():
         z.grad = None
@@ -79,6 +85,41 @@ def balora_parts(net, cfg, batch, dtype):
         total.backward()
     return teacher, regs
 
+
+def scaling(threads, repeats):
+    # the regularisers' forward + backward on random logits against M (target tokens) and V (vocabulary), with
+    # the teacher given as logits (no LM head in the time): how the cost grows, and its constant
+    cfg, out = balora.BALoRAConfig.nlg(focus_schedule="constant"), {}
+    for M, V in [(256, 49152), (1024, 49152), (2048, 49152), (4096, 49152), (1024, 32000), (1024, 128256)]:
+        g = torch.Generator().manual_seed(0)
+        z0 = torch.randn(M, V, generator=g) * 3
+        zt = z0 + torch.randn(M, V, generator=g)
+
+        def run():
+            z = z0.clone().requires_grad_(True)
+            balora.regularizers(cfg, z, zt, None, STEP, TOTAL, torch.Generator().manual_seed(0))[0].backward()
+        run()
+        t = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            t.append(time.perf_counter() - t0)
+        out[f"{M}x{V}"] = min(t)
+        print(f"bench: regularisers M={M} V={V}: {min(t):.3f} s ({min(t) / (M * V) * 1e9:.2f} ns per logit)", flush=True)
+    return out
+
+
+def llama_1b():
+    # a 1B-shaped random LLaMA (TinyLlama's shape: hidden 2048, 22 layers, 32 heads / 4 KV, FFN 5632, V 32 000),
+    # no weights needed: the BA-LoRA / PiSSA step ratio where the paper's users live
+    cfg = modellib.LlamaConfig(vocab_size=32000, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, head_dim=64,
+                               intermediate_size=5632, eos_token_id=2)
+    torch.manual_seed(0)
+    net = modellib.Llama(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+    return net
 
 def timed(fns, repeats, warmup):
     # round-robin over the functions, so that load on a shared machine hits them alike; median per function
@@ -155,7 +196,9 @@ def peak_rss(method, dtype, model_dir, rank, threads):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="HF model directory (default: the converted SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="HF model directory (default: the converted SmolLM2-135M-Instruct), or '1b' for "
+                   "a 1B-shaped random LLaMA (implies --no-peer --no-init --no-mem)")
+    p.add_argument("--scaling", action="store_true", help="only time the regularisers against M and V (random logits)")
     p.add_argument("--rank", type=int, default=RANK)
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--repeats", type=int, default=REPEATS)
@@ -170,7 +213,14 @@ def main(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_dir = str(args.model or train_nlg.default_model_dir())
+    if args.scaling:
+        res = {"machine": modellib.machine("cpu", "fp32", args.threads), "scaling_s": scaling(args.threads, args.repeats)}
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+        return res
+    model_dir = "1b" if args.model == "1b" else str(args.model or train_nlg.default_model_dir())
+    if model_dir == "1b":
+        args.no_peer = args.no_init = args.no_mem = True
     dtypes = list(dict.fromkeys(modellib.resolve_dtype(d, "cpu")[0] for d in args.dtypes.split(",")))
     if args.child:
         return child(args.child, dtypes[0], model_dir, args.rank)

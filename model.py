@@ -341,11 +341,16 @@ class Llama(nn.Module):
     def hf_name(self, name):
         return _rename(name, LLAMA_NAMES)
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, cache=None, rows=None):
+    def output_weight(self):
+        return self.wte.weight if self.config.tie_embeddings else self.lm_head.weight      # (V, C)
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, cache=None, rows=None,
+                logits=True):
         # input_ids (B, T); attention_mask (B, L+T) with 1 = token, 0 = padding (left or right);
         # L = tokens already in the cache. Returns logits (B, T, V) [, hidden states]. rows: a bool (B, T)
         # mask -> logits (M, V) at those positions only; training needs no logits where there is no target,
-        # and skipping them saves the (B, T, V) tensor and a gathered copy of it.
+        # and skipping them saves the (B, T, V) tensor and a gathered copy of it. logits=False: the final
+        # hidden states there instead, (M, C) (BA-LoRA's teacher makes its logits from them chunk by chunk).
         B, T = input_ids.shape
         L = cache.len if cache is not None else 0
         if attention_mask is not None and cache is None and bool(attention_mask.all()):
@@ -372,7 +377,9 @@ class Llama(nn.Module):
         if cache is not None:
             cache.len += T
         h = x if rows is None else x[rows]                                       # (B, T, C) or (M, C)
-        logits = self.lm_head(h) if not self.config.tie_embeddings else F.linear(h, self.wte.weight)
+        if not logits:
+            return h
+        logits = F.linear(h, self.output_weight())
         if output_hidden_states:  # HF's last entry is after the final norm
             return logits, tuple(hidden[:-1]) + (x,)
         return logits

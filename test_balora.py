@@ -2089,9 +2089,12 @@ class FixedLogits(nn.Module):
         self.z = nn.Parameter(torch.randn(B, T, V, generator=g))
         self.register_buffer("zt", torch.randn(B, T, V, generator=g))
 
-    def forward(self, ids, rows=None):
-        z = self.z if self.training else self.zt
+    def forward(self, ids, rows=None, logits=True):
+        z = self.z if self.training else self.zt  # logits=False: these rows stand in for the hidden states
         return z if rows is None else z[rows]
+
+    def output_weight(self):
+        return torch.eye(self.z.shape[-1])  # hidden @ Iᵀ = the logits
 
 
 ALL_ON = dict(focus_schedule="constant", lambda1_schedule="constant", svd_k=2, top_k=5)
@@ -2125,7 +2128,7 @@ def test_regulariser_rows_are_exactly_the_task_loss_rows(tiny_llama, monkeypatch
     real = balora.regularizers
 
     def spy(cfg, z, zt, mask, *a, **k):
-        seen.update(z=z.detach().clone(), zt=zt.clone(), mask=mask)
+        seen.update(z=z.detach().clone(), zt=zt[:].clone(), mask=mask)  # the lazy teacher rows, made
         return real(cfg, z, zt, mask, *a, **k)
     monkeypatch.setattr(balora, "regularizers", spy)
     task, _, n_rows, _ = train_nlg.micro_batch_loss(stub, batch, balora.BALoRAConfig.nlg(**ALL_ON), 0, 10, nullcontext())
@@ -2157,7 +2160,7 @@ def test_teacher_logits_equal_the_untrained_model(tiny_llama, monkeypatch, init)
     seen = {}
     real = balora.regularizers
     monkeypatch.setattr(balora, "regularizers",
-                        lambda cfg, z, zt, *a, **k: (seen.update(z=z, zt=zt), real(cfg, z, zt, *a, **k))[1])
+                        lambda cfg, z, zt, *a, **k: (seen.update(z=z, zt=zt[:]), real(cfg, z, zt, *a, **k))[1])
     train_nlg.micro_batch_loss(net, batch, balora.BALoRAConfig.nlg(**ALL_ON), 0, 10, nullcontext())
     base = M.from_pretrained(tiny_llama / "model")
     with torch.no_grad():
@@ -2813,3 +2816,87 @@ def test_nlu_teacher_cache_gives_the_same_losses_and_skips_the_teacher_forward_a
         for k in ("task", "consistency", "diversity", "svd", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k)
     assert logs["cache_rows"] == 40 and logs["plain_rows"] == 3 * 40  # each example's teacher forward once
+
+
+def kl_reference(zs, zt, T):
+    # the previous implementation: F.kl_div on log-softmaxes, autograd for the gradient
+    log_ps = F.log_softmax(zs / T, dim=-1)
+    log_pt = F.log_softmax(zt / T, dim=-1)
+    return T * T * F.kl_div(log_ps, log_pt, log_target=True, reduction="sum") / zs.shape[0]
+
+
+@pytest.mark.parametrize("M, V", [(1, 7), (5, 3), (7, 40000), (9, 65536 + 3)])  # one chunk; chunks of 3 / 2 / 1 rows
+def test_fused_kl_value_and_gradient_equal_f_kl_div(M, V):
+    g = torch.Generator().manual_seed(M)
+    zs = torch.randn(M, V, generator=g) * 4
+    zt = torch.randn(M, V, generator=g) * 4
+    zs[0] = zt[0] = 1.5                                  # an all-equal row: KL 0, gradient 0
+    if M > 2:
+        zs[1, 0], zt[2, -1] = 80.0, -80.0               # extreme (finite) logits: saturated softmaxes
+    for T in (1.0, 2.0):
+        a = zs.clone().requires_grad_(True)
+        b = zs.double().requires_grad_(True)  # F.kl_div in float64: the reference without float32 rounding
+        ours, ref = balora.consistency_nlu(a, zt, T), kl_reference(b, zt.double(), T)
+        (ours * 0.7).backward()
+        (ref * 0.7).backward()
+        assert torch.isfinite(ours) and abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-7, (ours, ref)
+        bound = 0.7 * T / M  # the largest a gradient entry can be: T·|p_s − p_t| / M
+        err = (a.grad.double() - b.grad).abs()
+        assert (err <= 1e-4 * b.grad.abs() + 1e-6 * bound).all(), err.max()
+        assert a.grad[0].abs().max() <= 1e-6 * bound  # the all-equal row
+
+
+def test_teacher_logits_made_chunk_by_chunk_equal_the_dense_teacher():
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)   # 300 rows: 3 blocks of 128
+    zs = torch.randn(300, 50, generator=g)
+    lazy = balora.TeacherLogits(h, W)
+    assert torch.allclose(lazy[:], h @ W.T) and tuple(lazy.shape) == (300, 50)
+    for kind in ("kl", "mse"):
+        a, b = zs.clone().requires_grad_(True), zs.clone().requires_grad_(True)
+        balora.consistency_term(kind, a, lazy, 2.0).backward()
+        balora.consistency_term(kind, b, h @ W.T, 2.0).backward()
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8)
+    mask = torch.rand(20, 15, generator=g) > 0.5
+    H = torch.randn(20, 15, 16, generator=g)
+    assert torch.allclose(balora._rows(balora.TeacherLogits(H, W), mask)[:], (H @ W.T)[mask], atol=1e-6)
+
+
+def svd_nlg_autograd(z, k=10, oversample=5, niter=2, generator=None):
+    # the previous implementation: the same range finder, autograd through Q^T Z, svdvals and the norm
+    M, V = z.shape
+    q = min(k + oversample, M, V)
+    with torch.no_grad():
+        omega = torch.randn(V, q, generator=generator)
+        Q = torch.linalg.qr(z @ omega).Q
+        for _ in range(niter):
+            Q = torch.linalg.qr(z @ (z.T @ Q)).Q
+    s = torch.linalg.svdvals(Q.T @ z)
+    return -s[:k].sum() / torch.linalg.vector_norm(z)
+
+
+def test_svd_nlg_closed_form_gradient_equals_autograd_and_sigma_error_is_bounded():
+    g = torch.Generator().manual_seed(0)
+    # logits with a decaying spectrum, like real ones (a few strong directions over noise)
+    U = torch.linalg.qr(torch.randn(300, 40, generator=g)).Q
+    Vt = torch.linalg.qr(torch.randn(2000, 40, generator=g)).Q.T
+    z0 = (U * (100.0 * 0.8 ** torch.arange(40.0))) @ Vt + 0.05 * torch.randn(300, 2000, generator=g)
+    a, b = z0.clone().requires_grad_(True), z0.clone().requires_grad_(True)
+    ours = balora.svd_nlg(a, generator=torch.Generator().manual_seed(1))
+    ref = svd_nlg_autograd(b, generator=torch.Generator().manual_seed(1))
+    (2 * ours).backward()
+    (2 * ref).backward()
+    assert torch.allclose(ours, ref, rtol=1e-5) and torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-9)
+    # σ̃ (q = k + 5, 2 power iterations) against the exact top-10 singular values: within 0.1 % each here
+    exact = torch.linalg.svdvals(z0)[:10]
+    with torch.no_grad():
+        omega = torch.randn(2000, 15, generator=torch.Generator().manual_seed(1))
+        Q = torch.linalg.qr(z0 @ omega).Q
+        for _ in range(2):
+            Q = torch.linalg.qr(z0 @ (Q.T @ z0).T).Q
+        approx = torch.linalg.svdvals(Q.T @ z0)[:10]
+    assert ((exact - approx) / exact).abs().max() < 1e-3
+    assert ours.item() == pytest.approx(-(exact.sum() / torch.linalg.vector_norm(z0)).item(), rel=1e-4)
+    zero = torch.zeros(4, 30, requires_grad=True)
+    balora.svd_nlg(zero).backward()
+    assert torch.equal(zero.grad, torch.zeros(4, 30))

@@ -286,9 +286,10 @@ def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
     if l1 == l2 == l3 == 0:
         return task, torch.zeros((), device=ids.device), len(y), {}
     z_teacher = None
-    if l1 > 0:  # the frozen pretrained model from the same weights (balora.teacher), no second copy
-        with balora.teacher(net), amp:
-            z_teacher = net(ids, rows=mask)                   # (M, V)
+    if l1 > 0:  # the frozen pretrained model from the same weights (balora.teacher), no second copy; its
+        with balora.teacher(net), amp:  # M×V logits are made chunk by chunk inside the KL (balora.TeacherLogits)
+            h = net(ids, rows=mask, logits=False)             # (M, C)
+        z_teacher = balora.TeacherLogits(h, net.output_weight(), getattr(amp, "fast_dtype", None))
     reg, log = balora.regularizers(cfg, z, z_teacher, None, step, total_steps, generator)
     return task, reg, len(y), log
 
