@@ -414,18 +414,19 @@ class _KLDiv(torch.autograd.Function):
                 log_ps = F.log_softmax(zs[i:i + chunk] / T, dim=-1)
                 log_pt = F.log_softmax(zt_b[i - b:i - b + chunk] / T, dim=-1)
                 p_t = log_pt.exp()
-                total += (p_t * (log_pt - log_ps)).sum(dtype=torch.float64)
+                total += (p_t * (log_pt - log_ps)).sum().double()  # float64 across chunks
                 torch.sub(log_ps.exp_(), p_t, out=grad[i:i + chunk])
-        ctx.save_for_backward(grad.mul_(T / M))
-        ctx.used = False
+        ctx.grad = grad.mul_(T / M)  # not save_for_backward: backward hands this very buffer over (below)
         return (total * (T * T / M)).float()
 
     @staticmethod
     def backward(ctx, g):
-        if ctx.used:  # the kept gradient is scaled in place: no second M×V buffer
+        # Scaled in place and handed over with no other reference left, so that autograd can add the other
+        # terms' gradients into it in place instead of allocating M×V sums.
+        if ctx.grad is None:
             raise RuntimeError("consistency: backward through the KL twice (retain_graph) is not supported")
-        ctx.used = True
-        return ctx.saved_tensors[0].mul_(g), None, None
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(g), None, None
 
 
 @_fp32

@@ -61,23 +61,22 @@ def step_fn(net, opt, cfg, batch, dtype):
 
 
 def balora_parts(net, cfg, batch, dtype):
-    # the two things BA-LoRA adds to a PiSSA step, timed alone, as train_nlg.micro_batch_loss runs them: the
-    # teacher forward (to its final hidden states), and the regularisers' forward + backward down to the logits
-    # (the KL makes the teacher's logits chunk by chunk from those hidden states, so its LM head is in here; the
-    # model backward is shared with the task loss)
+    # the two things BA-LoRA adds to a PiSSA step, timed alone: the teacher forward (with its LM head, as if it
+    # made its M×V logits at once; in training the KL makes them chunk by chunk from the teacher's hidden states,
+    # the same matmul), and the regularisers' forward + backward down to the logits (the model backward is
+    # shared with the task loss)
     ids = batch["input_ids"]
     rows = train_nlg.targets(batch["labels"]) != data.IGNORE_INDEX  # as train_nlg.micro_batch_loss
     with torch.no_grad(), amp(dtype):
         z = net(ids, rows=rows).float()
     with balora.teacher(net), amp(dtype):
-        h = net(ids, rows=rows, logits=False)
-    zt = balora.TeacherLogits(h, net.output_weight(), torch.bfloat16 if dtype == "bf16" else None)
+        zt = net(ids, rows=rows).float()
     z.requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
 
     def teacher():
         with balora.teacher(net), amp(dtype):
-            net(ids, rows=rows, logits=False)
+            net(ids, rows=rows)
 
     def regs():
         z.grad = None
