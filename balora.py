@@ -362,6 +362,8 @@ def _rows(z, mask=None):
             return z
         return TeacherLogits(z.hidden.reshape(-1, z.hidden.shape[-1]) if mask is None else z.hidden[mask], z.weight,
                              z.weight.dtype)
+    if mask is None and z.dim() == 2:
+        return z.float()  # no view: every term's gradient then lands in one autograd buffer, added in place
     z = z.reshape(-1, z.shape[-1]) if mask is None else z[mask]
     return z.float()
 
@@ -558,6 +560,8 @@ def svd_nlg(z, mask=None, k: int = 10, oversample: int = 5, niter: int = 2, gene
         Q = torch.linalg.qr(z @ omega).Q                       # [M, q]
         for _ in range(niter):
             Q = torch.linalg.qr(z @ (Q.T @ z).T).Q             # re-orthonormalise each round
+        if not bool(torch.isfinite(Q).all()):  # non-finite logits (M×q to check, not M×V): a NaN term for the
+            return z.sum() * float("nan")      # caller's guard to report, never a LinAlgError from the SVD below
     return _EnergyRatio.apply(z, Q, k)
 
 

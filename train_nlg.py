@@ -274,14 +274,15 @@ def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
     mask = y != data.IGNORE_INDEX                             # (B, T): positions with a target
     with amp:
         z = net(ids, rows=mask)                               # (M, V): logits only where there is a target
-    if not bool(torch.isfinite(z).all()):  # before any SVD, which would fail with a LinAlgError instead
-        raise FloatingPointError(f"non-finite logits at optimizer step {step}: stopping (lower --lr, or check "
-                                 f"the model's weights)")
     y = y[mask]
     # One float32 path for every method: the task loss of LoRA, PiSSA and BA-LoRA differs only by the method,
     # never by the precision of its cross-entropy; the regularisers see the same M float32 rows.
     z = z.float()
     task = F.cross_entropy(z, y, reduction="sum")
+    if not bool(torch.isfinite(task)):  # a NaN or +inf logit: stop before any SVD sees it (a LinAlgError there);
+        raise FloatingPointError(       # a scalar check, where isfinite(z).all() would cost 3 passes over M×V
+            f"non-finite task loss (non-finite logits) at optimizer step {step}: stopping (lower --lr, or check "
+            f"the model's weights)")
     l1, l2, l3 = cfg.lambdas(step, total_steps) if cfg is not None else (0.0, 0.0, 0.0)
     if l1 == l2 == l3 == 0:
         return task, torch.zeros((), device=ids.device), len(y), {}

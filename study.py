@@ -1,0 +1,291 @@
+# study.py: the evidence. Runs the grid of experiments that tests each claim of the BA-LoRA paper (Chang, Chang & Wu,
+# ICLR 2026) at small scale, with several seeds per cell, and rebuilds the README's Evidence tables from results/.
+# The grid is data (CONDITIONS: condition x method x seed -> the exact train_nlu.py / train_nlg.py flags); a finished
+# run (its results/*.json) is never redone, an interrupted one is restarted, so the grid spans sessions.
+# Run: `python study.py run [--only COND] [--jobs N] [--dry-run]`; `python study.py budget COND`; `python study.py report`.
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS, RUNS = HERE / "results", HERE / "runs" / "study"
+
+# ---- the grid ----------------------------------------------------------------------------------------------------
+# methods: the flags that make each one (lora+reg: LoRA init with BA-LoRA's regularisers, seed 004's first ablation)
+METHODS = {"lora": ["--method", "lora"], "pissa": ["--method", "pissa"], "balora": ["--method", "balora"],
+           "lora+reg": ["--method", "balora", "--init", "lora"],
+           # term ablation (Table 4): PiSSA plus one term at the paper's NLU weight
+           "pissa+cr": ["--method", "pissa", "--lambda1", "0.15"], "pissa+dr": ["--method", "pissa", "--lambda2", "0.03"],
+           "pissa+svd": ["--method", "pissa", "--lambda3", "0.03"],
+           # swapped formulations (seed 004's second ablation): NLU with the NLG forms, and MSE consistency
+           "balora-nlg-forms": ["--method", "balora", "--diversity", "topk_entropy", "--svd", "randomized_frobenius"],
+           "balora-mse": ["--method", "balora", "--consistency", "mse"]}
+for s in (0, 0.3, 3, 10):  # λ sensitivity (Sec. 4.3.5): all three NLU weights scaled by s
+    METHODS[f"balora-x{s}"] = ["--method", "balora", "--lambda1", f"{0.15 * s:g}", "--lambda2", f"{0.03 * s:g}",
+                               "--lambda3", f"{0.03 * s:g}"]
+ALL = ["lora", "pissa", "balora", "lora+reg"]
+
+
+@dataclass
+class Condition:
+    script: str                  # "nlu" | "nlg"
+    flags: list                  # the condition's own flags (task, intervention, budget)
+    methods: list
+    seeds: int
+    claim: str = ""
+    budgets: list = field(default_factory=list)  # candidate budgets (flag lists), smallest first, for `budget`
+
+
+# The budgets below were chosen from PiSSA alone (`python study.py budget COND`, results/budget-COND.json): the
+# smallest candidate at which PiSSA's validation MCC is clearly above 0 (>= 0.2), then used for every method.
+IMBALANCE = ["--task", "three", "--imbalance", "100:1:10"]  # class order negative:neutral:positive, neutral rare
+CONDITIONS = {
+    "main": Condition("nlu", [], ALL, 5, "BA-LoRA > PiSSA > LoRA (Table 2's ranking)"),
+    "imbalance": Condition("nlu", IMBALANCE, ALL, 5, "minority recall BA-LoRA >> PiSSA >> LoRA (Table 12)",
+                           budgets=[["--max-steps", "100"], ["--max-steps", "0", "--epochs", "1"],
+                                    ["--max-steps", "0", "--epochs", "3"],
+                                    ["--max-steps", "0", "--epochs", "3", "--lr", "1e-3"],
+                                    ["--max-steps", "0", "--epochs", "6", "--lr", "1e-3"]]),
+    "noise-0.2": Condition("nlu", ["--label-noise", "0.2"], ["lora", "pissa", "balora"], 5,
+                           "BA-LoRA - PiSSA grows with label noise (Sec. 4, App. D)"),
+    "noise-0.4": Condition("nlu", ["--label-noise", "0.4"], ["lora", "pissa", "balora"], 5,
+                           "BA-LoRA - PiSSA grows with label noise (Sec. 4, App. D)"),
+    "terms": Condition("nlu", [], ["pissa", "pissa+cr", "pissa+dr", "pissa+svd", "balora"], 5,
+                       "each term alone beats PiSSA (Table 4)"),
+    "terms-imbalance": Condition("nlu", IMBALANCE, ["pissa", "pissa+cr", "pissa+dr", "pissa+svd", "balora"], 5,
+                                 "each term alone beats PiSSA (Table 4)"),
+    "forms": Condition("nlu", [], ["balora", "balora-nlg-forms", "balora-mse"], 5,
+                       "each task's own forms are better (seed 004)"),
+    "lambda": Condition("nlu", IMBALANCE, ["balora-x0", "balora-x0.3", "balora", "balora-x3", "balora-x10"], 5,
+                        "sensitivity to the weights (Sec. 4.3.5)"),
+}
+
+
+@dataclass
+class Run:
+    condition: str
+    method: str
+    seed: int
+    script: str
+    flags: list
+
+    @property
+    def name(self):
+        return f"{self.condition}__{self.method}__{self.seed}"
+
+
+def grid(only=None, budgets=None):
+    # every run of the grid, with its exact flags; a condition with candidate budgets uses the chosen one
+    runs = []
+    for cond, c in CONDITIONS.items():
+        if only and cond not in only:
+            continue
+        budget = (budgets or {}).get(cond, [])
+        if c.budgets and not budget:
+            continue  # not chosen yet: `python study.py budget COND` first
+        for m in c.methods:
+            for seed in range(c.seeds):
+                runs.append(Run(cond, m, seed, c.script, c.flags + budget + METHODS[m] + ["--seed", str(seed)]))
+    return runs
+
+
+def chosen_budgets(results=RESULTS):
+    out = {}
+    for f in Path(results).glob("budget-*.json"):
+        rec = json.loads(f.read_text())
+        if rec.get("chosen") is not None:
+            out[rec["condition"]] = rec["chosen"]
+    return out
+
+
+# ---- running -----------------------------------------------------------------------------------------------------
+
+def command(run, out, extra=()):
+    script = "train_nlu.py" if run.script == "nlu" else "train_nlg.py"
+    return [sys.executable, str(HERE / script), *run.flags, *extra, "--threads", "1", "--out", str(out)]
+
+
+def compact(run, metrics, wall_s):
+    # what a run contributes to results/: flags, machine, final metrics, wall time (no adapters, no logs)
+    rec = {"condition": run.condition, "method": run.method, "seed": run.seed, "script": run.script,
+           "flags": run.flags, "machine": metrics.get("machine"), "steps": metrics.get("steps"),
+           "train_seconds": metrics.get("train_seconds", metrics.get("train_s")), "wall_s": round(wall_s, 1)}
+    if run.script == "nlg":  # the tuned model's task, drift and diversity numbers (and the base model's)
+        keep = ("val_ppl", "drift_ppl", "distinct_1", "distinct_2", "gsm8k_acc")
+        pick = lambda m: {k: m[k] for k in keep if k in m}
+        return {**rec, "test": {**pick(metrics["tuned"]), "drift_ppl_ratio": metrics["drift_ppl_ratio"]},
+                "base": pick(metrics["base"])}
+    keep = ("accuracy", "macro_f1", "mcc", "minority_recall", "silhouette_cosine", "recall", "n")
+    test, val = metrics.get("test") or metrics["validation"][-1], metrics["validation"][-1]
+    return {**rec, "test": {k: test[k] for k in keep if k in test}, "validation": {k: val[k] for k in keep if k in val}}
+
+
+def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=False, commit=False):
+    # Runs what is missing, `jobs` one-thread processes side by side; finished runs (results/NAME.json) are
+    # skipped, an interrupted one (a run directory without metrics.json) is started again from scratch.
+    results, workdir = Path(results), Path(workdir)
+    todo = [r for r in runs if not (results / f"{r.name}.json").exists()]
+    print(f"study: {len(runs)} runs in the grid, {len(runs) - len(todo)} done, {len(todo)} to run", flush=True)
+    if dry_run:
+        for r in todo:
+            print(" ".join(command(r, workdir / r.name, extra)))
+        return []
+    results.mkdir(parents=True, exist_ok=True)
+    running, done = [], []
+    while todo or running:
+        while todo and len(running) < jobs:
+            r = todo.pop(0)
+            out = workdir / r.name
+            shutil.rmtree(out, ignore_errors=True)  # an interrupted run restarts from scratch
+            out.mkdir(parents=True)
+            log = open(out / "stdout.log", "w")
+            running.append((r, subprocess.Popen(command(r, out, extra), stdout=log, stderr=subprocess.STDOUT,
+                                                cwd=HERE), time.time(), log))
+        time.sleep(0.2)
+        for item in [x for x in running if x[1].poll() is not None]:
+            r, proc, t0, log = item
+            running.remove(item)
+            log.close()
+            out = workdir / r.name
+            if proc.returncode != 0 or not (out / "metrics.json").exists():
+                print(f"study: {r.name} FAILED (exit {proc.returncode}); see {out / 'stdout.log'}", flush=True)
+                continue
+            rec = compact(r, json.loads((out / "metrics.json").read_text()), time.time() - t0)
+            (results / f"{r.name}.json").write_text(json.dumps(rec, indent=1) + "\n")
+            done.append(rec)
+            print(f"study: {r.name} done in {rec['wall_s']:.0f} s: test acc {rec['test'].get('accuracy')}, "
+                  f"MCC {rec['test'].get('mcc')}", flush=True)
+            if commit:
+                subprocess.run(["git", "add", str(results / f"{r.name}.json")], cwd=HERE)
+                subprocess.run(["git", "commit", "-q", "-m", f"results: {r.name}"], cwd=HERE)
+    return done
+
+
+def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=(), threshold=0.2):
+    # PiSSA alone, seed 0, candidate budgets smallest first: the first whose validation MCC >= threshold wins
+    c, tried = CONDITIONS[cond], []
+    for i, budget in enumerate(c.budgets):
+        r = Run(f"budget-{cond}", f"pissa-{i}", 0, c.script, c.flags + budget + METHODS["pissa"] + ["--seed", "0"])
+        rec = (run_grid([r], 1, results, workdir, extra) or [json.loads((Path(results) / f"{r.name}.json").read_text())])[0]
+        tried.append({"budget": budget, "validation_mcc": rec["validation"]["mcc"],
+                      "validation_minority_recall": rec["validation"].get("minority_recall")})
+        print(f"study: budget {cond} {budget}: PiSSA validation MCC {rec['validation']['mcc']:.3f}", flush=True)
+        if rec["validation"]["mcc"] >= threshold:
+            break
+    chosen = tried[-1]["budget"] if tried and tried[-1]["validation_mcc"] >= threshold else None
+    out = {"condition": cond, "rule": f"smallest budget with PiSSA validation MCC >= {threshold} (seed 0)",
+           "tried": tried, "chosen": chosen}
+    (Path(results) / f"budget-{cond}.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+# ---- statistics and the report (numpy only) ----------------------------------------------------------------------
+
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086]  # Student t 0.975 quantiles, df = 1..20
+
+
+def paired(a, b):
+    # mean difference a - b over seeds, with its 95 % t-interval (None with fewer than 2 pairs)
+    d = np.asarray(a, float) - np.asarray(b, float)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else None, None, None
+    half = T975[min(len(d) - 1, len(T975)) - 1] * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def verdict(lo, hi, direction=+1):
+    if lo is None:
+        return "n/a"
+    if direction * lo > 0 and direction * hi > 0:
+        return "holds"
+    if direction * hi < 0 and direction * lo < 0:
+        return "contradicted"
+    return "inconclusive"
+
+
+def load_results(results=RESULTS):
+    recs = [json.loads(f.read_text()) for f in sorted(Path(results).glob("*__*__*.json"))]
+    table = {}
+    for r in recs:
+        table.setdefault(r["condition"], {}).setdefault(r["method"], {})[r["seed"]] = r
+    return table
+
+
+def fmt(x, digits=3):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def claim_table(table, cond, metric, pairs, title):
+    # mean ± std per method, then each claimed pair (better, worse) paired by seed with its interval and verdict
+    cells = table.get(cond, {})
+    lines = [f"**{title}** (`{cond}`, test {metric}; `python study.py report`)", "",
+             "| method | mean ± std | n |", "|---|---|---|"]
+    for m, seeds in cells.items():
+        v = [s["test"].get(metric) for s in seeds.values() if s["test"].get(metric) is not None]
+        lines.append(f"| {m} | {fmt(np.mean(v))} ± {fmt(np.std(v, ddof=1) if len(v) > 1 else None)} | {len(v)} |")
+    lines += ["", "| claim | paired difference (95 % CI) | n | verdict |", "|---|---|---|---|"]
+    for better, worse in pairs:
+        common = sorted(set(cells.get(better, {})) & set(cells.get(worse, {})))
+        a = [cells[better][s]["test"].get(metric) for s in common]
+        b = [cells[worse][s]["test"].get(metric) for s in common]
+        ok = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+        mean, lo, hi = paired([x for x, _ in ok], [y for _, y in ok])
+        lines.append(f"| {better} > {worse} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | {len(ok)} | "
+                     f"**{verdict(lo, hi)}** |")
+    return "\n".join(lines) + "\n"
+
+
+REPORT = [  # (condition, metric, claimed pairs better > worse, title)
+    ("main", "accuracy", [("balora", "pissa"), ("pissa", "lora"), ("lora+reg", "lora")], "Main NLU ranking"),
+    ("imbalance", "minority_recall", [("balora", "pissa"), ("pissa", "lora"), ("lora+reg", "lora")],
+     "Imbalance 100:1:10, minority (neutral) recall"),
+    ("imbalance", "macro_f1", [("balora", "pissa"), ("pissa", "lora")], "Imbalance 100:1:10, macro-F1"),
+    ("noise-0.2", "accuracy", [("balora", "pissa"), ("pissa", "lora")], "Label noise 0.2, clean test accuracy"),
+    ("noise-0.4", "accuracy", [("balora", "pissa"), ("pissa", "lora")], "Label noise 0.4, clean test accuracy"),
+    ("terms", "accuracy", [("pissa+cr", "pissa"), ("pissa+dr", "pissa"), ("pissa+svd", "pissa"), ("balora", "pissa")],
+     "Term ablation, binary"),
+    ("terms-imbalance", "minority_recall", [("pissa+cr", "pissa"), ("pissa+dr", "pissa"), ("pissa+svd", "pissa"),
+                                            ("balora", "pissa")], "Term ablation, imbalance"),
+    ("forms", "accuracy", [("balora", "balora-nlg-forms"), ("balora", "balora-mse")], "NLU forms against swaps"),
+    ("lambda", "minority_recall", [("balora-x0.3", "balora-x0"), ("balora", "balora-x0"), ("balora-x3", "balora-x0"),
+                                   ("balora-x10", "balora-x0")], "λ sensitivity on the imbalance condition"),
+]
+
+
+def report(results=RESULTS):
+    table = load_results(results)
+    parts = [claim_table(table, cond, metric, pairs, title) for cond, metric, pairs, title in REPORT if cond in table]
+    text = "\n".join(parts)
+    print(text)
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="the BA-LoRA evidence study: run the grid, choose budgets, report")
+    p.add_argument("action", choices=["run", "budget", "report"])
+    p.add_argument("conditions", nargs="*", help="budget: the condition(s) to choose a budget for")
+    p.add_argument("--only", help="comma-separated conditions to run")
+    p.add_argument("--jobs", type=int, default=1, help="one-thread runs side by side")
+    p.add_argument("--dry-run", action="store_true", help="print the commands of the missing runs")
+    p.add_argument("--commit", action="store_true", help="git commit each result as it arrives")
+    args = p.parse_args(argv)
+    if args.action == "report":
+        return report()
+    if args.action == "budget":
+        return [choose_budget(c) for c in args.conditions]
+    only = args.only.split(",") if args.only else None
+    return run_grid(grid(only, chosen_budgets()), args.jobs, dry_run=args.dry_run, commit=args.commit)
+
+
+if __name__ == "__main__":
+    main()
