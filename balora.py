@@ -30,6 +30,12 @@ from safetensors.torch import load_file, save_file
 # its A is our Aᵀ and its B is our Bᵀ. These are also peft's lora_A / lora_B weights.
 
 
+class AdapterError(ValueError):
+    # an adapter that cannot be built (rank, init, targets), loaded (a bad file: names it and the key) or
+    # written (non-finite values): the user's input, not a bug; the scripts print it as one line
+    pass
+
+
 class PiSSALinear(nn.Module):
     # Wraps (and takes ownership of) an nn.Linear whose weight becomes the frozen residual W_res.
 
@@ -37,7 +43,7 @@ class PiSSALinear(nn.Module):
         super().__init__()
         out_f, in_f = base.weight.shape
         if not 0 < r <= min(out_f, in_f):
-            raise ValueError(f"rank r={r} must be in [1, min(out, in)={min(out_f, in_f)}] for a "
+            raise AdapterError(f"rank r={r} must be in [1, min(out, in)={min(out_f, in_f)}] for a "
                              f"[{out_f}, {in_f}] linear layer")
         self.r, self.alpha, self.scale, self.init = r, alpha, alpha / r, init
         dtype, device = base.weight.dtype, base.weight.device
@@ -63,7 +69,7 @@ class PiSSALinear(nn.Module):
             B = U * sqrt_s[None, :]           # [out, r]
             W = W - self.scale * (B @ A)      # the residual keeps the "minor" singular directions
         else:
-            raise ValueError(f"unknown init {init!r}: use 'pissa', 'pissa_niter_<N>' or 'lora'")
+            raise AdapterError(f"unknown init {init!r}: use 'pissa', 'pissa_niter_<N>' or 'lora'")
 
         base.weight = nn.Parameter(W.to(dtype), requires_grad=False)  # a fresh tensor: never
         if base.bias is not None:                                     # writes into a tied weight
@@ -132,7 +138,7 @@ def inject(model: nn.Module, targets, r: int, alpha: float, init: str = "pissa")
     unknown = [t for t in targets if not any(matches(n, t) for n in names)]
     if unknown:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise ValueError(f"target(s) {unknown} match no nn.Linear in the model. Linear layers "
+        raise AdapterError(f"target(s) {unknown} match no nn.Linear in the model. Linear layers "
                          f"by leaf name: {leaves}; e.g. {names[:6]}")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -177,10 +183,6 @@ def teacher(model: nn.Module):
 
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 
-
-class AdapterError(ValueError):
-    # an adapter directory that cannot be loaded, or adapters that must not be written; names file and key
-    pass
 PEFT_PREFIX = "base_model.model."
 
 
