@@ -4,6 +4,7 @@
 # Alpaca) and plain text are read from any path. Paper §4: NLU (GLUE; Table 12 imbalance), NLG
 # (MetaMathQA -> GSM8K; Table 13 knowledge drift). Last section: the GGUF -> HF conversion of the default
 # NLG model. `python data.py` fetches the defaults and prints counts.
+import argparse
 import csv
 import hashlib
 import io
@@ -52,6 +53,22 @@ class AssetError(RuntimeError):
 # traceback; `--debug` (or BALORA_DEBUG=1) shows the traceback. Anything else is a bug and raises as usual.
 USER_ERRORS = (InputError, AssetError, FloatingPointError, FileNotFoundError, FileExistsError, IsADirectoryError,
                NotADirectoryError, PermissionError)
+
+
+def arg_range(kind, low, high=math.inf, low_open=False, high_open=False):
+    # an argparse type: a finite number of `kind` in [low, high] (an open end with low_open / high_open), so that
+    # a flag out of range is an argparse error naming the flag, before anything runs
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(x) or x < low or (low_open and x == low) or x > high or (high_open and x == high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be in {'(' if low_open else '['}{low}, "
+                                             f"{high}{')' if high_open or high == math.inf else ']'}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def cli(main, prog, extra_errors=()):

@@ -61,84 +61,64 @@ def parse_args(argv):
     a("--val-file", help="validation JSONL; default: the task's validation split (with --train-file and no "
                          "--val-file, --val-examples records of the train file, balanced over its prompts)")
     a("--template", default=TEMPLATE, choices=["alpaca", "chatml"])
-    a("--max-len", type=int, default=MAX_LEN)
+    a("--max-len", type=data.arg_range(int, 2), default=MAX_LEN)
     a("--method", default=METHOD, choices=sorted(METHODS),
       help="sets the init and the regulariser defaults (balora: the paper's NLG setting; lora/pissa: all λ 0); "
            "explicit flags below always apply")
     a("--init", help="adapter init: pissa (exact SVD) | pissa_niter_N (randomized, N power iterations) | lora "
                      f"(default: lora for --method lora, else {PISSA_INIT})")
-    a("--rank", type=int, default=RANK)
-    a("--alpha", type=float, help="adapter scale = alpha / rank (default: alpha = rank)")
+    a("--rank", type=data.arg_range(int, 1), default=RANK)
+    a("--alpha", type=data.arg_range(float, 0, low_open=True), help="adapter scale = alpha / rank (default: alpha = rank)")
     a("--targets", default=TARGETS, help="comma-separated nn.Linear leaf names")
     g = p.add_argument_group("BA-LoRA regularisers (default: BALoRAConfig.nlg() for --method balora, "
                              "all λ 0 otherwise)")
-    for name, kind in [("lambda1", float), ("lambda2", float), ("lambda3", float), ("temperature", float),
-                       ("svd-k", int), ("top-k", int)]:
+    for name, kind in [("lambda1", data.arg_range(float, 0)), ("lambda2", data.arg_range(float, 0)), ("lambda3", data.arg_range(float, 0)),
+                       ("temperature", data.arg_range(float, 0, low_open=True)), ("svd-k", data.arg_range(int, 1)), ("top-k", data.arg_range(int, 1))]:
         g.add_argument(f"--{name}", type=kind)
     g.add_argument("--consistency", choices=balora.CONSISTENCY)
     g.add_argument("--diversity", choices=balora.DIVERSITY)
     g.add_argument("--svd", choices=balora.SVD)
     g.add_argument("--lambda1-schedule", choices=["constant", "cosine"])
     g.add_argument("--focus-schedule", choices=["constant", "two_phase"])
-    a("--lr", type=float, default=LR)
-    a("--warmup", type=float, default=WARMUP, help="fraction of the steps")
-    a("--weight-decay", type=float, default=0.0)
-    a("--clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    a("--batch-size", type=int, default=BATCH_SIZE, help="examples per optimizer step")
-    a("--grad-accum", type=int, default=GRAD_ACCUM, help="micro-batches per optimizer step (divides --batch-size)")
-    a("--epochs", type=int, default=1)
-    a("--max-steps", type=int, default=MAX_STEPS, help="optimizer steps; 0: --epochs over the training set")
+    a("--lr", type=data.arg_range(float, 0, low_open=True), default=LR)
+    a("--warmup", type=data.arg_range(float, 0, 1, high_open=True), default=WARMUP, help="fraction of the steps")
+    a("--weight-decay", type=data.arg_range(float, 0), default=0.0)
+    a("--clip", type=data.arg_range(float, 0), default=1.0, help="max gradient norm (0: off)")
+    a("--batch-size", type=data.arg_range(int, 1), default=BATCH_SIZE, help="examples per optimizer step")
+    a("--grad-accum", type=data.arg_range(int, 1), default=GRAD_ACCUM, help="micro-batches per optimizer step (divides --batch-size)")
+    a("--epochs", type=data.arg_range(int, 1), default=1)
+    a("--max-steps", type=data.arg_range(int, 0), default=MAX_STEPS, help="optimizer steps; 0: --epochs over the training set")
     a("--dtype", default=DTYPE, choices=["auto", "bf16", "fp32"],
       help="autocast dtype of the forward/backward; auto: bf16 where the device runs it natively")
     a("--base-dtype", default="fp32", choices=["bf16", "fp32"],
       help="storage of the frozen weights (bf16 halves memory on a GPU for 7B models)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all physical cores)")
+    a("--threads", type=data.arg_range(int, 0), default=0, help="torch CPU threads (0: torch's default, all physical cores)")
     a("--seed", type=int, default=0)
     a("--out", default="runs/nlg")
     a("--resume", help="checkpoint.safetensors (or its run directory) to continue from")
-    a("--save-every", type=int, default=0, help="checkpoint every N steps (one is always written at the end)")
-    a("--stop-at", type=int, default=0, help="stop after this step with a checkpoint, as if interrupted")
-    a("--eval-every", type=int, default=0, help="validation + drift perplexity every N steps")
-    a("--val-examples", type=int, default=VAL_EXAMPLES, help="0: no validation")
+    a("--save-every", type=data.arg_range(int, 0), default=0, help="checkpoint every N steps (one is always written at the end)")
+    a("--stop-at", type=data.arg_range(int, 0), default=0, help="stop after this step with a checkpoint, as if interrupted")
+    a("--eval-every", type=data.arg_range(int, 0), default=0, help="validation + drift perplexity every N steps")
+    a("--val-examples", type=data.arg_range(int, 0), default=VAL_EXAMPLES, help="0: no validation")
     a("--eval-text", help="plain-text file for the drift perplexity (e.g. Wikitext-2 raw test); "
                           "default: the 5 190 NYT editorial sentences")
-    a("--drift-windows", type=int, default=DRIFT_WINDOWS, help="0: all")
-    a("--drift-len", type=int, default=DRIFT_LEN)
-    a("--gen-prompts", type=int, default=GEN_PROMPTS, help="held-out prompts sampled for distinct-n")
-    a("--gen-tokens", type=int, default=GEN_TOKENS)
-    a("--gen-temperature", type=float, default=1.0)
-    a("--gen-top-p", type=float, default=0.95)
+    a("--drift-windows", type=data.arg_range(int, 0), default=DRIFT_WINDOWS, help="0: all")
+    a("--drift-len", type=data.arg_range(int, 2), default=DRIFT_LEN)
+    a("--gen-prompts", type=data.arg_range(int, 0), default=GEN_PROMPTS, help="held-out prompts sampled for distinct-n")
+    a("--gen-tokens", type=data.arg_range(int, 1), default=GEN_TOKENS)
+    a("--gen-temperature", type=data.arg_range(float, 0), default=1.0)
+    a("--gen-top-p", type=data.arg_range(float, 0, 1, low_open=True), default=0.95)
     a("--eval-gsm8k", metavar="FILE", help="GSM8K JSONL (question/answer), or 'default' for the 100 GSM8K "
                                            "test problems fetched by data.py; base and tuned model, greedy")
-    a("--gsm8k-limit", type=int, default=0, help="first N problems only (0: all)")
-    a("--gsm8k-tokens", type=int, default=GSM8K_TOKENS)
-    a("--eval-batch-size", type=int, default=16)
+    a("--gsm8k-limit", type=data.arg_range(int, 0), default=0, help="first N problems only (0: all)")
+    a("--gsm8k-tokens", type=data.arg_range(int, 1), default=GSM8K_TOKENS)
+    a("--eval-batch-size", type=data.arg_range(int, 1), default=16)
     a("--base-from", metavar="METRICS_JSON", help="reuse the base model's evaluation from an earlier run's "
                                                   "metrics.json (same model and evaluation settings are checked)")
     a("--merge", action="store_true", help="also write a merged HF checkpoint to OUT/merged")
     a("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
-    for flag, ok, need in [
-            ("rank", args.rank >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
-            ("grad_accum", args.grad_accum >= 1, ">= 1"), ("max_len", args.max_len >= 2, ">= 2"),
-            ("max_steps", args.max_steps >= 0, ">= 0"), ("epochs", args.epochs >= 1, ">= 1"),
-            ("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("warmup", 0 <= args.warmup < 1, "in [0, 1)"),
-            ("threads", args.threads >= 0, ">= 0"), ("val_examples", args.val_examples >= 0, ">= 0"),
-            ("eval_batch_size", args.eval_batch_size >= 1, ">= 1"), ("drift_len", args.drift_len >= 2, ">= 2"),
-            ("drift_windows", args.drift_windows >= 0, ">= 0"), ("gen_prompts", args.gen_prompts >= 0, ">= 0"),
-            ("gen_tokens", args.gen_tokens >= 1, ">= 1"), ("gen_temperature", args.gen_temperature >= 0, ">= 0"),
-            ("gen_top_p", 0 < args.gen_top_p <= 1, "in (0, 1]"), ("gsm8k_limit", args.gsm8k_limit >= 0, ">= 0"),
-            ("gsm8k_tokens", args.gsm8k_tokens >= 1, ">= 1"), ("save_every", args.save_every >= 0, ">= 0"),
-            ("stop_at", args.stop_at >= 0, ">= 0"), ("eval_every", args.eval_every >= 0, ">= 0"),
-            ("clip", args.clip >= 0, ">= 0"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
-            ("alpha", args.alpha is None or 0 < args.alpha < math.inf, "> 0"),
-            ("temperature", args.temperature is None or args.temperature > 0, "> 0"),
-            ("svd_k", args.svd_k is None or args.svd_k >= 1, ">= 1"), ("top_k", args.top_k is None or args.top_k >= 1, ">= 1")
-            ] + [(f"lambda{i}", getattr(args, f"lambda{i}") is None or 0 <= getattr(args, f"lambda{i}") < math.inf,
-                  ">= 0 and finite") for i in (1, 2, 3)]:
-        if not ok:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {need}")
     if args.batch_size % args.grad_accum:
         p.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     args.init = args.init or METHODS[args.method]

@@ -64,22 +64,22 @@ def parse_args(argv=None):
                    help="lora: LoRA init; pissa: PiSSA init; balora: PiSSA init + the three regularisers")
     g.add_argument("--init", default=None, help="override the method's init: lora | pissa | pissa_niter_N "
                    "(e.g. --method balora --init lora: LoRA init with the regularisers)")
-    g.add_argument("--lambda1", type=float, default=None, help="consistency weight (balora: 0.15, else 0)")
-    g.add_argument("--lambda2", type=float, default=None, help="diversity weight (balora: 0.03, else 0)")
-    g.add_argument("--lambda3", type=float, default=None, help="SVD weight (balora: 0.03, else 0)")
-    g.add_argument("--svd-k", type=int, default=None,
+    g.add_argument("--lambda1", type=data.arg_range(float, 0), default=None, help="consistency weight (balora: 0.15, else 0)")
+    g.add_argument("--lambda2", type=data.arg_range(float, 0), default=None, help="diversity weight (balora: 0.03, else 0)")
+    g.add_argument("--lambda3", type=data.arg_range(float, 0), default=None, help="SVD weight (balora: 0.03, else 0)")
+    g.add_argument("--svd-k", type=data.arg_range(int, 1), default=None,
                    help="k of Eq. 7 (default: the paper's 5, lowered to num_labels-1 when the logits have "
                         "<= 5 columns, where k=5 would keep every singular value and the term is constant)")
-    g.add_argument("--temperature", type=float, default=2.0, help="T of Eq. 4")
-    g.add_argument("--top-k", type=int, default=20, help="K of the top-K-entropy diversity (Eq. 10)")
+    g.add_argument("--temperature", type=data.arg_range(float, 0, low_open=True), default=2.0, help="T of Eq. 4")
+    g.add_argument("--top-k", type=data.arg_range(int, 1), default=20, help="K of the top-K-entropy diversity (Eq. 10)")
     g.add_argument("--consistency", choices=balora.CONSISTENCY, default=None,
                    help="kl (Eq. 4) or mse (logit matching); default kl, mse for regression")
     g.add_argument("--diversity", choices=balora.DIVERSITY, default="covariance")
     g.add_argument("--svd", choices=balora.SVD, default="exact_ratio")
     g.add_argument("--lambda1-schedule", choices=("constant", "cosine"), default="constant")
     g.add_argument("--focus-schedule", choices=("constant", "two_phase"), default="constant")
-    g.add_argument("--rank", type=int, default=RANK)
-    g.add_argument("--alpha", type=float, default=None, help="adapter scale = alpha / rank (default alpha = rank)")
+    g.add_argument("--rank", type=data.arg_range(int, 1), default=RANK)
+    g.add_argument("--alpha", type=data.arg_range(float, 0, low_open=True), default=None, help="adapter scale = alpha / rank (default alpha = rank)")
     g.add_argument("--targets", default=TARGETS, help="comma-separated suffixes of encoder nn.Linear names "
                    "(DeBERTa: query_proj,key_proj,value_proj,attention.output.dense,intermediate.dense,output.dense)")
     g = p.add_argument_group("data")
@@ -92,53 +92,35 @@ def parse_args(argv=None):
     g.add_argument("--label-field", default="label")
     g.add_argument("--regression", action="store_true", help="float labels, one output, MSE loss (STS-B)")
     g.add_argument("--imbalance", default=None, help="subsample training classes to ratios, e.g. 100:10:1")
-    g.add_argument("--label-noise", type=float, default=0.0, help="flip this fraction of training labels")
-    g.add_argument("--max-len", type=int, default=MAX_LEN)
+    g.add_argument("--label-noise", type=data.arg_range(float, 0, 1, high_open=True), default=0.0, help="flip this fraction of training labels")
+    g.add_argument("--max-len", type=data.arg_range(int, 2), default=MAX_LEN)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=LR)
-    g.add_argument("--warmup-ratio", type=float, default=WARMUP_RATIO)
-    g.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="on the head's matrices only")
-    g.add_argument("--clip", type=float, default=CLIP, help="max global gradient norm (0: no clipping)")
-    g.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="examples per optimizer step")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=int, default=EPOCHS)
-    g.add_argument("--max-steps", type=int, default=MAX_STEPS, help="cap on optimizer steps (0: epochs only)")
+    g.add_argument("--lr", type=data.arg_range(float, 0, low_open=True), default=LR)
+    g.add_argument("--warmup-ratio", type=data.arg_range(float, 0, 1, high_open=True), default=WARMUP_RATIO)
+    g.add_argument("--weight-decay", type=data.arg_range(float, 0), default=WEIGHT_DECAY, help="on the head's matrices only")
+    g.add_argument("--clip", type=data.arg_range(float, 0), default=CLIP, help="max global gradient norm (0: no clipping)")
+    g.add_argument("--batch-size", type=data.arg_range(int, 1), default=BATCH_SIZE, help="examples per optimizer step")
+    g.add_argument("--grad-accum", type=data.arg_range(int, 1), default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=data.arg_range(int, 1), default=EPOCHS)
+    g.add_argument("--max-steps", type=data.arg_range(int, 0), default=MAX_STEPS, help="cap on optimizer steps (0: epochs only)")
     g.add_argument("--seed", type=int, default=SEED)
     g = p.add_argument_group("run")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=DTYPE,
                    help="autocast dtype (CPU and CUDA); auto: bf16 where the device runs it natively")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, all physical cores)")
-    g.add_argument("--eval-batch-size", type=int, default=128)
+    g.add_argument("--threads", type=data.arg_range(int, 0), default=0, help="torch CPU threads (0: torch's default, all physical cores)")
+    g.add_argument("--eval-batch-size", type=data.arg_range(int, 1), default=128)
     g.add_argument("--out", default=None, help="run directory (default: runs/nlu-METHOD-TIME)")
-    g.add_argument("--save-every", type=int, default=SAVE_EVERY, help="checkpoint every N steps (0: epoch ends)")
+    g.add_argument("--save-every", type=data.arg_range(int, 0), default=SAVE_EVERY, help="checkpoint every N steps (0: epoch ends)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    g.add_argument("--stop-after", type=int, default=0,
+    g.add_argument("--stop-after", type=data.arg_range(int, 0), default=0,
                    help="checkpoint and stop after this many optimizer steps, as if interrupted (the schedule "
                         "still spans the whole budget; --resume continues)")
-    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--log-every", type=data.arg_range(int, 1), default=1)
     g.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false",
                    help="run the teacher forward every step instead of caching its features after the first epoch")
     g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
-    for flag, ok, need in [
-            ("rank", args.rank >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
-            ("grad_accum", args.grad_accum >= 1, ">= 1"), ("max_len", args.max_len >= 2, ">= 2"),
-            ("max_steps", args.max_steps >= 0, ">= 0"), ("epochs", args.epochs >= 1, ">= 1"),
-            ("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("warmup_ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
-            ("threads", args.threads >= 0, ">= 0"), ("eval_batch_size", args.eval_batch_size >= 1, ">= 1"),
-            ("label_noise", 0 <= args.label_noise < 1, "in [0, 1)"), ("temperature", args.temperature > 0, "> 0"),
-            ("svd_k", args.svd_k is None or args.svd_k >= 1, ">= 1"), ("top_k", args.top_k >= 1, ">= 1"),
-            ("save_every", args.save_every >= 0, ">= 0"), ("stop_after", args.stop_after >= 0, ">= 0"),
-            ("log_every", args.log_every >= 1, ">= 1"), ("clip", args.clip >= 0, ">= 0"),
-            ("weight_decay", args.weight_decay >= 0, ">= 0"),
-            ("alpha", args.alpha is None or 0 < args.alpha < math.inf, "> 0")] + [
-            (f"lambda{i}", getattr(args, f"lambda{i}") is None or 0 <= getattr(args, f"lambda{i}") < math.inf,
-             ">= 0 and finite") for i in (1, 2, 3)]:
-        if not ok:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {need}")
-    if args.batch_size % args.grad_accum:
-        p.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if args.regression and (args.imbalance or args.label_noise):
         p.error("--imbalance and --label-noise act on classes: they do not apply with --regression")
     if args.train and not args.validation:
