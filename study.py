@@ -43,6 +43,7 @@ class Condition:
     seeds: int
     claim: str = ""
     budgets: list = field(default_factory=list)  # candidate budgets (flag lists), smallest first, for `budget`
+    budget_of: str = ""          # use the budget chosen for that condition (the same task and intervention)
 
 
 # The budgets below were chosen from PiSSA alone (`python study.py budget COND`, results/budget-COND.json): the
@@ -62,11 +63,11 @@ CONDITIONS = {
     "terms": Condition("nlu", [], ["pissa", "pissa+cr", "pissa+dr", "pissa+svd", "balora"], 5,
                        "each term alone beats PiSSA (Table 4)"),
     "terms-imbalance": Condition("nlu", IMBALANCE, ["pissa", "pissa+cr", "pissa+dr", "pissa+svd", "balora"], 5,
-                                 "each term alone beats PiSSA (Table 4)"),
+                                 "each term alone beats PiSSA (Table 4)", budget_of="imbalance"),
     "forms": Condition("nlu", [], ["balora", "balora-nlg-forms", "balora-mse"], 5,
                        "each task's own forms are better (seed 004)"),
     "lambda": Condition("nlu", IMBALANCE, ["balora-x0", "balora-x0.3", "balora", "balora-x3", "balora-x10"], 5,
-                        "sensitivity to the weights (Sec. 4.3.5)"),
+                        "sensitivity to the weights (Sec. 4.3.5)", budget_of="imbalance"),
 }
 
 
@@ -89,9 +90,11 @@ def grid(only=None, budgets=None):
     for cond, c in CONDITIONS.items():
         if only and cond not in only:
             continue
-        budget = (budgets or {}).get(cond, [])
-        if c.budgets and not budget:
-            continue  # not chosen yet: `python study.py budget COND` first
+        source = c.budget_of or cond
+        budget = (budgets or {}).get(source, [])
+        if (c.budgets or c.budget_of) and not budget:
+            print(f"study: {cond} waits for its budget: run `python study.py budget {source}` first", flush=True)
+            continue
         for m in c.methods:
             for seed in range(c.seeds):
                 runs.append(Run(cond, m, seed, c.script, c.flags + budget + METHODS[m] + ["--seed", str(seed)]))
