@@ -23,6 +23,7 @@ import model as modellib
 import train_nlg
 
 BATCH, SEQ, RANK, THREADS, REPEATS, WARMUP = 4, 256, 64, 2, 5, 1
+GRAD_CHECKPOINT = False  # --grad-checkpoint (with --seq 1024: the peak memory activation checkpointing saves)
 STEP, TOTAL = 50, 100  # timed at mid-training: λ1 (cosine) > 0 and λ2, λ3 past the two-phase ramp, all terms on
 METHODS = {"lora": "lora", "pissa": "pissa_niter_4", "balora": "pissa_niter_4"}  # method -> adapter init
 TARGETS = train_nlg.TARGETS.split(",")
@@ -46,7 +47,7 @@ def build(model_dir, method, rank):
     net = llama_1b() if model_dir == "1b" else modellib.from_pretrained(model_dir)
     torch.manual_seed(0)
     balora.inject(net, TARGETS, rank, rank, METHODS[method])
-    net.train()
+    net.train().grad_checkpoint = GRAD_CHECKPOINT
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
     cfg = balora.BALoRAConfig.nlg() if method == "balora" else None
     return net, opt, cfg
@@ -186,7 +187,8 @@ def peak_rss_self_mb():
 
 def peak_rss(method, dtype, model_dir, rank, threads):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--dtypes", dtype, "--model", model_dir,
-           "--rank", str(rank), "--threads", str(threads)]
+           "--rank", str(rank), "--threads", str(threads), "--seq", str(SEQ)] + \
+        (["--grad-checkpoint"] if GRAD_CHECKPOINT else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory subprocess for {method}/{dtype} failed:\n{proc.stderr[-2000:]}")
@@ -198,6 +200,8 @@ def main(argv=None):
     p.add_argument("--model", help="HF model directory (default: the converted SmolLM2-135M-Instruct), or '1b' for "
                    "a 1B-shaped random LLaMA (implies --no-peer --no-init --no-mem)")
     p.add_argument("--scaling", action="store_true", help="only time the regularisers against M and V (random logits)")
+    p.add_argument("--seq", type=int, default=SEQ, help="tokens per sequence of the fixed batch of 4")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing per block")
     p.add_argument("--rank", type=int, default=RANK)
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--repeats", type=int, default=REPEATS)
@@ -211,6 +215,8 @@ def main(argv=None):
     p.add_argument("--out", default="bench.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    global SEQ, GRAD_CHECKPOINT
+    SEQ, GRAD_CHECKPOINT = args.seq, args.grad_checkpoint
     torch.set_num_threads(args.threads)
     if args.scaling:
         res = {"machine": modellib.machine("cpu", "fp32", args.threads), "scaling_s": scaling(args.threads, args.repeats)}
@@ -236,7 +242,7 @@ def main(argv=None):
                               for dt in dtypes}
     batch = fixed_batch(model_dir)
     native = {"fp32": True, "bf16": modellib.cpu_bf16_native()[0]}
-    res |= {"batch": [BATCH, SEQ], "rank": args.rank, "repeats": args.repeats,
+    res |= {"batch": [BATCH, SEQ], "rank": args.rank, "repeats": args.repeats, "grad_checkpoint": GRAD_CHECKPOINT,
            "machine": modellib.machine("cpu", ",".join(dtypes), args.threads),
            "dtype_native": {dt: native[dt] for dt in dtypes}, "steps_s": {}, "min_s": {}, "all_s": {},
            "loadavg_start": os.getloadavg()}  # a shared machine: the ratios come from interleaved rounds

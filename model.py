@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -328,10 +329,20 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def run_block(block, grad_checkpoint, *args):
+    # --grad-checkpoint: activation checkpointing per transformer block. Only the block's input is kept and its
+    # activations are recomputed in backward (non-reentrant: the same values, dropout's RNG replayed); only when
+    # a gradient is being recorded, so the teacher and evaluation never pay the recompute.
+    if grad_checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class Llama(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
+        self.grad_checkpoint = False
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList(LlamaBlock(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
@@ -370,7 +381,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(self.config, pos, x.dtype)
         hidden = [x]
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+            x = run_block(block, self.grad_checkpoint and cache is None, x, cos, sin, mask, cache)
             if output_hidden_states:
                 hidden.append(x)
         x = self.norm(x)
@@ -585,6 +596,7 @@ class Encoder(nn.Module):
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.grad_checkpoint = False
         self.relative = isinstance(cfg, DebertaConfig) and cfg.relative_attention
         if self.relative:
             self.rel_embeddings = nn.Embedding(2 * cfg.att_span, cfg.n_embd)
@@ -611,7 +623,7 @@ class Encoder(nn.Module):
             r = self.rel_embeddings.weight                                       # (2S, C)
             rel = (self.rel_norm(r) if cfg.norm_rel_ebd else r, idx)
         for layer in self.layers:
-            x = layer(x, key_mask, rel)
+            x = run_block(layer, self.grad_checkpoint, x, key_mask, rel)
         return x
 
 

@@ -2957,3 +2957,41 @@ def test_non_finite_logits_stop_nlg_before_any_svd(tiny_llama):
     z = torch.randn(6, 50)
     z[2, 3] = -float("inf")  # a -inf logit keeps the cross-entropy finite; the SVD term is NaN, not a LinAlgError
     assert torch.isnan(balora.svd_nlg(z))
+
+
+# =================================================================================================
+# Memory (issue 13): activation checkpointing changes memory, not numbers
+
+def test_grad_checkpoint_gives_identical_loss_and_adapter_gradients(tiny_llama, encoders):
+    _, batch = lm_batch_of(tiny_llama, 3)
+    cfg = balora.BALoRAConfig.nlg(**ALL_ON)
+    grads = {}
+    for ckpt in (False, True):
+        net = adapted(tiny_llama).train()
+        net.grad_checkpoint = ckpt
+        calls = []
+        net.layers[0].register_forward_pre_hook(lambda *a: calls.append(torch.is_grad_enabled()))  # a pre-hook: the
+        # recompute stops early once it has what backward needs, so a post-hook would not see it
+        log = train_nlg.accumulate(net, [batch], cfg, 0, 10, nullcontext())
+        grads[ckpt] = (log["loss"], [p.grad.clone() for p in net.parameters() if p.requires_grad])
+        # student forward (+ its recompute in backward when checkpointing) and the teacher forward (no grad)
+        assert calls == ([True, False, True] if ckpt else [True, False]), calls
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads[True][1], grads[False][1]))
+    # the encoder, with dropout on: checkpointing replays the same dropout masks
+    ex = batch_of({"train": write_jsonl(Path(encoders["dropout"]).parent / "ck.jsonl",
+                                        [{"sentence": "the film was good", "label": "pos"},
+                                         {"sentence": "a dull plot", "label": "neg"}] * 4)}, encoders["dropout"])
+    b = data.collate_classification(ex, 0)
+    out = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        net = M.from_pretrained(encoders["dropout"], num_labels=2)
+        balora.inject(net.encoder, NLU_TARGETS.split(","), 2, 2)
+        net.encoder.grad_checkpoint = ckpt
+        torch.manual_seed(1)
+        loss = F.cross_entropy(train_nlu.logits_of(net.train(), b), b["labels"])
+        loss.backward()
+        out[ckpt] = (loss.item(), [p.grad.clone() for p in net.parameters() if p.requires_grad])
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(out[True][1], out[False][1]))

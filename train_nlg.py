@@ -117,6 +117,8 @@ def parse_args(argv):
     a("--base-from", metavar="METRICS_JSON", help="reuse the base model's evaluation from an earlier run's "
                                                   "metrics.json (same model and evaluation settings are checked)")
     a("--merge", action="store_true", help="also write a merged HF checkpoint to OUT/merged")
+    a("--grad-checkpoint", action="store_true",
+      help="activation checkpointing per transformer block: less memory, one more forward in backward")
     a("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     if args.batch_size % args.grad_accum:
@@ -650,7 +652,7 @@ def main(argv=None):
           f"{args.drift_len} drift tokens, {len(d.prompts)} prompts"
           f"{f', {len(d.gsm8k)} GSM8K problems' if d.gsm8k else ''}; {run['machine']}", flush=True)
     net = modellib.from_pretrained(args.model, dtype=torch.bfloat16 if args.base_dtype == "bf16" else None)
-    net.to(args.device)
+    net.to(args.device).grad_checkpoint = args.grad_checkpoint
 
     state = checkpoint_state(args.resume, args) if args.resume else None
     if state:  # the base model's metrics: from the checkpoint, an earlier run, or measured now

@@ -52,7 +52,7 @@ METHODS = {  # method -> (init, regularisers on)
     "balora": ("pissa", True),
 }
 RESUME_MAY_DIFFER = {"resume", "stop_after", "threads", "device", "log_every", "save_every", "eval_batch_size", "debug",
-                     "teacher_cache"}
+                     "teacher_cache", "grad_checkpoint"}
 
 
 def parse_args(argv=None):
@@ -119,6 +119,8 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=data.arg_range(int, 1), default=1)
     g.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false",
                    help="run the teacher forward every step instead of caching its features after the first epoch")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing per encoder layer: less memory, one more forward in backward")
     g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     if args.regression and (args.imbalance or args.label_noise):
@@ -171,6 +173,7 @@ def build_model(args, num_labels, init, device):
         p.requires_grad_(False)
     # Only the encoder gets adapters: a bare suffix like "dense" would otherwise also catch the pooler.
     n = balora.inject(net.encoder, args.targets.split(","), args.rank, args.alpha, init)
+    net.encoder.grad_checkpoint = args.grad_checkpoint
     for p in net.head.parameters():
         p.requires_grad_(True)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
