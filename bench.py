@@ -196,6 +196,7 @@ def peak_rss(method, dtype, model_dir, rank, threads):
 
 
 def main(argv=None):
+    global SEQ, GRAD_CHECKPOINT  # the fixed batch's length and checkpointing, as flags (also for the children)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="HF model directory (default: the converted SmolLM2-135M-Instruct), or '1b' for "
                    "a 1B-shaped random LLaMA (implies --no-peer --no-init --no-mem)")
@@ -215,7 +216,6 @@ def main(argv=None):
     p.add_argument("--out", default="bench.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    global SEQ, GRAD_CHECKPOINT
     SEQ, GRAD_CHECKPOINT = args.seq, args.grad_checkpoint
     torch.set_num_threads(args.threads)
     if args.scaling:
