@@ -2995,3 +2995,28 @@ def test_grad_checkpoint_gives_identical_loss_and_adapter_gradients(tiny_llama, 
         out[ckpt] = (loss.item(), [p.grad.clone() for p in net.parameters() if p.requires_grad])
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(out[True][1], out[False][1]))
+
+
+def test_memory_plan_counts_the_real_model_and_fits_the_paper_recipe_on_80_gb(tiny_llama, tmp_path):
+    args = train_nlg.parse_args(cli(tiny_llama, tmp_path / "o", "--dry-run", "--base-dtype", "fp32"))
+    plan = train_nlg.memory_plan(M.read_config(tiny_llama / "model")[1], args)
+    net = adapted(tiny_llama, "lora")
+    gib = 2 ** 30
+    base = sum(p.numel() * 4 for p in net.parameters() if not p.requires_grad)
+    adapters = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert plan["base weights"] * gib == pytest.approx(base) and plan["adapters + grads + AdamW (fp32)"] * gib == 16 * adapters
+    ckpt = train_nlg.memory_plan(M.read_config(tiny_llama / "model")[1],
+                                 train_nlg.parse_args(cli(tiny_llama, tmp_path / "o", "--dry-run", "--grad-checkpoint")))
+    assert 0 < ckpt["activations (checkpointed)"] < plan["activations (all kept)"]
+    # the paper's NLG recipe: LLaMA-2-7B (config.json only), r = 128 on all seven projections, micro-batch 4 x 512, bf16
+    d = tmp_path / "llama2-7b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}))
+    recipe = ["--model", str(d), "--dry-run", "--rank", "128", "--alpha", "128", "--batch-size", "32", "--grad-accum", "8",
+              "--max-len", "512", "--base-dtype", "bf16", "--dtype", "fp32", "--out", str(tmp_path / "p")]
+    plan = train_nlg.main(recipe)
+    assert 12 < plan["base weights"] < 13 and plan["total"] < 80  # 6.74B parameters in bf16; fits one 80 GB GPU
+    assert train_nlg.main(recipe + ["--grad-checkpoint"])["total"] < plan["total"] / 2

@@ -8,6 +8,7 @@
 #     --base-dtype bf16 --eval-gsm8k gsm8k_test.jsonl --device cuda --threads 8
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -119,6 +120,7 @@ def parse_args(argv):
     a("--merge", action="store_true", help="also write a merged HF checkpoint to OUT/merged")
     a("--grad-checkpoint", action="store_true",
       help="activation checkpointing per transformer block: less memory, one more forward in backward")
+    a("--dry-run", action="store_true", help="print the memory plan for one device (from config.json alone) and exit")
     a("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     if args.batch_size % args.grad_accum:
@@ -515,6 +517,38 @@ def load_checkpoint(spec, net, opt, state):
     return state
 
 
+# ---- memory plan (--dry-run) -----------------------------------------------------------------------------
+
+def memory_plan(cfg, args):
+    # GiB by item for one device, from config.json alone: the model is built on the meta device (shapes, no
+    # memory), and the activations kept for backward are the bytes of every tensor autograd saves in a meta
+    # forward of one micro-batch (the --base-dtype, as under autocast; views counted twice: an upper bound).
+    base_dtype = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
+    with torch.device("meta"):
+        net = modellib.Llama(dataclasses.replace(cfg, n_layer=1)).to(base_dtype)
+        balora.inject(net, args.targets.split(","), args.rank, args.alpha, "lora")
+    per_layer = lambda kind: sum(p.numel() for n, p in net.layers.named_parameters() if kind(n, p))
+    n_adapter = per_layer(lambda n, p: p.requires_grad) * cfg.n_layer
+    n_base = per_layer(lambda n, p: not p.requires_grad) * cfg.n_layer + cfg.vocab_size * cfg.n_embd * (
+        1 if cfg.tie_embeddings else 2) + cfg.n_embd
+    micro = args.batch_size // args.grad_accum
+    saved = []
+    ids = torch.zeros(micro, args.max_len, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        net.train()(ids, logits=False)
+    block = sum(saved)                                      # one block (and the embedding), no checkpointing
+    x_bytes = micro * args.max_len * cfg.n_embd * base_dtype.itemsize
+    activations = cfg.n_layer * x_bytes + block if args.grad_checkpoint else cfg.n_layer * block
+    M = micro * args.max_len                                # target tokens of a micro-batch, at most
+    gib = 1 / 2 ** 30
+    plan = {"base weights": n_base * base_dtype.itemsize * gib,
+            "adapters + grads + AdamW (fp32)": n_adapter * 16 * gib,
+            "teacher adapters A0, B0 (fp32)": n_adapter * 4 * gib,
+            f"activations ({'checkpointed' if args.grad_checkpoint else 'all kept'})": activations * gib,
+            "M x V logits: student fp32 + grad + KL grad": 3 * M * cfg.vocab_size * 4 * gib}
+    return {**plan, "total": sum(plan.values())}
+
+
 # ---- main ------------------------------------------------------------------------------------------------
 
 def hms(s):
@@ -639,6 +673,10 @@ def main(argv=None):
     args.dtype, why = modellib.resolve_dtype(args.dtype, args.device)
     print(f"train_nlg: {why}", flush=True)
     args.model = str(args.model or default_model_dir())
+    if args.dry_run:
+        plan = memory_plan(modellib.read_config(args.model)[1], args)
+        print("\n".join(f"{k:45s} {v:8.2f} GiB" for k, v in plan.items()))
+        return plan
     check_out(args)
     tok = modellib.load_tokenizer(args.model)
     d = prepare_data(args, tok)  # every data error before the model is loaded
