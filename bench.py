@@ -3,7 +3,8 @@
 # on all seven projections, 2 threads; fp32 and bf16 autocast; BA-LoRA's extra time split into the teacher
 # forward and the regularisers (+ their backward); peak RSS per method in a fresh subprocess; PiSSA init time
 # (exact SVD and randomized, niter 4); transformers + peft as the peer when installed. Paper Sec. 3.3 / 4.1.
-# Run: `python bench.py` (about 15 min on 2 cores; --no-peer/--no-init/--no-mem to skip parts). Prints a table, writes bench.json.
+# Run: `python bench.py` (about 15 min on 2 cores; --no-peer/--no-init/--no-mem to skip parts); --scaling (the
+# regularisers against M and V), --model 1b (a 1B-shaped random LLaMA). Prints a table, writes bench.json.
 
 import argparse
 import json

@@ -4,7 +4,7 @@
 # `python train_nlg.py` fine-tunes SmolLM2-135M-Instruct (converted once from its PyPI GGUF) to write human
 # movie-review sentences of a given sentiment, on a 2-core CPU in minutes. The paper's recipe on a GPU:
 #   python train_nlg.py --model LLAMA2_7B_DIR --train-file MetaMathQA-100K.jsonl --val-examples 500 --template alpaca \
-#     --rank 128 --alpha 128 --lr 2e-5 --batch-size 4 --grad-accum 8 --max-len 512 --epochs 1 --max-steps 0 \
+#     --rank 128 --alpha 128 --lr 2e-5 --batch-size 32 --grad-accum 8 --max-len 512 --epochs 1 --max-steps 0 \
 #     --base-dtype bf16 --eval-gsm8k gsm8k_test.jsonl --device cuda --threads 8
 
 import argparse

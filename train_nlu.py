@@ -1,7 +1,8 @@
 # train_nlu.py: BA-LoRA fine-tuning of a BERT / DeBERTa encoder for classification or regression
 # (paper Sec. 3.2 Eqs. 4-8, Sec. 4.1 GLUE, App. B.3). One plain loop: PiSSA (or LoRA) adapters on the encoder,
 # a fully trained head shared by student and teacher, task loss + λ1·consistency + λ2·diversity + λ3·SVD,
-# bf16 autocast, gradient accumulation, resumable safetensors checkpoints, metrics.json.
+# bf16 autocast where the device runs it natively (else fp32), gradient accumulation, a teacher feature cache,
+# resumable safetensors checkpoints, metrics.json.
 # Run: `python train_nlu.py` (all-MiniLM-L6-v2 on human-rated movie-review sentiment, minutes on a CPU);
 # `--method lora|pissa|balora`; GLUE: `--model DIR --train F --validation F --text-fields a,b`. `--help` for all.
 
