@@ -178,7 +178,10 @@ def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=(), threshold=0.2):
     c, tried = CONDITIONS[cond], []
     for i, budget in enumerate(c.budgets):
         r = Run(f"budget-{cond}", f"pissa-{i}", 0, c.script, c.flags + budget + METHODS["pissa"] + ["--seed", "0"])
-        rec = (run_grid([r], 1, results, workdir, extra) or [json.loads((Path(results) / f"{r.name}.json").read_text())])[0]
+        run_grid([r], 1, results, workdir, extra)  # (skipped when its result is already there)
+        if not (Path(results) / f"{r.name}.json").exists():
+            raise SystemExit(f"study: the budget run {r.name} failed; see {Path(workdir) / r.name / 'stdout.log'}")
+        rec = json.loads((Path(results) / f"{r.name}.json").read_text())
         tried.append({"budget": budget, "validation_mcc": rec["validation"]["mcc"],
                       "validation_minority_recall": rec["validation"].get("minority_recall")})
         print(f"study: budget {cond} {budget}: PiSSA validation MCC {rec['validation']['mcc']:.3f}", flush=True)
