@@ -230,6 +230,10 @@ def _adapter_tensors(model, convert_to_lora, modules_to_save):
     return tensors, targets, ranks.pop(), saved_modules
 
 
+def _non_finite(tensors):
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def save_adapter(model: nn.Module, out_dir: str, convert_to_lora: bool = False, modules_to_save=()):
     # Writes adapter_model.safetensors + adapter_config.json as peft does. The plain PiSSA adapter
     # (init_lora_weights "pissa") is what peft itself saves: loading it, peft recomputes W_res from
@@ -238,7 +242,7 @@ def save_adapter(model: nn.Module, out_dir: str, convert_to_lora: bool = False, 
     # modules_to_save: names of fully trained modules (e.g. a classification head) saved alongside.
     tensors, targets, (r, alpha, init), saved_modules = _adapter_tensors(
         model, convert_to_lora, modules_to_save)
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = _non_finite(tensors)
     if bad:  # never replace a good adapter on disk with NaN / inf
         raise AdapterError(f"not writing {out_dir}: {len(bad)} tensor(s) hold non-finite values, e.g. {bad[0]}")
     converted = convert_to_lora and init != "lora"
@@ -288,7 +292,7 @@ def load_adapter(model: nn.Module, in_dir: str):
         tensors = load_file(st_path)
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"{st_path}: not a readable safetensors file ({e})") from None
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = _non_finite(tensors)
     if bad:
         raise AdapterError(f"{st_path}: {bad[0]} holds non-finite values (NaN or inf)")
     layers = pissa_layers(model)
