@@ -234,7 +234,9 @@ def fmt(x, digits=3):
 def claim_table(table, cond, metric, pairs, title):
     # mean ± std per method, then each claimed pair (better, worse) paired by seed with its interval and verdict
     cells = table.get(cond, {})
-    lines = [f"**{title}** (`{cond}`, test {metric}; `python study.py report`)", "",
+    claim = CONDITIONS[cond].claim if cond in CONDITIONS else ""
+    lines = [f"**{title}** (`{cond}`, test {metric}; paper: {claim}; `python study.py run --only {cond}` then "
+             f"`python study.py report`)", "",
              "| method | mean ± std | n |", "|---|---|---|"]
     for m, seeds in cells.items():
         v = [s["test"].get(metric) for s in seeds.values() if s["test"].get(metric) is not None]
