@@ -712,6 +712,27 @@ def micro_batches(examples: list, n: int, collate) -> list:
     return [collate(examples[i:i + size]) for i in range(0, len(examples), size)]
 
 
+def shard(examples: list, rank: int, world: int) -> list:
+    # Under torchrun, this rank's contiguous share of one step's examples: rank r takes the r-th of `world`
+    # equal parts, so the ranks' micro-batches in rank order are one process's micro-batches of the same step.
+    return examples if world == 1 else micro_batches(examples, world, list)[rank]
+
+
+def check_world(n: int, batch_size: int, grad_accum: int, world: int, steps: int):
+    # Before training: every step must give every rank the same number of examples, and the epoch's last,
+    # smaller step (when the run reaches it) at least one each: a rank with none would wait forever in the
+    # gradient all-reduce.
+    if world == 1:
+        return
+    if batch_size % (world * grad_accum):
+        raise InputError(f"--batch-size {batch_size} (examples per optimizer step, all processes together) is not "
+                         f"divisible by {world} processes x --grad-accum {grad_accum}")
+    last = n % batch_size
+    if last and steps > n // batch_size and len(micro_batches(list(range(last)), world, list)) < world:
+        raise InputError(f"the epoch's last step has {last} of the {n} training examples, too few to give each of "
+                         f"{world} processes a share: choose another --batch-size, or a --max-steps that ends sooner")
+
+
 def balanced_sample(records: list, n: int, key=lambda r: r[:2]) -> tuple[list, list]:
     # -> (n records, the rest). An evaluation subset must not depend on file order (the VADER file is sorted by
     # polarity: its first 128 sentences are all positive): records are grouped by key (the prompt), each group

@@ -4,11 +4,13 @@
 # sequence-classification heads. The base models BA-LoRA (arXiv 2408.04556, §4) adapts.
 # Use: m = from_pretrained(dir[, num_labels]); tok = load_tokenizer(dir); save_pretrained(m, out).
 
+import datetime
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
@@ -956,4 +958,68 @@ def machine(device, dtype, threads=None):
            "torch": torch.__version__, "device": str(device), "dtype": dtype}
     if device.type == "cuda":
         rec["gpu"] = torch.cuda.get_device_name(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rec["world_size"] = torch.distributed.get_world_size()
     return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# More than one process: torchrun (`torchrun --nproc_per_node N train_nlu.py ...`) sets WORLD_SIZE, RANK and
+# LOCAL_RANK, as in nanoGPT's train.py. Data parallel: every rank holds the whole model, takes a disjoint
+# share of each step's batch, and DistributedDataParallel all-reduces the adapter (and head) gradients once per
+# optimizer step. Without torchrun nothing here does anything.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self):  # rank 0: the one process that prints, logs, evaluates and writes files
+        return self.rank == 0
+
+
+def distributed(device):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(0, 1, device)
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{local}"  # one GPU per process
+        torch.cuda.set_device(device)
+    # Rank 0 evaluates alone (the base model, each validation) while the others wait in the next collective:
+    # the timeout allows for a long evaluation.
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                         timeout=datetime.timedelta(hours=2))
+    if rank:  # one console: the other ranks' prints go nowhere (their errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    return Dist(rank, world, device)
+
+
+def data_parallel(net, dist):
+    # DDP over the trainable parameters; buffers (the teacher's A0/B0, RoPE tables) are equal on every rank
+    # and never change, so they are not broadcast each forward. The unwrapped model stays `net` (teacher,
+    # evaluation, saving); the wrapper is only for the student's training forward.
+    if dist.world == 1:
+        return net
+    ids = [dist.device] if dist.device.startswith("cuda") else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+
+
+def all_sum(values: dict, dist) -> dict:
+    # {name: float} summed over the ranks (the logged terms: each rank adds its weighted share)
+    if dist.world == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def step_seed(seed, step, micro):
+    # The randomness of one micro-batch (dropout; NLG's range finder) depends only on (seed, optimizer step,
+    # micro-batch index within the step's global batch), so N ranks x G micro-batches draw what one process
+    # with N*G micro-batches draws, and a resumed run draws what an uninterrupted one did.
+    return seed * 1_000_003 + step * 1009 + micro

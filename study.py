@@ -29,7 +29,8 @@ METHODS = {"lora": ["--method", "lora"], "pissa": ["--method", "pissa"], "balora
            # swapped formulations (seed 004's second ablation): NLU with the NLG forms, and MSE consistency
            "balora-nlg-forms": ["--method", "balora", "--diversity", "topk_entropy", "--svd", "randomized_frobenius"],
            "balora-mse": ["--method", "balora", "--consistency", "mse"]}
-for s in (0, 0.3, 3, 10):  # λ sensitivity (Sec. 4.3.5): all three NLU weights scaled by s
+METHODS["balora-x0"] = METHODS["pissa"]  # λ sensitivity (Sec. 4.3.5): all three weights x 0 is PiSSA itself
+for s in (0.3, 3, 10):  # ... and all three NLU weights scaled by s
     METHODS[f"balora-x{s}"] = ["--method", "balora", "--lambda1", f"{0.15 * s:g}", "--lambda2", f"{0.03 * s:g}",
                                "--lambda3", f"{0.03 * s:g}"]
 ALL = ["lora", "pissa", "balora", "lora+reg"]
@@ -95,8 +96,8 @@ def grid(only=None, budgets=None):
         if (c.budgets or c.budget_of) and not budget:
             print(f"study: {cond} waits for its budget: run `python study.py budget {source}` first", flush=True)
             continue
-        for m in c.methods:
-            for seed in range(c.seeds):
+        for seed in range(c.seeds):  # seed-major, so that paired comparisons exist as soon as one seed is done
+            for m in c.methods:
                 runs.append(Run(cond, m, seed, c.script, c.flags + budget + METHODS[m] + ["--seed", str(seed)]))
     return runs
 
@@ -136,6 +137,7 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
     # Runs what is missing, `jobs` one-thread processes side by side; finished runs (results/NAME.json) are
     # skipped, an interrupted one (a run directory without metrics.json) is started again from scratch.
     results, workdir = Path(results), Path(workdir)
+    reuse_identical(runs, results, dry_run)
     todo = [r for r in runs if not (results / f"{r.name}.json").exists()]
     print(f"study: {len(runs)} runs in the grid, {len(runs) - len(todo)} done, {len(todo)} to run", flush=True)
     if dry_run:
@@ -147,6 +149,8 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
     while todo or running:
         while todo and len(running) < jobs:
             r = todo.pop(0)
+            if reuse_identical([r], results):  # (its twin may have finished in this very invocation)
+                continue
             out = workdir / r.name
             shutil.rmtree(out, ignore_errors=True)  # an interrupted run restarts from scratch
             out.mkdir(parents=True)
@@ -171,6 +175,24 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
                 subprocess.run(["git", "add", str(results / f"{r.name}.json")], cwd=HERE)
                 subprocess.run(["git", "commit", "-q", "-m", f"results: {r.name}"], cwd=HERE)
     return done
+
+
+def reuse_identical(runs, results, dry_run=False):
+    # A run whose exact flags already ran in another condition (PiSSA and BA-LoRA recur in the ablations) gives the
+    # same metrics on the same machine (the runs are deterministic), so its result is copied, naming its source.
+    done, reused = {}, []
+    for f in sorted(Path(results).glob("*__*__*.json")):
+        rec = json.loads(f.read_text())
+        done.setdefault((rec["script"], tuple(rec["flags"])), (f.stem, rec))
+    for r in runs:
+        src = done.get((r.script, tuple(r.flags)))
+        if src and not (results / f"{r.name}.json").exists():
+            print(f"study: {r.name} has the flags of {src[0]}: {'would reuse' if dry_run else 'reused'}", flush=True)
+            if not dry_run:
+                rec = {**src[1], "condition": r.condition, "method": r.method, "same_as": src[1].get("same_as", src[0])}
+                (results / f"{r.name}.json").write_text(json.dumps(rec, indent=1) + "\n")
+            reused.append(r)
+    return reused
 
 
 def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=(), threshold=0.2):

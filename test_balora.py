@@ -1050,7 +1050,7 @@ def test_download_hash_mismatch_keeps_nothing(tmp_path, cache, monkeypatch):
 
 
 def test_failed_download_says_what_to_fetch_by_hand(cache, monkeypatch):
-    asset = data.ASSETS["vader"]
+    data.ASSETS["vader"]  # (the asset exists)
     monkeypatch.setattr(data.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement"))
     with pytest.raises(data.AssetError) as e:
@@ -2179,7 +2179,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_llama):
         grads = []
         for groups in ([big], halves):
             net = adapted(tiny_llama).train()
-            log = train_nlg.accumulate(net, groups, cfg, 0, 10, nullcontext())
+            train_nlg.accumulate(net, groups, cfg, 0, 10, nullcontext())
             grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad]))
         assert grads[0].abs().max() > 0
         assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
@@ -2491,6 +2491,66 @@ def test_batch_size_means_examples_per_step_in_both_scripts_and_accumulation_doe
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{script}: {k}")
+
+
+def torchrun(script, args, nproc=2):
+    # the script under torchrun on CPU (gloo): nproc processes of one thread each, a free port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(Path(__file__).parent / script), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def step_records(out):
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "step" in r and "event" not in r]
+
+
+@pytest.mark.parametrize("script", ["nlu", "nlg"])
+def test_two_processes_under_torchrun_equal_one_process_with_two_micro_batches(encoders, files, tiny_llama, tmp_path,
+                                                                                script):
+    # 2 ranks x (batch 8, grad-accum 1) against 1 process x (batch 8, grad-accum 2): the same global batches,
+    # the same micro-batches (rank r's share = micro-batch r), the same dropout masks and range-finder draws,
+    # so the same adapters after 3 BA-LoRA steps and the same logged losses. The NLU encoder has dropout 0.1.
+    common = ["--method", "balora", "--batch-size", "8", "--max-steps", "3", "--threads", "1"]
+    if script == "nlu":
+        make = lambda out, accum: argv(encoders["dropout"], files, out, *common, "--grad-accum", accum)
+        single = train_nlu.main(make(tmp_path / "one", "2"))
+    else:
+        make = lambda out, accum: cli(tiny_llama, out, *common, "--grad-accum", accum, "--lr", "1e-3")
+        single = train_nlg.main(make(tmp_path / "one", "2"))
+    r = torchrun(f"train_{script}.py", make(tmp_path / "two", "1"))
+    assert r.stdout.count("step 3/3") == 1  # one console: rank 1 prints nothing
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    one, two = step_records(tmp_path / "one"), step_records(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    terms = {"task", "consistency", "diversity", "svd", "loss", "lambda1", "lambda2", "lambda3", "grad_norm"}
+    assert {"task", "consistency", "svd", "grad_norm"} <= set(one[-1])
+    for r1, r2 in zip(one, two):
+        assert terms & set(r1) == terms & set(r2)
+        for t in terms & set(r1):
+            assert r2[t] == pytest.approx(r1[t], rel=1e-5, abs=1e-6), (r1["step"], t)
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["machine"]["world_size"] == 2
+    if script == "nlu":
+        assert m2["test"]["accuracy"] == single["test"]["accuracy"]
+        assert m2["test"]["loss"] == pytest.approx(single["test"]["loss"], rel=1e-5)
+    else:
+        assert m2["tuned"]["val_ppl"] == pytest.approx(single["tuned"]["val_ppl"], rel=1e-5)
+
+
+def test_torchrun_refuses_a_batch_it_cannot_share_evenly(encoders, files, tmp_path):
+    with pytest.raises(M.InputError, match="not divisible by 2 processes"):
+        data.check_world(40, 6, 2, 2, 10)
+    with pytest.raises(M.InputError, match="last step has 1 of the 41"):
+        data.check_world(41, 8, 1, 2, 10)
+    data.check_world(41, 8, 1, 2, 5)  # --max-steps ends before the short step: fine
+    data.check_world(41, 8, 1, 1, 10)  # one process: anything goes
+    assert data.shard(list(range(8)), 1, 2) == [4, 5, 6, 7] and data.shard([1, 2], 0, 1) == [1, 2]
 
 
 def test_nlg_method_sets_defaults_and_explicit_flags_apply(tiny_llama):
@@ -2925,6 +2985,12 @@ def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path):
     done = study.run_grid(runs, jobs=1, results=res, workdir=work, extra=extra)
     assert [r["method"] for r in done] == ["pissa"]
     assert study.run_grid(runs, jobs=1, results=res, workdir=work, extra=extra) == []
+    # a run of another condition with the same flags is not run again: its result is copied and names its source
+    twin = study.Run("tiny2", "pissa", 0, "nlu", runs[0].flags)
+    assert study.run_grid([twin], jobs=1, results=res, workdir=work, extra=extra) == []
+    rec = json.loads((res / "tiny2__pissa__0.json").read_text())
+    assert rec["same_as"] == "tiny__pissa__0" and rec["condition"] == "tiny2" and not (work / "tiny2__pissa__0").exists()
+    assert rec["test"] == json.loads((res / "tiny__pissa__0.json").read_text())["test"]
 
 
 def test_study_report_statistics_from_fixture_results(tmp_path):

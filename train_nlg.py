@@ -8,6 +8,7 @@
 #     --base-dtype bf16 --eval-gsm8k gsm8k_test.jsonl --device cuda --threads 8
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -251,6 +252,7 @@ def select(logits, labels):
 def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
     # -> (summed token cross-entropy, Σ λ_i L_i (token means), M, {term: value})
     ids, labels = batch["input_ids"], batch["labels"]
+    raw = getattr(net, "module", net)  # under DDP: the teacher runs on the unwrapped model (no gradient)
     # Right padding: every pad comes after the real tokens, so the causal mask alone keeps pads out of real
     # positions and real positions count from 0 as without padding. attention_mask=None takes SDPA's fast
     # causal path; the logits at pad positions are never used.
@@ -272,38 +274,47 @@ def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
         return task, torch.zeros((), device=ids.device), len(y), {}
     z_teacher = None
     if l1 > 0:  # the frozen pretrained model from the same weights (balora.teacher), no second copy; its
-        with balora.teacher(net), amp:  # M×V logits are made chunk by chunk inside the KL (balora.TeacherLogits)
-            h = net(ids, rows=mask, logits=False)             # (M, C)
-        z_teacher = balora.TeacherLogits(h, net.output_weight(), getattr(amp, "fast_dtype", None))
+        with balora.teacher(raw), amp:  # M×V logits are made chunk by chunk inside the KL (balora.TeacherLogits)
+            h = raw(ids, rows=mask, logits=False)             # (M, C)
+        z_teacher = balora.TeacherLogits(h, raw.output_weight(), getattr(amp, "fast_dtype", None))
     reg, log = balora.regularizers(cfg, z, z_teacher, None, step, total_steps, generator)
     return task, reg, len(y), log
 
 
-def accumulate(net, micro_batches, cfg, step, total_steps, amp, seed=0):
+def accumulate(net, micro_batches, cfg, step, total_steps, amp, seed=0, dist=modellib.Dist(), micro0=0):
     # Forward + backward of one optimizer step. Each micro-batch's loss is weighted by its share of the
     # step's M target tokens, so the gradient equals one big batch's for the task loss and for the
     # token-averaged consistency and diversity terms. The SVD term is a spectrum of each micro-batch's own
     # M×V matrix (as in the official code under gradient accumulation): it enters as the token-weighted
     # mean of the micro-batch values.
-    n_total = sum(int((targets(b["labels"]) != data.IGNORE_INDEX).sum()) for b in micro_batches)
-    totals = {"loss": 0.0, "task": 0.0}
+    # Under torchrun `micro_batches` are this rank's share (micro0: the index of its first in the step): the
+    # step's token count is all-reduced first (as torchtune does) and, as DDP averages the ranks' gradients,
+    # each loss is also scaled by the world size; the SVD term stays per micro-batch, as in one process.
+    n_local = sum(int((targets(b["labels"]) != data.IGNORE_INDEX).sum()) for b in micro_batches)
+    n_total = int(modellib.all_sum({"n": n_local}, dist)["n"])
+    sums, lambdas = {"loss": 0.0, "task": 0.0}, {}
     for i, batch in enumerate(micro_batches):
         # the range finder's Gaussian depends only on (seed, step, micro-batch): a resumed run draws the same
         device = batch["input_ids"].device
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 1009 + i)
-        task, reg, M, log = micro_batch_loss(net, batch, cfg, step, total_steps, amp, gen)
-        loss = (task + M * reg) / n_total
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={v:.6g}" for k, v in {"task": task.item() / M, **log}.items())
-            raise FloatingPointError(f"non-finite loss at optimizer step {step} (micro-batch {i}): {terms}; "
-                                     f"stopping (lower --lr, or check the data and the lambdas)")
-        loss.backward()
+        gen = torch.Generator(device=device).manual_seed(modellib.step_seed(seed, step, micro0 + i))
+        last = i == len(micro_batches) - 1  # DDP all-reduces the gradients in the last backward only
+        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+            task, reg, M, log = micro_batch_loss(net, batch, cfg, step, total_steps, amp, gen)
+            loss = (task + M * reg) / n_total
+            if not torch.isfinite(loss):
+                terms = ", ".join(f"{k}={v:.6g}" for k, v in {"task": task.item() / M, **log}.items())
+                raise FloatingPointError(f"non-finite loss at optimizer step {step} (micro-batch {i}): {terms}; "
+                                         f"stopping (lower --lr, or check the data and the lambdas)")
+            (loss * dist.world).backward()
         w = M / n_total
-        totals["loss"] += loss.item()
-        totals["task"] += task.item() / n_total
+        sums["loss"] += loss.item()
+        sums["task"] += task.item() / n_total
         for k, v in log.items():
-            totals[k] = v if k.startswith("lambda") else totals.get(k, 0.0) + w * v
-    return totals
+            if k.startswith("lambda"):
+                lambdas[k] = v
+            else:
+                sums[k] = sums.get(k, 0.0) + w * v
+    return {**modellib.all_sum(sums, dist), **lambdas}  # the step's token means over all ranks
 
 
 def lr_at(step, total_steps, lr, warmup):
@@ -314,16 +325,16 @@ def lr_at(step, total_steps, lr, warmup):
     return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(total_steps - w, 1)))
 
 
-def step_batches(examples, args, pad_id, device):
-    # The stream of optimizer steps: --batch-size examples each, split into --grad-accum micro-batches, epoch
-    # after epoch; each epoch's order depends only on (seed, epoch) (data.batches), so a resumed run skips to
-    # exactly where it stopped.
+def step_batches(examples, args, pad_id, device, dist=modellib.Dist()):
+    # The stream of optimizer steps: --batch-size examples each (this rank's share under torchrun), split into
+    # --grad-accum micro-batches, epoch after epoch; each epoch's order depends only on (seed, epoch)
+    # (data.batches), so a resumed run skips to exactly where it stopped.
     if not examples:
         raise modellib.InputError("no training examples")  # prepare_data says why; never loop forever on nothing
     collate = lambda e: {k: v.to(device) for k, v in data.collate_lm(e, pad_id).items()}
     for epoch in itertools.count():
         for step in data.batches(examples, args.batch_size, list, shuffle=True, seed=args.seed, epoch=epoch):
-            yield data.micro_batches(step, args.grad_accum, collate)
+            yield data.micro_batches(data.shard(step, dist.rank, dist.world), args.grad_accum, collate)
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
@@ -589,11 +600,11 @@ def build(args, net):
     return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay), init_s
 
 
-def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint):
+def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint, dist=modellib.Dist()):
     # the optimizer steps start..total_steps-1; returns (training seconds, tokens), or None when --stop-at stopped it
     trainable = [p for g in opt.param_groups for p in g["params"]]
-    net.train()
-    groups = step_batches(d.train, args, d.pad_id, args.device)
+    student = modellib.data_parallel(net, dist).train()  # the training forward; `net` itself for the rest
+    groups = step_batches(d.train, args, d.pad_id, args.device, dist)
     for _ in range(start):
         next(groups)
     t_train, tokens_done = time.time(), 0
@@ -603,12 +614,13 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint)
         for g in opt.param_groups:
             g["lr"] = lr
         group = next(groups)
-        totals = accumulate(net, group, cfg, step, total_steps, autocast(args), args.seed)
+        totals = accumulate(student, group, cfg, step, total_steps, autocast(args), args.seed, dist,
+                            dist.rank * args.grad_accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf")).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.time() - t
-        tokens = sum(int(b["attention_mask"].sum()) for b in group)
+        tokens = int(modellib.all_sum({"n": sum(int(b["attention_mask"].sum()) for b in group)}, dist)["n"])
         tokens_done += tokens
         elapsed = time.time() - t_train
         eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
@@ -619,7 +631,7 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint)
         print(f"step {step + 1}/{total_steps} | loss {totals['loss']:.4f} | task {totals['task']:.4f}"
               f" | {terms or 'no regularisers'}{' | λ ' + lams if lams else ''} | lr {lr:.2e} | "
               f"gnorm {grad_norm:.3f} | {tokens / dt:.0f} tok/s | {hms(elapsed)} elapsed | ETA {hms(eta)}", flush=True)
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps and dist.main:
             rec["val_ppl"] = response_ppl(net, d.val, args, d.pad_id)
             rec["drift_ppl"] = text_ppl(net, d.windows, args)
             print(f"eval step {step + 1}: val_ppl {rec['val_ppl']} | drift_ppl {rec['drift_ppl']:.4f}", flush=True)
@@ -670,6 +682,8 @@ def main(argv=None):
     t_start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
+    dist = modellib.distributed(args.device)  # torchrun: this process's rank and device; else one process
+    args.device = dist.device
     args.dtype, why = modellib.resolve_dtype(args.dtype, args.device)
     print(f"train_nlg: {why}", flush=True)
     args.model = str(args.model or default_model_dir())
@@ -677,11 +691,13 @@ def main(argv=None):
         plan = memory_plan(modellib.read_config(args.model)[1], args)
         print("\n".join(f"{k:45s} {v:8.2f} GiB" for k, v in plan.items()))
         return plan
-    check_out(args)
+    if dist.main:
+        check_out(args)
     tok = modellib.load_tokenizer(args.model)
     d = prepare_data(args, tok)  # every data error before the model is loaded
     cfg = reg_config(args)
     total_steps = args.max_steps or args.epochs * math.ceil(len(d.train) / args.batch_size)
+    data.check_world(len(d.train), args.batch_size, args.grad_accum, dist.world, total_steps)
     run = {"method": args.method, "init": args.init, "steps": total_steps,
            "config": {k: getattr(cfg, k) for k in REG_KEYS}, "machine": modellib.machine(args.device, args.dtype)}
     print(f"train_nlg: {args.method} (init {args.init}, r={args.rank}, alpha={args.alpha}; {run['config']}) on "
@@ -697,11 +713,13 @@ def main(argv=None):
         base = state["base"]
     elif args.base_from:
         base = base_metrics(args.base_from, {k: getattr(args, k) for k in EVAL_KEYS})
-    else:
+    elif dist.main:  # rank 0 evaluates alone under torchrun
         base = evaluate(net, tok, d, args, "base")
+    else:
+        base = None
     opt, init_s = build(args, net)
     start, history = 0, []
-    logf = open_log(args, state)
+    logf = open_log(args, state) if dist.main else open(os.devnull, "w")
     if state:
         load_checkpoint(args.resume, net, opt, state)
         start, history = state["step"], state["history"]
@@ -710,15 +728,17 @@ def main(argv=None):
         logf.write(json.dumps({"event": "start", **run, "args": vars(args)}) + "\n")
 
     def checkpoint(step):
-        save_checkpoint(os.path.join(args.out, "checkpoint.safetensors"), net, opt,
-                        {"step": step, "args": {k: getattr(args, k) for k in RESUME_KEYS}, "base": base,
-                         "history": history})
+        if dist.main:
+            save_checkpoint(os.path.join(args.out, "checkpoint.safetensors"), net, opt,
+                            {"step": step, "args": {k: getattr(args, k) for k in RESUME_KEYS}, "base": base,
+                             "history": history})
 
-    done = train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint)
+    done = train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint, dist)
     logf.close()
-    if done is None:
-        return None
-    return finish(net, tok, d, args, run, base, history, *done, init_s, t_start)
+    metrics = finish(net, tok, d, args, run, base, history, *done, init_s, t_start) if done and dist.main else None
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return metrics
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 # `--method lora|pissa|balora`; GLUE: `--model DIR --train F --validation F --text-fields a,b`. `--help` for all.
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -231,37 +232,45 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dtype, cache=None):
+def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dtype, cache=None, seed=0,
+               dist=modeling.Dist(), n_step=None, micro0=0):
     # Forward + backward over the micro-batches of one optimizer step; .grad then holds the gradient of the
     # step's loss. Each micro-batch loss is scaled by its share of the step's examples (1/grad_accum when
     # they are equal): summing the scaled gradients gives the gradient of the mean over the whole batch, so
     # --grad-accum changes memory, not the update. Diversity and SVD are batch statistics (the covariance and
     # the singular values of the batch's logits): with accumulation they are computed per micro-batch, over
     # its rows only. (The consistency KL is a per-example mean and accumulates exactly.)
-    n_total = sum(len(b["labels"]) for b in batches)
+    # Under torchrun, `batches` are this rank's share of the step (n_step examples in all, micro0 the index of
+    # its first micro-batch): DDP averages the ranks' gradients, so each share is also scaled by the world size;
+    # the batch statistics stay per micro-batch, exactly as in one process with the same micro-batches.
+    n_step = n_step or sum(len(b["labels"]) for b in batches)
+    raw = getattr(net, "module", net)  # the teacher runs on the unwrapped model: no gradient, no DDP
     device_type = batches[0]["input_ids"].device.type
-    log = {}
-    for b in batches:
-        w = len(b["labels"]) / n_total
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            z = logits_of(net, b)
-            if not bool(torch.isfinite(z).all()):
-                raise NonFiniteLoss(f"step {step + 1}: the logits are non-finite")
-            terms = {"task": task_loss(z, b["labels"], regression)}
-            reg = 0.0
-            if regularise:
-                l1, _, _ = cfg.lambdas(step, total_steps)
-                zt = teacher_logits(net, b, cache) if l1 > 0 else None
-                reg, reg_log = balora.regularizers(cfg, z, zt, None, step, total_steps)
-                terms.update({k: v for k, v in reg_log.items() if not k.startswith("lambda")})
-                log.update({k: v for k, v in reg_log.items() if k.startswith("lambda")})
-        for name, value in terms.items():
-            value = value.item() if torch.is_tensor(value) else float(value)
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"step {step + 1}: the {name} term is non-finite ({value})")
-            log[name] = log.get(name, 0.0) + w * value
-        ((terms["task"] + reg) * w).backward()
-    return log
+    log, lambdas = {}, {}
+    for j, b in enumerate(batches):
+        w = len(b["labels"]) / n_step
+        torch.manual_seed(modeling.step_seed(seed, step, micro0 + j))  # dropout: the same masks on any layout
+        last = j == len(batches) - 1  # DDP all-reduces the gradients in the last micro-batch's backward only
+        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                z = logits_of(net, b)
+                if not bool(torch.isfinite(z).all()):
+                    raise NonFiniteLoss(f"step {step + 1}: the logits are non-finite")
+                terms = {"task": task_loss(z, b["labels"], regression)}
+                reg = 0.0
+                if regularise:
+                    l1, _, _ = cfg.lambdas(step, total_steps)
+                    zt = teacher_logits(raw, b, cache) if l1 > 0 else None
+                    reg, reg_log = balora.regularizers(cfg, z, zt, None, step, total_steps)
+                    terms.update({k: v for k, v in reg_log.items() if not k.startswith("lambda")})
+                    lambdas.update({k: v for k, v in reg_log.items() if k.startswith("lambda")})
+            for name, value in terms.items():
+                value = value.item() if torch.is_tensor(value) else float(value)
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"step {step + 1}: the {name} term is non-finite ({value})")
+                log[name] = log.get(name, 0.0) + w * value
+            ((terms["task"] + reg) * (w * dist.world)).backward()
+    return {**modeling.all_sum(log, dist), **lambdas}  # the step's means over all ranks' examples
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -532,10 +541,11 @@ def reg_config(args, num_labels, regularise):
         focus_schedule=args.focus_schedule)
 
 
-def resume_state(args, out, net, opt, config):
+def resume_state(args, out, net, opt, config, main=True):
     # the state to continue from; the saved settings must equal this run's but for RESUME_MAY_DIFFER.
-    # What a killed save left behind is removed, and the log loses the steps after the checkpoint.
-    stale = data.clean_stale(out)
+    # What a killed save left behind is removed, and the log loses the steps after the checkpoint (by rank 0
+    # alone under torchrun; every rank loads the same checkpoint).
+    stale = data.clean_stale(out) if main else []
     if stale:
         print(f"resume: removed the leftovers of an interrupted save: {', '.join(stale)}")
     ckpt, state = load_checkpoint(out, net, opt)
@@ -545,14 +555,16 @@ def resume_state(args, out, net, opt, config):
         raise ValueError(f"--resume: {ckpt / STATE_FILE} was written with other settings (saved, now): {differ}")
     state["args"] = config
     print(f"resume: {ckpt} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
-    data.truncate_log(out / "log.jsonl", state["step"])
+    if main:
+        data.truncate_log(out / "log.jsonl", state["step"])
     return state
 
 
-def train(net, opt, cfg, encoded, info, args, state, total, warmup, log):
-    # the epochs from the state's position on; validation and a checkpoint at each epoch end.
-    # Returns the training seconds, or None when --stop-after stopped the run.
+def train(net, opt, cfg, encoded, info, args, state, total, warmup, log, dist=modeling.Dist()):
+    # the epochs from the state's position on; validation and a checkpoint at each epoch end (rank 0 alone
+    # evaluates and writes under torchrun). Returns the training seconds, or None when --stop-after stopped it.
     out, train_set = Path(args.out), encoded["train"]
+    student = modeling.data_parallel(net, dist)  # the training forward; `net` itself for the rest
     regularise = any(x > 0 for x in (cfg.lambda1, cfg.lambda2, cfg.lambda3))
     cache = TeacherCache(len(train_set)) if cfg.lambda1 > 0 and args.teacher_cache else None
     collate = lambda e: to_device({**data.collate_classification(e, info["pad_id"]),
@@ -565,7 +577,8 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log):
     def checkpoint(epoch, batch):
         nonlocal last_saved
         state.update(step=step, epoch=epoch, batch=batch, train_seconds=seconds_before + time.time() - t_start)
-        save_checkpoint(out, net, opt, state)
+        if dist.main:
+            save_checkpoint(out, net, opt, state)
         last_saved = step
 
     for epoch in range(state["epoch"], args.epochs):
@@ -578,13 +591,14 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log):
             if step >= total:
                 break
             t0 = time.time()
-            bs = data.micro_batches(examples, args.grad_accum, collate)
+            bs = data.micro_batches(data.shard(examples, dist.rank, dist.world), args.grad_accum, collate)
             lr = lr_at(step, total, warmup, args.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             try:
-                terms = accumulate(net, bs, cfg, regularise, step, total, args.regression, args.dtype, cache)
+                terms = accumulate(student, bs, cfg, regularise, step, total, args.regression, args.dtype, cache,
+                                   args.seed, dist, len(examples), dist.rank * args.grad_accum)
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in opt.param_groups for p in g["params"]], args.clip if args.clip > 0 else math.inf)
                 if not torch.isfinite(norm):
@@ -614,10 +628,11 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log):
             if args.save_every and step % args.save_every == 0 and step < total:
                 checkpoint(epoch, i + 1)
         # epoch end (or budget reached): validation, then a checkpoint that starts the next epoch
-        m = evaluate(net, encoded["validation"], args, info)
-        state["validation"].append({"epoch": epoch, "step": step, **m})
-        log({"event": "validation", "epoch": epoch, "step": step, **m})
-        print(f"validation (epoch {epoch}, step {step}): {summary(m)}", flush=True)
+        if dist.main:
+            m = evaluate(net, encoded["validation"], args, info)
+            state["validation"].append({"epoch": epoch, "step": step, **m})
+            log({"event": "validation", "epoch": epoch, "step": step, **m})
+            print(f"validation (epoch {epoch}, step {step}): {summary(m)}", flush=True)
         checkpoint(epoch + 1, 0)
     return state["train_seconds"] if step == step_at_start else seconds_before + time.time() - t_start
 
@@ -648,12 +663,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    dist = modeling.distributed(args.device)  # torchrun: this process's rank and device; else one process
+    args.device = dist.device
     args.dtype, why = modeling.resolve_dtype(args.dtype, args.device)
     print(why)
     init, regularise = METHODS[args.method]
     init = args.init or init
     out = Path(args.out)
-    if not args.resume and (out / POINTER).exists():
+    if dist.main and not args.resume and (out / POINTER).exists():
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     encoded, info = prepare_data(args)
@@ -664,30 +681,35 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(encoded["train"]) / args.batch_size)
     total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     warmup = max(1, round(args.warmup_ratio * total))
+    data.check_world(len(encoded["train"]), args.batch_size, args.grad_accum, dist.world, total)
     config = dict(vars(args))
     run = {"method": args.method, "init": init, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
            "total_steps": total, "machine": modeling.machine(args.device, args.dtype)}
     state = {"step": 0, "epoch": 0, "batch": 0, "validation": [], "args": config, "train_seconds": 0.0, "examples": 0}
     if args.resume:
-        state = resume_state(args, out, net, opt, config)
-    log_file = open(out / "log.jsonl", "a" if args.resume else "w")
+        state = resume_state(args, out, net, opt, config, dist.main)
+    log_file = open(out / "log.jsonl" if dist.main else os.devnull, "a" if args.resume else "w")
 
-    def log(record):
+    def log(record):  # rank 0's log.jsonl
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
     desc = (f"{args.method} (init {init}; λ1/λ2/λ3 {cfg.lambda1}/{cfg.lambda2}/{cfg.lambda3}, k={cfg.svd_k}, "
             f"T={cfg.temperature}, {cfg.consistency}/{cfg.diversity}/{cfg.svd})")
     print(f"train: {desc}; {len(encoded['train'])} examples, {total} steps of {args.batch_size} "
-          f"({args.grad_accum} micro-batches), {steps_per_epoch} steps/epoch, warm-up {warmup}, "
+          f"({args.grad_accum} micro-batches{f' in each of {dist.world} processes' if dist.world > 1 else ''}), "
+          f"{steps_per_epoch} steps/epoch, warm-up {warmup}, "
           f"lr {args.lr}, {args.dtype} on {args.device}, out {out}; {run['machine']}")
     if not args.resume:
         log({"event": "start", "method": desc, "warmup": warmup, **run, "args": config})
     try:
-        train_seconds = train(net, opt, cfg, encoded, info, args, state, total, warmup, log)
-        return None if train_seconds is None else finish(net, encoded, info, args, run, state, train_seconds, log)
+        train_seconds = train(net, opt, cfg, encoded, info, args, state, total, warmup, log, dist)
+        if train_seconds is not None and dist.main:
+            return finish(net, encoded, info, args, run, state, train_seconds, log)
     finally:
         log_file.close()
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
