@@ -45,6 +45,7 @@ class Condition:
     claim: str = ""
     budgets: list = field(default_factory=list)  # candidate budgets (flag lists), smallest first, for `budget`
     budget_of: str = ""          # use the budget chosen for that condition (the same task and intervention)
+    budget_rule: tuple = ("validation", "mcc", 0.2)  # PiSSA's (section, metric, threshold) a budget must reach
 
 
 # The budgets below were chosen from PiSSA alone (`python study.py budget COND`, results/budget-COND.json): the
@@ -69,7 +70,28 @@ CONDITIONS = {
                        "each task's own forms are better (seed 004)"),
     "lambda": Condition("nlu", IMBALANCE, ["balora-x0", "balora-x0.3", "balora", "balora-x3", "balora-x10"], 5,
                         "sensitivity to the weights (Sec. 4.3.5)", budget_of="imbalance"),
+    # Knowledge drift (Table 13) needs a setting in which plain fine-tuning *raises* the perplexity of general text
+    # (the default movie-review task lowers it): tweets, far from the NYT editorials the drift is measured on.
+    "drift": Condition("nlg", ["--train-file", "runs/study/tweets.jsonl"], ALL, 3,
+                       "drift PPL: BA-LoRA drifts least at equal task quality (Table 13)",
+                       budgets=[["--max-steps", "40"], ["--max-steps", "40", "--lr", "1e-3"],
+                                ["--max-steps", "120", "--lr", "1e-3"], ["--max-steps", "120", "--lr", "3e-3"]],
+                       budget_rule=("test", "drift_ppl_ratio", 1.05)),
 }
+
+
+def tweet_writing(path=HERE / "runs" / "study" / "tweets.jsonl"):
+    # The drift condition's training file: VADER's 4 200 human-rated tweets as sentiment-conditioned writing
+    # ("Write a positive tweet." -> the tweet), |rating| >= 0.5 as in the movie-review task; written once.
+    import data
+    if path.exists():
+        return path
+    rows = data.read_ground_truth(data.vader_dir() / "tweets_GroundTruth.txt")
+    recs = [{"instruction": f"Write a {'positive' if score > 0 else 'negative'} tweet.", "output": text}
+            for _, score, text in rows if abs(score) >= data.NEUTRAL_BAND]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    return path
 
 
 @dataclass
@@ -195,22 +217,25 @@ def reuse_identical(runs, results, dry_run=False):
     return reused
 
 
-def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=(), threshold=0.2):
-    # PiSSA alone, seed 0, candidate budgets smallest first: the first whose validation MCC >= threshold wins
+def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=()):
+    # PiSSA alone, seed 0, candidate budgets smallest first: the first that reaches the condition's rule wins
+    # (NLU: validation MCC >= 0.2; drift: drift-perplexity ratio >= 1.05)
     c, tried = CONDITIONS[cond], []
+    section, metric, threshold = c.budget_rule
     for i, budget in enumerate(c.budgets):
         r = Run(f"budget-{cond}", f"pissa-{i}", 0, c.script, c.flags + budget + METHODS["pissa"] + ["--seed", "0"])
         run_grid([r], 1, results, workdir, extra)  # (skipped when its result is already there)
         if not (Path(results) / f"{r.name}.json").exists():
             raise SystemExit(f"study: the budget run {r.name} failed; see {Path(workdir) / r.name / 'stdout.log'}")
         rec = json.loads((Path(results) / f"{r.name}.json").read_text())
-        tried.append({"budget": budget, "validation_mcc": rec["validation"]["mcc"],
-                      "validation_minority_recall": rec["validation"].get("minority_recall")})
-        print(f"study: budget {cond} {budget}: PiSSA validation MCC {rec['validation']['mcc']:.3f}", flush=True)
-        if rec["validation"]["mcc"] >= threshold:
+        value = rec[section][metric]
+        tried.append({"budget": budget, f"{section}_{metric}": value, **({"validation_minority_recall": rec[
+            "validation"].get("minority_recall")} if c.script == "nlu" else {"test": rec["test"]})})
+        print(f"study: budget {cond} {budget}: PiSSA {section} {metric} {value:.3f}", flush=True)
+        if value >= threshold:
             break
-    chosen = tried[-1]["budget"] if tried and tried[-1]["validation_mcc"] >= threshold else None
-    out = {"condition": cond, "rule": f"smallest budget with PiSSA validation MCC >= {threshold} (seed 0)",
+    chosen = tried[-1]["budget"] if tried and tried[-1][f"{section}_{metric}"] >= threshold else None
+    out = {"condition": cond, "rule": f"smallest budget with PiSSA {section} {metric} >= {threshold} (seed 0)",
            "tried": tried, "chosen": chosen}
     (Path(results) / f"budget-{cond}.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
@@ -253,8 +278,9 @@ def fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def claim_table(table, cond, metric, pairs, title):
+def claim_table(table, cond, metric, pairs, title, lower=False):
     # mean ± std per method, then each claimed pair (better, worse) paired by seed with its interval and verdict
+    # (lower: the metric is better when smaller, as the drift-perplexity ratio)
     cells = table.get(cond, {})
     claim = CONDITIONS[cond].claim if cond in CONDITIONS else ""
     lines = [f"**{title}** (`{cond}`, test {metric}; paper: {claim}; `python study.py run --only {cond}` then "
@@ -270,8 +296,8 @@ def claim_table(table, cond, metric, pairs, title):
         b = [cells[worse][s]["test"].get(metric) for s in common]
         ok = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
         mean, lo, hi = paired([x for x, _ in ok], [y for _, y in ok])
-        lines.append(f"| {better} > {worse} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | {len(ok)} | "
-                     f"**{verdict(lo, hi)}** |")
+        lines.append(f"| {better} {'<' if lower else '>'} {worse} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | "
+                     f"{len(ok)} | **{verdict(lo, hi, -1 if lower else +1)}** |")
     return "\n".join(lines) + "\n"
 
 
@@ -289,12 +315,15 @@ REPORT = [  # (condition, metric, claimed pairs better > worse, title)
     ("forms", "accuracy", [("balora", "balora-nlg-forms"), ("balora", "balora-mse")], "NLU forms against swaps"),
     ("lambda", "minority_recall", [("balora-x0.3", "balora-x0"), ("balora", "balora-x0"), ("balora-x3", "balora-x0"),
                                    ("balora-x10", "balora-x0")], "λ sensitivity on the imbalance condition"),
+    ("drift", "drift_ppl_ratio", [("balora", "pissa"), ("balora", "lora"), ("lora+reg", "lora")],
+     "Knowledge drift: drift-perplexity ratio tuned / base", True),
+    ("drift", "val_ppl", [("balora", "pissa")], "Knowledge drift: task (validation) perplexity", True),
 ]
 
 
 def report(results=RESULTS):
     table = load_results(results)
-    parts = [claim_table(table, cond, metric, pairs, title) for cond, metric, pairs, title in REPORT if cond in table]
+    parts = [claim_table(table, cond, *rest) for cond, *rest in REPORT if cond in table]
     text = "\n".join(parts)
     print(text)
     return text
@@ -311,6 +340,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.action == "report":
         return report()
+    tweet_writing()  # the drift condition's training file (runs/study/tweets.jsonl), once
     if args.action == "budget":
         return [choose_budget(c) for c in args.conditions]
     only = args.only.split(",") if args.only else None

@@ -3009,6 +3009,13 @@ def test_study_report_statistics_from_fixture_results(tmp_path):
     assert "| pissa | 0.750 ± 0.010 | 3 |" in text
     assert study.verdict(-0.3, -0.1) == "contradicted" and study.verdict(-0.1, 0.2) == "inconclusive"
     assert study.report(tmp_path) == text  # deterministic: the README tables regenerate byte for byte
+    # a lower-is-better claim (drift): BA-LoRA's ratio below PiSSA's on every seed holds, not "contradicted"
+    for m, vals in {"pissa": [1.20, 1.25, 1.22], "balora": [1.10, 1.12, 1.13]}.items():
+        for seed, r in enumerate(vals):
+            (tmp_path / f"drift__{m}__{seed}.json").write_text(json.dumps(
+                {"condition": "drift", "method": m, "seed": seed, "test": {"drift_ppl_ratio": r, "val_ppl": 9.0}}))
+    line = study.report(tmp_path).split("| balora < pissa | -0.1067")[1].splitlines()[0]
+    assert line.endswith("| 3 | **holds** |"), line
 
 
 def test_non_finite_logits_stop_nlg_before_any_svd(tiny_llama):
