@@ -12,7 +12,7 @@ import re
 import shutil
 import sys
 import tempfile
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -1006,6 +1006,12 @@ def data_parallel(net, dist):
         return net
     ids = [dist.device] if dist.device.startswith("cuda") else None
     return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+
+
+def sync_gradients(net, last: bool):
+    # DDP all-reduces the gradients in the backward of a step's last micro-batch only (nanoGPT's
+    # require_backward_grad_sync; no_sync is the public switch); a plain module always accumulates locally
+    return net.no_sync() if not last and hasattr(net, "no_sync") else nullcontext()
 
 
 def all_sum(values: dict, dist) -> dict:

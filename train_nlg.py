@@ -8,7 +8,6 @@
 #     --base-dtype bf16 --eval-gsm8k gsm8k_test.jsonl --device cuda --threads 8
 
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -297,8 +296,7 @@ def accumulate(net, micro_batches, cfg, step, total_steps, amp, seed=0, dist=mod
         # the range finder's Gaussian depends only on (seed, step, micro-batch): a resumed run draws the same
         device = batch["input_ids"].device
         gen = torch.Generator(device=device).manual_seed(modellib.step_seed(seed, step, micro0 + i))
-        last = i == len(micro_batches) - 1  # DDP all-reduces the gradients in the last backward only
-        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+        with modellib.sync_gradients(net, last=i == len(micro_batches) - 1):
             task, reg, M, log = micro_batch_loss(net, batch, cfg, step, total_steps, amp, gen)
             loss = (task + M * reg) / n_total
             if not torch.isfinite(loss):

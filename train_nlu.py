@@ -7,7 +7,6 @@
 # `--method lora|pissa|balora`; GLUE: `--model DIR --train F --validation F --text-fields a,b`. `--help` for all.
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -250,8 +249,7 @@ def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dty
     for j, b in enumerate(batches):
         w = len(b["labels"]) / n_step
         torch.manual_seed(modeling.step_seed(seed, step, micro0 + j))  # dropout: the same masks on any layout
-        last = j == len(batches) - 1  # DDP all-reduces the gradients in the last micro-batch's backward only
-        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+        with modeling.sync_gradients(net, last=j == len(batches) - 1):
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
                 z = logits_of(net, b)
                 if not bool(torch.isfinite(z).all()):
