@@ -2536,6 +2536,13 @@ def test_two_processes_under_torchrun_equal_one_process_with_two_micro_batches(e
             assert r2[t] == pytest.approx(r1[t], rel=1e-5, abs=1e-6), (r1["step"], t)
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert m2["machine"]["world_size"] == 2
+    # every rank resumes from rank 0's checkpoint: stopped after step 2 and resumed = uninterrupted
+    stop, resume = (["--stop-after", "2"], ["--resume"]) if script == "nlu" else \
+        (["--stop-at", "2"], ["--resume", str(tmp_path / "three" / "checkpoint.safetensors")])
+    torchrun(f"train_{script}.py", make(tmp_path / "three", "1") + stop)
+    torchrun(f"train_{script}.py", make(tmp_path / "three", "1") + resume)
+    c = load_file(str(tmp_path / "three" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(c[k], b[k]) for k in b)
     if script == "nlu":
         assert m2["test"]["accuracy"] == single["test"]["accuracy"]
         assert m2["test"]["loss"] == pytest.approx(single["test"]["loss"], rel=1e-5)
