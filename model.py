@@ -1000,12 +1000,14 @@ def distributed(device):
 
 def data_parallel(net, dist):
     # DDP over the trainable parameters; buffers (the teacher's A0/B0, RoPE tables) are equal on every rank
-    # and never change, so they are not broadcast each forward. The unwrapped model stays `net` (teacher,
-    # evaluation, saving); the wrapper is only for the student's training forward.
+    # and never change, so they are not broadcast each forward; the gradients live in DDP's all-reduce buckets
+    # (gradient_as_bucket_view) instead of a second copy. The unwrapped model stays `net` (teacher, evaluation,
+    # saving); the wrapper is only for the student's training forward.
     if dist.world == 1:
         return net
     ids = [dist.device] if dist.device.startswith("cuda") else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False,
+                                               gradient_as_bucket_view=True)
 
 
 def sync_gradients(net, last: bool):
