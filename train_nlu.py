@@ -5,6 +5,7 @@
 # resumable safetensors checkpoints, metrics.json.
 # Run: `python train_nlu.py` (all-MiniLM-L6-v2 on human-rated movie-review sentiment, minutes on a CPU);
 # `--method lora|pissa|balora`; GLUE: `--model DIR --train F --validation F --text-fields a,b`. `--help` for all.
+# Several processes or GPUs: `torchrun --nproc_per_node N train_nlu.py ...` (data parallel, README).
 
 import argparse
 import json
