@@ -33,6 +33,9 @@ METHODS["balora-x0"] = METHODS["pissa"]  # λ sensitivity (Sec. 4.3.5): all thre
 for s in (0.3, 3, 10):  # ... and all three NLU weights scaled by s
     METHODS[f"balora-x{s}"] = ["--method", "balora", "--lambda1", f"{0.15 * s:g}", "--lambda2", f"{0.03 * s:g}",
                                "--lambda3", f"{0.03 * s:g}"]
+METHODS["balora-nlu-forms"] = ["--method", "balora", "--diversity", "covariance", "--svd", "exact_ratio"]  # NLG
+for s in (4, 10, 40):  # NLG: the consistency weight alone scaled from the paper's 0.025
+    METHODS[f"balora-l1x{s}"] = ["--method", "balora", "--lambda1", f"{0.025 * s:g}"]
 ALL = ["lora", "pissa", "balora", "lora+reg"]
 
 
@@ -51,6 +54,7 @@ class Condition:
 # The budgets below were chosen from PiSSA alone (`python study.py budget COND`, results/budget-COND.json): the
 # smallest candidate at which PiSSA's validation MCC is clearly above 0 (>= 0.2), then used for every method.
 IMBALANCE = ["--task", "three", "--imbalance", "100:1:10"]  # class order negative:neutral:positive, neutral rare
+DRIFT = ["--train-file", "runs/study/tweets.jsonl"]  # written by tweet_writing() below
 CONDITIONS = {
     "main": Condition("nlu", [], ALL, 5, "BA-LoRA > PiSSA > LoRA (Table 2's ranking)"),
     "imbalance": Condition("nlu", IMBALANCE, ALL, 5, "minority recall BA-LoRA >> PiSSA >> LoRA (Table 12)",
@@ -72,11 +76,15 @@ CONDITIONS = {
                         "sensitivity to the weights (Sec. 4.3.5)", budget_of="imbalance"),
     # Knowledge drift (Table 13) needs a setting in which plain fine-tuning *raises* the perplexity of general text
     # (the default movie-review task lowers it): tweets, far from the NYT editorials the drift is measured on.
-    "drift": Condition("nlg", ["--train-file", "runs/study/tweets.jsonl"], ALL, 3,
+    "drift": Condition("nlg", DRIFT, ALL, 3,
                        "drift PPL: BA-LoRA drifts least at equal task quality (Table 13)",
                        budgets=[["--max-steps", "40"], ["--max-steps", "40", "--lr", "1e-3"],
                                 ["--max-steps", "120", "--lr", "1e-3"], ["--max-steps", "120", "--lr", "3e-3"]],
                        budget_rule=("test", "drift_ppl_ratio", 1.05)),
+    "drift-forms": Condition("nlg", DRIFT, ["balora", "balora-nlu-forms"], 3,
+                             "each task's own forms are better (seed 004)", budget_of="drift"),
+    "drift-lambda": Condition("nlg", DRIFT, ["pissa", "balora", "balora-l1x4", "balora-l1x10", "balora-l1x40"], 3,
+                              "sensitivity to the consistency weight (Sec. 4.3.5)", budget_of="drift"),
 }
 
 
@@ -318,6 +326,12 @@ REPORT = [  # (condition, metric, claimed pairs better > worse, title)
     ("drift", "drift_ppl_ratio", [("balora", "pissa"), ("balora", "lora"), ("lora+reg", "lora")],
      "Knowledge drift: drift-perplexity ratio tuned / base", True),
     ("drift", "val_ppl", [("balora", "pissa")], "Knowledge drift: task (validation) perplexity", True),
+    ("drift", "distinct_2", [("balora", "pissa"), ("balora", "lora")], "Knowledge drift: distinct-2 of samples"),
+    ("drift-forms", "drift_ppl_ratio", [("balora", "balora-nlu-forms")], "NLG forms against the NLU forms, drift", True),
+    ("drift-lambda", "drift_ppl_ratio", [(m, "pissa") for m in ("balora", "balora-l1x4", "balora-l1x10", "balora-l1x40")],
+     "λ1 sensitivity in the drift condition: drift ratio", True),
+    ("drift-lambda", "val_ppl", [(m, "pissa") for m in ("balora", "balora-l1x4", "balora-l1x10", "balora-l1x40")],
+     "λ1 sensitivity in the drift condition: its cost in task perplexity", True),
 ]
 
 
