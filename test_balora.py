@@ -3025,6 +3025,13 @@ def test_study_report_statistics_from_fixture_results(tmp_path):
     assert line.endswith("| 3 | **holds** |"), line
 
 
+def test_readme_evidence_tables_are_the_report_of_the_committed_results():
+    import study
+    readme = (Path(__file__).parent / "README.md").read_text(encoding="utf-8")
+    tables = readme.split(study.REPORT_BEGIN + "\n")[1].split(study.REPORT_END)[0]
+    assert tables == study.report(), "README out of date: run `python study.py report --readme`"
+
+
 def test_non_finite_logits_stop_nlg_before_any_svd(tiny_llama):
     # NaN logits: the scalar task-loss check stops the step (naming it) before the regularisers' SVD runs
     ids = torch.randint(0, 40, (2, 9))
