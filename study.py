@@ -299,7 +299,8 @@ def claim_table(table, cond, metric, pairs, title, lower=False):
              "| method | mean ± std | n |", "|---|---|---|"]
     for m, seeds in cells.items():
         v = [s["test"].get(metric) for s in seeds.values() if s["test"].get(metric) is not None]
-        lines.append(f"| {m} | {fmt(np.mean(v))} ± {fmt(np.std(v, ddof=1) if len(v) > 1 else None)} | {len(v)} |")
+        lines.append(f"| {m} | {fmt(np.mean(v) if v else None)} ± {fmt(np.std(v, ddof=1) if len(v) > 1 else None)} | "
+                     f"{len(v)} |")
     lines += ["", "| claim | paired difference (95 % CI) | n | verdict |", "|---|---|---|---|"]
     for better, worse in pairs:
         common = sorted(set(cells.get(better, {})) & set(cells.get(worse, {})))
@@ -311,6 +312,31 @@ def claim_table(table, cond, metric, pairs, title, lower=False):
                      f"{len(ok)} | **{verdict(lo, hi, -1 if lower else +1)}** |")
     return "\n".join(lines) + "\n"
 
+
+def trend_table(table, conds, metric, a, b, title):
+    # A claim that the gain a - b grows with an intervention (label noise): the gain per condition, paired by
+    # seed, and the gain at the strongest level minus the gain without it, paired by seed, with its verdict
+    gains = {}
+    lines = [f"**{title}** (test {metric}; `python study.py run --only {','.join(conds)}` then "
+             f"`python study.py report`)", "", f"| condition | {a} − {b} (95 % CI) | n |", "|---|---|---|"]
+    for c in conds:
+        cells = table.get(c, {})
+        common = sorted(set(cells.get(a, {})) & set(cells.get(b, {})))
+        gains[c] = {s: cells[a][s]["test"][metric] - cells[b][s]["test"][metric] for s in common}
+        mean, lo, hi = paired(list(gains[c].values()), [0.0] * len(gains[c]))
+        lines.append(f"| {c} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | {len(gains[c])} |")
+    first, last = conds[0], conds[-1]
+    common = sorted(set(gains[first]) & set(gains[last]))
+    mean, lo, hi = paired([gains[last][s] for s in common], [gains[first][s] for s in common])
+    lines += ["", "| claim | paired difference (95 % CI) | n | verdict |", "|---|---|---|---|",
+              f"| gain at {last} > gain at {first} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | {len(common)} | "
+              f"**{verdict(lo, hi)}** |"]
+    return "\n".join(lines) + "\n"
+
+
+# (conditions from none to the strongest, metric, a, b, title): the gain a - b should grow along them
+TRENDS = [(["main", "noise-0.2", "noise-0.4"], "accuracy", "balora", "pissa",
+           "Label noise: BA-LoRA's gain over PiSSA against the noise rate (Sec. 4, App. D: it grows)")]
 
 REPORT = [  # (condition, metric, claimed pairs better > worse, title)
     ("main", "accuracy", [("balora", "pissa"), ("pissa", "lora"), ("lora+reg", "lora")], "Main NLU ranking"),
@@ -341,6 +367,7 @@ REPORT = [  # (condition, metric, claimed pairs better > worse, title)
 def report(results=RESULTS, readme=None):
     table = load_results(results)
     parts = [claim_table(table, cond, *rest) for cond, *rest in REPORT if cond in table]
+    parts += [trend_table(table, conds, *rest) for conds, *rest in TRENDS if any(c in table for c in conds[1:])]
     text = "\n".join(parts)
     print(text)
     if readme:  # the README's tables are exactly this text, between two markers (a test checks they agree)

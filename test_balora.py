@@ -3023,6 +3023,17 @@ def test_study_report_statistics_from_fixture_results(tmp_path):
                 {"condition": "drift", "method": m, "seed": seed, "test": {"drift_ppl_ratio": r, "val_ppl": 9.0}}))
     line = study.report(tmp_path).split("| balora < pissa | -0.1067")[1].splitlines()[0]
     assert line.endswith("| 3 | **holds** |"), line
+    # the noise trend: BA-LoRA's gain over PiSSA, 0.005 / 0.015 / 0.03 at noise 0 / 0.2 / 0.4 (+- 0.005 by seed)
+    for cond, gain in (("noise-0.2", 0.015), ("noise-0.4", 0.03)):
+        for seed, jitter in enumerate((0.0, 0.005, -0.005)):
+            for m, a in (("pissa", 0.70), ("balora", 0.70 + gain + jitter)):
+                (tmp_path / f"{cond}__{m}__{seed}.json").write_text(json.dumps(
+                    {"condition": cond, "method": m, "seed": seed, "test": {"accuracy": a}}))
+    text = study.report(tmp_path)
+    base = np.array(acc["balora"]) - np.array(acc["pissa"])  # the main condition's gains: 0.01, -0.01, 0.005
+    d = 0.03 + np.array([0.0, 0.005, -0.005]) - base
+    half = 4.303 * d.std(ddof=1) / math.sqrt(3)
+    assert f"| gain at noise-0.4 > gain at main | {d.mean():.4f} ({d.mean() - half:.4f}, {d.mean() + half:.4f}) | 3 |" in text
 
 
 def test_readme_evidence_tables_are_the_report_of_the_committed_results():
