@@ -287,13 +287,18 @@ def fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def cells_of(table, cond):
+    # {method: {seed: result}} of one condition, in the grid's method order (then any other method)
+    cells = table.get(cond, {})
+    order = CONDITIONS[cond].methods if cond in CONDITIONS else []
+    return {m: cells[m] for m in [*order, *sorted(set(cells) - set(order))] if m in cells}
+
+
 def claim_table(table, cond, metric, pairs, title, lower=False):
     # mean ± std per method, then each claimed pair (better, worse) paired by seed with its interval and verdict
     # (lower: the metric is better when smaller, as the drift-perplexity ratio)
-    cells = table.get(cond, {})
+    cells = cells_of(table, cond)
     claim = CONDITIONS[cond].claim if cond in CONDITIONS else ""
-    order = CONDITIONS[cond].methods if cond in CONDITIONS else sorted(cells)  # the grid's order, then the rest
-    cells = {m: cells[m] for m in [*order, *sorted(set(cells) - set(order))] if m in cells}
     lines = [f"**{title}** (`{cond}`, test {metric}; paper: {claim}; `python study.py run --only {cond}` then "
              f"`python study.py report`)", "",
              "| method | mean ± std | n |", "|---|---|---|"]
@@ -377,6 +382,50 @@ def report(results=RESULTS, readme=None):
     return text
 
 
+def figures(table, out=RESULTS):
+    # results/imbalance.png (per-seed minority recall and macro-F1) and results/drift.png (drift ratio against
+    # task perplexity, one point per run: "less drift at equal task quality" is a point lower at the same x),
+    # when matplotlib is installed: a study-only extra, never needed by the scripts
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("study: no figures: matplotlib is not installed (pip install matplotlib)")
+        return []
+    written, color = [], lambda m: f"C{ALL.index(m)}" if m in ALL else "k"  # one colour per method everywhere
+    if "imbalance" in table:
+        cells = cells_of(table, "imbalance")
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        for ax, metric in zip(axes, ("minority_recall", "macro_f1")):
+            for i, (m, seeds) in enumerate(cells.items()):
+                v = [r["test"][metric] for r in seeds.values()]
+                ax.bar(i, np.mean(v), color=color(m), alpha=0.4)
+                ax.scatter([i] * len(v), v, color=color(m), s=14, zorder=3)
+            ax.set_xticks(range(len(cells)), list(cells))
+            ax.set_ylim(0, 1)
+            ax.set_title(f"imbalance 100:1:10: test {metric.replace('_', ' ')}", fontsize=10)
+        written.append(out / "imbalance.png")
+        fig.savefig(written[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    if "drift" in table:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for m, seeds in cells_of(table, "drift").items():
+            ax.scatter([r["test"]["val_ppl"] for r in seeds.values()],
+                       [r["test"]["drift_ppl_ratio"] for r in seeds.values()], color=color(m), label=m, s=22)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("task perplexity (validation tweets)")
+        ax.set_ylabel("drift perplexity ratio, tuned / base (NYT)")
+        ax.legend(fontsize=8)
+        ax.set_title("knowledge drift: tweets, 40 steps at lr 1e-3", fontsize=10)
+        written.append(out / "drift.png")
+        fig.savefig(written[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    for f in written:
+        print(f"study: wrote {f}")
+    return written
+
+
 REPORT_BEGIN, REPORT_END = "<!-- study.py report: begin -->", "<!-- study.py report: end -->"
 
 
@@ -391,6 +440,7 @@ def main(argv=None):
     p.add_argument("--readme", action="store_true", help="report: also rewrite the README's tables")
     args = p.parse_args(argv)
     if args.action == "report":
+        figures(load_results())
         return report(readme=HERE / "README.md" if args.readme else None)
     tweet_writing()  # the drift condition's training file (runs/study/tweets.jsonl), once
     if args.action == "budget":
