@@ -3036,6 +3036,23 @@ def test_study_report_statistics_from_fixture_results(tmp_path):
     assert f"| gain at noise-0.4 > gain at main | {d.mean():.4f} ({d.mean() - half:.4f}, {d.mean() + half:.4f}) | 3 |" in text
 
 
+def test_study_figures_are_written_when_matplotlib_is_installed(tmp_path, monkeypatch):
+    import study
+    recs = {"imbalance": {"minority_recall": 0.1, "macro_f1": 0.5}, "drift": {"val_ppl": 70.0, "drift_ppl_ratio": 1.1}}
+    for cond, test in recs.items():
+        for m in ("pissa", "balora"):
+            (tmp_path / f"{cond}__{m}__0.json").write_text(json.dumps(
+                {"condition": cond, "method": m, "seed": 0, "test": test}))
+    table = study.load_results(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: no figure, no error
+    assert study.figures(table, tmp_path) == []
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    written = study.figures(table, tmp_path)
+    assert [f.name for f in written] == ["imbalance.png", "drift.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in written)
+
+
 def test_readme_evidence_tables_are_the_report_of_the_committed_results():
     import study
     readme = (Path(__file__).parent / "README.md").read_text(encoding="utf-8")
