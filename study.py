@@ -86,7 +86,35 @@ CONDITIONS = {
                              "each task's own forms are better (seed 004)", budget_of="drift"),
     "drift-lambda": Condition("nlg", DRIFT, ["pissa", "balora", "balora-l1x4", "balora-l1x10", "balora-l1x40"], 3,
                               "sensitivity to the consistency weight (Sec. 4.3.5)", budget_of="drift"),
+    # stretch (App. D.6's noisy-pretraining argument, controlled): the same encoder with Gaussian noise in its
+    # weights before fine-tuning; the trend table compares BA-LoRA's gain over PiSSA with the clean `main`
+    **{f"wnoise-{s:g}": Condition("nlu", ["--model", f"runs/study/minilm-noise-{s:g}"], ["pissa", "balora"], 5,
+                                  "noisier pretraining, larger BA-LoRA gain (App. D.6)") for s in (0.25, 0.5)},
 }
+
+
+def noisy_encoder(sigma, out=None, src=None):
+    # all-MiniLM-L6-v2 (or src) with N(0, (sigma * std(W))^2) noise added to every weight matrix of its
+    # transformer layers (fixed generator: the same copy on every machine); all other tensors and files are the
+    # original's. (torch here only: the report needs numpy alone.)
+    import torch
+    from safetensors.torch import load_file, save_file
+    import data
+    out = out or HERE / "runs" / "study" / f"minilm-noise-{sigma:g}"
+    if (out / "model.safetensors").exists():
+        return out
+    src = Path(src or data.minilm_dir())
+    tensors, gen = load_file(str(src / "model.safetensors")), torch.Generator().manual_seed(0)
+    for name in sorted(tensors):
+        w = tensors[name]
+        if name.startswith("encoder.layer.") and name.endswith(".weight") and w.ndim == 2:
+            tensors[name] = w + sigma * w.float().std() * torch.randn(w.shape, generator=gen).to(w.dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copyfile(f, out / f.name)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def tweet_writing(path=HERE / "runs" / "study" / "tweets.jsonl"):
@@ -341,7 +369,9 @@ def trend_table(table, conds, metric, a, b, title):
 
 # (conditions from none to the strongest, metric, a, b, title): the gain a - b should grow along them
 TRENDS = [(["main", "noise-0.2", "noise-0.4"], "accuracy", "balora", "pissa",
-           "Label noise: BA-LoRA's gain over PiSSA against the noise rate (Sec. 4, App. D: it grows)")]
+           "Label noise: BA-LoRA's gain over PiSSA against the noise rate (Sec. 4, App. D: it grows)"),
+          (["main", "wnoise-0.25", "wnoise-0.5"], "accuracy", "balora", "pissa",
+           "Stretch, noisy pretraining: BA-LoRA's gain over PiSSA against weight noise (App. D.6: it grows)")]
 
 REPORT = [  # (condition, metric, claimed pairs better > worse, title)
     ("main", "accuracy", [("balora", "pissa"), ("pissa", "lora"), ("lora+reg", "lora")], "Main NLU ranking"),
@@ -443,6 +473,8 @@ def main(argv=None):
         figures(load_results())
         return report(readme=HERE / "README.md" if args.readme else None)
     tweet_writing()  # the drift condition's training file (runs/study/tweets.jsonl), once
+    for cond in [c for c in CONDITIONS if c.startswith("wnoise-") and (not args.only or c in args.only)]:
+        noisy_encoder(float(cond.split("-")[1]))  # the stretch's noisy encoders, once
     if args.action == "budget":
         return [choose_budget(c) for c in args.conditions]
     only = args.only.split(",") if args.only else None

@@ -3036,6 +3036,20 @@ def test_study_report_statistics_from_fixture_results(tmp_path):
     assert f"| gain at noise-0.4 > gain at main | {d.mean():.4f} ({d.mean() - half:.4f}, {d.mean() + half:.4f}) | 3 |" in text
 
 
+def test_study_noisy_encoder_adds_noise_to_the_layer_matrices_only(encoders, tmp_path):
+    import study
+    out = study.noisy_encoder(0.5, tmp_path / "noisy", encoders["plain"])
+    a, b = load_file(str(encoders["plain"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert changed and all(k.startswith("encoder.layer.") and a[k].ndim == 2 for k in changed)
+    assert all(not (k.startswith("encoder.layer.") and k.endswith(".weight") and a[k].ndim == 2) for k in a if k not in changed)
+    k = changed[0]
+    assert abs(float((b[k] - a[k]).std() / a[k].std()) - 0.5) < 0.1  # noise std = sigma x the matrix's std
+    M.from_pretrained(out, num_labels=2)  # still a loadable model directory (config, tokenizer copied)
+    assert study.noisy_encoder(0.5, tmp_path / "noisy", encoders["plain"]) == out  # written once
+
+
 def test_study_figures_are_written_when_matplotlib_is_installed(tmp_path, monkeypatch):
     import study
     recs = {"imbalance": {"minority_recall": 0.1, "macro_f1": 0.5}, "drift": {"val_ppl": 70.0, "drift_ppl_ratio": 1.1}}
