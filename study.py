@@ -293,6 +293,12 @@ def paired(a, b):
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+def verdict_cell(lo, hi, n, conds, direction=+1):
+    # the verdict, once every seed of the grid is in (fewer seeds than the grid's are not a verdict yet)
+    need = max((CONDITIONS[c].seeds for c in conds if c in CONDITIONS), default=0)
+    return f"**{verdict(lo, hi, direction)}**" if n >= need else f"pending ({n} of {need} seeds)"
+
+
 def verdict(lo, hi, direction=+1):
     if lo is None:
         return "n/a"
@@ -342,7 +348,7 @@ def claim_table(table, cond, metric, pairs, title, lower=False):
         ok = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
         mean, lo, hi = paired([x for x, _ in ok], [y for _, y in ok])
         lines.append(f"| {better} {'<' if lower else '>'} {worse} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | "
-                     f"{len(ok)} | **{verdict(lo, hi, -1 if lower else +1)}** |")
+                     f"{len(ok)} | {verdict_cell(lo, hi, len(ok), [cond], -1 if lower else +1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -363,7 +369,7 @@ def trend_table(table, conds, metric, a, b, title):
     mean, lo, hi = paired([gains[last][s] for s in common], [gains[first][s] for s in common])
     lines += ["", "| claim | paired difference (95 % CI) | n | verdict |", "|---|---|---|---|",
               f"| gain at {last} > gain at {first} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | {len(common)} | "
-              f"**{verdict(lo, hi)}** |"]
+              f"{verdict_cell(lo, hi, len(common), conds)} |"]
     return "\n".join(lines) + "\n"
 
 

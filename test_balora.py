@@ -3000,8 +3000,10 @@ def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path):
     assert rec["test"] == json.loads((res / "tiny__pissa__0.json").read_text())["test"]
 
 
-def test_study_report_statistics_from_fixture_results(tmp_path):
+def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
     import study
+    for cond in ("main", "noise-0.2", "noise-0.4"):
+        monkeypatch.setattr(study.CONDITIONS[cond], "seeds", 3)  # the fixtures below have 3 seeds
     acc = {"lora": [0.70, 0.72, 0.71], "pissa": [0.75, 0.76, 0.74], "balora": [0.76, 0.75, 0.745],
            "lora+reg": [0.71, 0.73, 0.71]}
     for m, vals in acc.items():
@@ -3016,6 +3018,9 @@ def test_study_report_statistics_from_fixture_results(tmp_path):
     assert "| pissa | 0.750 ± 0.010 | 3 |" in text
     assert study.verdict(-0.3, -0.1) == "contradicted" and study.verdict(-0.1, 0.2) == "inconclusive"
     assert study.report(tmp_path) == text  # deterministic: the README tables regenerate byte for byte
+    monkeypatch.setattr(study.CONDITIONS["main"], "seeds", 4)  # a grid of 4 seeds: 3 pairs are not a verdict yet
+    assert "| 3 | pending (3 of 4 seeds) |" in study.report(tmp_path).split("| pissa > lora |")[1].splitlines()[0]
+    monkeypatch.setattr(study.CONDITIONS["main"], "seeds", 3)
     # a lower-is-better claim (drift): BA-LoRA's ratio below PiSSA's on every seed holds, not "contradicted"
     for m, vals in {"pissa": [1.20, 1.25, 1.22], "balora": [1.10, 1.12, 1.13]}.items():
         for seed, r in enumerate(vals):
