@@ -2,7 +2,7 @@
 # ICLR 2026) at small scale, with several seeds per cell, and rebuilds the README's Evidence tables from results/.
 # The grid is data (CONDITIONS: condition x method x seed -> the exact train_nlu.py / train_nlg.py flags); a finished
 # run (its results/*.json) is never redone, an interrupted one is restarted, so the grid spans sessions.
-# Run: `python study.py run [--only COND] [--jobs N] [--dry-run]`; `python study.py budget COND`; `python study.py report`.
+# Run: `python study.py run [--only COND] [--jobs N] [--dry-run]` | `budget COND` | `report [--readme]` | `reproduce RUN`.
 
 import argparse
 import json
@@ -278,6 +278,23 @@ def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=()):
     return out
 
 
+def reproduce(name, results=RESULTS, workdir=RUNS, extra=()):
+    # A result re-runs from its stored flags alone, into a scratch directory; on the same machine every final
+    # metric must come out equal (NLU: test and validation; NLG: tuned and base). Returns whether they did.
+    rec = json.loads((Path(results) / f"{name}.json").read_text())
+    r = Run(rec["condition"], rec["method"], rec["seed"], rec["script"], rec["flags"])
+    scratch = Path(workdir) / "reproduce"
+    shutil.rmtree(scratch / "results", ignore_errors=True)
+    again = (run_grid([r], 1, scratch / "results", scratch, extra) or [None])[0]
+    if again is None:
+        return False  # (run_grid said why)
+    keys = ("test", "validation", "base")
+    diff = {k: (rec.get(k), again.get(k)) for k in keys if rec.get(k) != again.get(k)}
+    same = "same machine" if rec["machine"] == again["machine"] else f"machine {rec['machine']} -> {again['machine']}"
+    print(f"study: {name} re-run from its flags ({same}): " + ("every metric equal" if not diff else f"DIFFERS {diff}"))
+    return not diff
+
+
 # ---- statistics and the report (numpy only) ----------------------------------------------------------------------
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -467,8 +484,8 @@ REPORT_BEGIN, REPORT_END = "<!-- study.py report: begin -->", "<!-- study.py rep
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="the BA-LoRA evidence study: run the grid, choose budgets, report")
-    p.add_argument("action", choices=["run", "budget", "report"])
-    p.add_argument("conditions", nargs="*", help="budget: the condition(s) to choose a budget for")
+    p.add_argument("action", choices=["run", "budget", "report", "reproduce"])
+    p.add_argument("conditions", nargs="*", help="budget: the condition(s) to choose a budget for; reproduce: run names")
     p.add_argument("--only", help="comma-separated conditions to run")
     p.add_argument("--jobs", type=int, default=1, help="one-thread runs side by side")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the missing runs")
@@ -481,6 +498,8 @@ def main(argv=None):
     tweet_writing()  # the drift condition's training file (runs/study/tweets.jsonl), once
     for cond in [c for c in CONDITIONS if c.startswith("wnoise-") and (not args.only or c in args.only)]:
         noisy_encoder(float(cond.split("-")[1]))  # the stretch's noisy encoders, once
+    if args.action == "reproduce":
+        sys.exit(0 if all([reproduce(n) for n in args.conditions]) else 1)
     if args.action == "budget":
         return [choose_budget(c) for c in args.conditions]
     only = args.only.split(",") if args.only else None

@@ -2983,9 +2983,11 @@ def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path):
     assert sorted(r["method"] for r in done) == ["balora", "pissa"]
     rec = json.loads((res / "tiny__balora__0.json").read_text())
     assert rec["flags"][:2] == ["--method", "balora"] and rec["machine"]["threads"] == 1 and 0 <= rec["test"]["accuracy"] <= 1
-    # the stored flags reproduce the run: same metrics on the same machine
-    again = train_nlu.main(rec["flags"] + extra + ["--threads", "1", "--out", str(tmp_path / "again")])
-    assert again["test"]["accuracy"] == rec["test"]["accuracy"] and again["test"]["mcc"] == rec["test"]["mcc"]
+    # the stored flags reproduce the run: same metrics on the same machine; a changed metric is caught
+    assert study.reproduce("tiny__balora__0", res, tmp_path / "again", extra)
+    (res / "tiny__balora__0.json").write_text(json.dumps({**rec, "test": {**rec["test"], "mcc": 2.0}}))
+    assert not study.reproduce("tiny__balora__0", res, tmp_path / "again", extra)
+    (res / "tiny__balora__0.json").write_text(json.dumps(rec))
     # resume: finished runs are skipped; an interrupted one (no result) restarts
     (res / "tiny__pissa__0.json").unlink()
     (work / "tiny__pissa__0" / "metrics.json").unlink()
