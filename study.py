@@ -422,9 +422,19 @@ REPORT = [  # (condition, metric, claimed pairs better > worse, title)
 ]
 
 
+def compute(table):
+    # what the results cost: the runs actually made (budget searches included, copies not), their wall time
+    made = [r for cells in table.values() for seeds in cells.values() for r in seeds.values() if "same_as" not in r]
+    copies = sum(len(seeds) for cells in table.values() for seeds in cells.values()) - len(made)
+    cpus = sorted({f"{r['machine']['cpu']} ({r['machine']['cpu_capability']}, {r['machine']['dtype']})" for r in made})
+    return (f"**Compute so far:** {len(made)} runs made ({copies} more copied from a run with the same flags), "
+            f"{sum(r['wall_s'] for r in made) / 3600:.1f} h of one-thread wall time in all, two runs side by side, "
+            f"on {'; '.join(cpus)}.\n")
+
+
 def report(results=RESULTS, readme=None):
     table = load_results(results)
-    parts = [claim_table(table, cond, *rest) for cond, *rest in REPORT if cond in table]
+    parts = [compute(table)] + [claim_table(table, cond, *rest) for cond, *rest in REPORT if cond in table]
     parts += [trend_table(table, conds, *rest) for conds, *rest in TRENDS if any(c in table for c in conds[1:])]
     text = "\n".join(parts)
     print(text)

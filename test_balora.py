@@ -3006,13 +3006,20 @@ def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
     import study
     for cond in ("main", "noise-0.2", "noise-0.4"):
         monkeypatch.setattr(study.CONDITIONS[cond], "seeds", 3)  # the fixtures below have 3 seeds
+    machine = {"cpu": "Some CPU", "cpu_capability": "AVX2", "dtype": "fp32"}
+
+    def put(cond, m, seed, test, **more):
+        (tmp_path / f"{cond}__{m}__{seed}.json").write_text(json.dumps(
+            {"condition": cond, "method": m, "seed": seed, "test": test, "machine": machine, "wall_s": 100.0, **more}))
     acc = {"lora": [0.70, 0.72, 0.71], "pissa": [0.75, 0.76, 0.74], "balora": [0.76, 0.75, 0.745],
            "lora+reg": [0.71, 0.73, 0.71]}
     for m, vals in acc.items():
         for seed, a in enumerate(vals):
-            (tmp_path / f"main__{m}__{seed}.json").write_text(json.dumps(
-                {"condition": "main", "method": m, "seed": seed, "test": {"accuracy": a}}))
+            put("main", m, seed, {"accuracy": a})
+    put("terms", "pissa", 0, {"accuracy": acc["pissa"][0]}, same_as="main__pissa__0")  # a copy costs nothing
     text = study.report(tmp_path)
+    assert text.startswith("**Compute so far:** 12 runs made (1 more copied from a run with the same flags), 0.3 h of "
+                           "one-thread wall time in all, two runs side by side, on Some CPU (AVX2, fp32).")
     d = np.array(acc["pissa"]) - np.array(acc["lora"])
     half = 4.303 * d.std(ddof=1) / math.sqrt(3)
     assert f"| pissa > lora | {d.mean():.4f} ({d.mean() - half:.4f}, {d.mean() + half:.4f}) | 3 | **holds** |" in text
@@ -3026,16 +3033,14 @@ def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
     # a lower-is-better claim (drift): BA-LoRA's ratio below PiSSA's on every seed holds, not "contradicted"
     for m, vals in {"pissa": [1.20, 1.25, 1.22], "balora": [1.10, 1.12, 1.13]}.items():
         for seed, r in enumerate(vals):
-            (tmp_path / f"drift__{m}__{seed}.json").write_text(json.dumps(
-                {"condition": "drift", "method": m, "seed": seed, "test": {"drift_ppl_ratio": r, "val_ppl": 9.0}}))
+            put("drift", m, seed, {"drift_ppl_ratio": r, "val_ppl": 9.0})
     line = study.report(tmp_path).split("| balora < pissa | -0.1067")[1].splitlines()[0]
     assert line.endswith("| 3 | **holds** |"), line
     # the noise trend: BA-LoRA's gain over PiSSA, 0.005 / 0.015 / 0.03 at noise 0 / 0.2 / 0.4 (+- 0.005 by seed)
     for cond, gain in (("noise-0.2", 0.015), ("noise-0.4", 0.03)):
         for seed, jitter in enumerate((0.0, 0.005, -0.005)):
             for m, a in (("pissa", 0.70), ("balora", 0.70 + gain + jitter)):
-                (tmp_path / f"{cond}__{m}__{seed}.json").write_text(json.dumps(
-                    {"condition": cond, "method": m, "seed": seed, "test": {"accuracy": a}}))
+                put(cond, m, seed, {"accuracy": a})
     text = study.report(tmp_path)
     base = np.array(acc["balora"]) - np.array(acc["pissa"])  # the main condition's gains: 0.01, -0.01, 0.005
     d = 0.03 + np.array([0.0, 0.005, -0.005]) - base
