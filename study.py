@@ -228,8 +228,8 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
             rec = compact(r, json.loads((out / "metrics.json").read_text()), time.time() - t0)
             (results / f"{r.name}.json").write_text(json.dumps(rec, indent=1) + "\n")
             done.append(rec)
-            print(f"study: {r.name} done in {rec['wall_s']:.0f} s: test acc {rec['test'].get('accuracy')}, "
-                  f"MCC {rec['test'].get('mcc')}", flush=True)
+            scores = ", ".join(f"{k} {v:.4g}" for k, v in rec["test"].items() if isinstance(v, float))
+            print(f"study: {r.name} done in {rec['wall_s']:.0f} s: test {scores}", flush=True)
             if commit:
                 subprocess.run(["git", "add", str(results / f"{r.name}.json")], cwd=HERE)
                 subprocess.run(["git", "commit", "-q", "-m", f"results: {r.name}"], cwd=HERE)
