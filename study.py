@@ -434,7 +434,7 @@ def compute(table):
     copies = sum(len(seeds) for cells in table.values() for seeds in cells.values()) - len(made)
     cpus = sorted({f"{r['machine']['cpu']} ({r['machine']['cpu_capability']}, {r['machine']['dtype']})" for r in made})
     return (f"**Compute so far:** {len(made)} runs made ({copies} more copied from a run with the same flags), "
-            f"{sum(r['wall_s'] for r in made) / 3600:.1f} h of one-thread wall time in all, two runs side by side, "
+            f"{sum(r['wall_s'] for r in made) / 3600:.1f} h of one-thread wall time in all, "
             f"on {'; '.join(cpus)}.\n")
 
 
