@@ -338,6 +338,10 @@ def fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def mean_std(v):
+    return f"{fmt(np.mean(v) if len(v) else None)} ± {fmt(np.std(v, ddof=1) if len(v) > 1 else None)}"
+
+
 def cells_of(table, cond):
     # {method: {seed: result}} of one condition, in the grid's method order (then any other method)
     cells = table.get(cond, {})
@@ -355,8 +359,7 @@ def claim_table(table, cond, metric, pairs, title, lower=False):
              "| method | mean ± std | n |", "|---|---|---|"]
     for m, seeds in cells.items():
         v = [s["test"].get(metric) for s in seeds.values() if s["test"].get(metric) is not None]
-        lines.append(f"| {m} | {fmt(np.mean(v) if v else None)} ± {fmt(np.std(v, ddof=1) if len(v) > 1 else None)} | "
-                     f"{len(v)} |")
+        lines.append(f"| {m} | {mean_std(v)} | {len(v)} |")
     lines += ["", "| claim | paired difference (95 % CI) | n | verdict |", "|---|---|---|---|"]
     for better, worse in pairs:
         common = sorted(set(cells.get(better, {})) & set(cells.get(worse, {})))
@@ -371,16 +374,19 @@ def claim_table(table, cond, metric, pairs, title, lower=False):
 
 def trend_table(table, conds, metric, a, b, title):
     # A claim that the gain a - b grows with an intervention (label noise): the gain per condition, paired by
-    # seed, and the gain at the strongest level minus the gain without it, paired by seed, with its verdict
+    # seed (beside each method's mean ± std: what the intervention costs), and the gain at the strongest level
+    # minus the gain without it, paired by seed, with its verdict
     gains = {}
     lines = [f"**{title}** (test {metric}; `python study.py run --only {','.join(conds)}` then "
-             f"`python study.py report`)", "", f"| condition | {a} − {b} (95 % CI) | n |", "|---|---|---|"]
+             f"`python study.py report`)", "", f"| condition | {b} | {a} | {a} − {b} (95 % CI) | n |",
+             "|---|---|---|---|---|"]
     for c in conds:
         cells = table.get(c, {})
         common = sorted(set(cells.get(a, {})) & set(cells.get(b, {})))
         gains[c] = {s: cells[a][s]["test"][metric] - cells[b][s]["test"][metric] for s in common}
         mean, lo, hi = paired(list(gains[c].values()), [0.0] * len(gains[c]))
-        lines.append(f"| {c} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | {len(gains[c])} |")
+        means = [mean_std([cells[m][s]["test"][metric] for s in common]) for m in (b, a)]
+        lines.append(f"| {c} | {' | '.join(means)} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | {len(gains[c])} |")
     first, last = conds[0], conds[-1]
     common = sorted(set(gains[first]) & set(gains[last]))
     mean, lo, hi = paired([gains[last][s] for s in common], [gains[first][s] for s in common])

@@ -3045,6 +3045,7 @@ def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
     base = np.array(acc["balora"]) - np.array(acc["pissa"])  # the main condition's gains: 0.01, -0.01, 0.005
     d = 0.03 + np.array([0.0, 0.005, -0.005]) - base
     half = 4.303 * d.std(ddof=1) / math.sqrt(3)
+    assert "| noise-0.4 | 0.700 ± 0.000 | 0.730 ± 0.005 | 0.0300 (" in text  # each method's accuracy beside the gain
     assert f"| gain at noise-0.4 > gain at main | {d.mean():.4f} ({d.mean() - half:.4f}, {d.mean() + half:.4f}) | 3 |" in text
 
 
