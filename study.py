@@ -439,7 +439,7 @@ def compute(table):
     made = [r for cells in table.values() for seeds in cells.values() for r in seeds.values() if "same_as" not in r]
     copies = sum(len(seeds) for cells in table.values() for seeds in cells.values()) - len(made)
     cpus = sorted({f"{r['machine']['cpu']} ({r['machine']['cpu_capability']}, {r['machine']['dtype']})" for r in made})
-    return (f"**Compute so far:** {len(made)} runs made ({copies} more copied from a run with the same flags), "
+    return (f"**Compute:** {len(made)} runs made ({copies} more copied from a run with the same flags), "
             f"{sum(r['wall_s'] for r in made) / 3600:.1f} h of one-thread wall time in all, "
             f"on {'; '.join(cpus)}.\n")
 

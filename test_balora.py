@@ -3018,7 +3018,7 @@ def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
             put("main", m, seed, {"accuracy": a})
     put("terms", "pissa", 0, {"accuracy": acc["pissa"][0]}, same_as="main__pissa__0")  # a copy costs nothing
     text = study.report(tmp_path)
-    assert text.startswith("**Compute so far:** 12 runs made (1 more copied from a run with the same flags), 0.3 h of "
+    assert text.startswith("**Compute:** 12 runs made (1 more copied from a run with the same flags), 0.3 h of "
                            "one-thread wall time in all, on Some CPU (AVX2, fp32).")
     d = np.array(acc["pissa"]) - np.array(acc["lora"])
     half = 4.303 * d.std(ddof=1) / math.sqrt(3)

@@ -701,14 +701,16 @@ def main(argv=None):
           f"lr {args.lr}, {args.dtype} on {args.device}, out {out}; {run['machine']}")
     if not args.resume:
         log({"event": "start", "method": desc, "warmup": warmup, **run, "args": config})
+    ok = False
     try:
         train_seconds = train(net, opt, cfg, encoded, info, args, state, total, warmup, log, dist)
-        if train_seconds is not None and dist.main:
-            return finish(net, encoded, info, args, run, state, train_seconds, log)
+        metrics = finish(net, encoded, info, args, run, state, train_seconds, log) \
+            if train_seconds is not None and dist.main else None
+        ok = True
+        return metrics
     finally:
         log_file.close()
-        if dist.world > 1:
-            torch.distributed.destroy_process_group()
+        modeling.close_distributed(dist, ok)
 
 
 if __name__ == "__main__":
