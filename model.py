@@ -1011,14 +1011,17 @@ def data_parallel(net, dist):
 
 
 def close_distributed(dist, ok: bool):
-    # The ranks leave together: a rank that tears gloo down while rank 0 is still evaluating and saving can
-    # abort at exit ("terminate called without an active exception", ~1 run in 3 on CPU), so after a normal
-    # end they meet at a barrier first. After an error there is none: the others may never reach it (torchrun
-    # stops them).
+    # A rank that lets the interpreter shut down after its last collective can abort: gloo's worker thread is
+    # still releasing that collective's tensors, the release needs the GIL, and a thread that asks for it
+    # during shutdown kills the process ("terminate called without an active exception"; rank 1 in ~1 run in
+    # 5 on this CPU; the same crash as pytorch/pytorch#179291). After a normal end every file is closed, so a
+    # rank leaves without the shutdown; after an error the exception goes on as usual.
     if dist.world > 1:
-        if ok:
-            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        if ok:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def sync_gradients(net, last: bool):
