@@ -1010,18 +1010,16 @@ def data_parallel(net, dist):
                                                gradient_as_bucket_view=True)
 
 
-def close_distributed(dist, ok: bool):
-    # A rank that lets the interpreter shut down after its last collective can abort: gloo's worker thread is
-    # still releasing that collective's tensors, the release needs the GIL, and a thread that asks for it
-    # during shutdown kills the process ("terminate called without an active exception"; rank 1 in ~1 run in
-    # 5 on this CPU; the same crash as pytorch/pytorch#179291). After a normal end every file is closed, so a
-    # rank leaves without the shutdown; after an error the exception goes on as usual.
+def close_distributed(dist):
+    # After a normal end a rank leaves without the interpreter's shutdown: gloo's worker thread may still be
+    # releasing the last collective's tensors, the release needs the GIL, and a thread that asks for it during
+    # shutdown kills the process ("terminate called without an active exception"; rank 1 in ~1 run in 5 on
+    # this CPU; the crash of pytorch/pytorch#179291). Every file is closed by now.
     if dist.world > 1:
         torch.distributed.destroy_process_group()
-        if ok:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def sync_gradients(net, last: bool):

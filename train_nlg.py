@@ -735,7 +735,7 @@ def main(argv=None):
     done = train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint, dist)
     logf.close()
     metrics = finish(net, tok, d, args, run, base, history, *done, init_s, t_start) if done and dist.main else None
-    modellib.close_distributed(dist, ok=True)
+    modellib.close_distributed(dist)
     return metrics
 
 

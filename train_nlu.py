@@ -701,16 +701,14 @@ def main(argv=None):
           f"lr {args.lr}, {args.dtype} on {args.device}, out {out}; {run['machine']}")
     if not args.resume:
         log({"event": "start", "method": desc, "warmup": warmup, **run, "args": config})
-    ok = False
     try:
         train_seconds = train(net, opt, cfg, encoded, info, args, state, total, warmup, log, dist)
         metrics = finish(net, encoded, info, args, run, state, train_seconds, log) \
             if train_seconds is not None and dist.main else None
-        ok = True
-        return metrics
     finally:
         log_file.close()
-        modeling.close_distributed(dist, ok)
+    modeling.close_distributed(dist)
+    return metrics
 
 
 if __name__ == "__main__":
