@@ -128,10 +128,9 @@ def _set_submodule(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def inject(model: nn.Module, targets, r: int, alpha: float, init: str = "pissa") -> int:
-    # Replace every nn.Linear whose name ends with one of `targets` (e.g. "q_proj", or
-    # "attention.output.dense") by a PiSSALinear, and freeze everything but the adapters, as peft does.
-    # A caller that also trains a head (NLU) re-enables its parameters afterwards.
+def check_targets(model: nn.Module, targets, r: int) -> list:
+    # The names of the nn.Linear layers `targets` selects (a name ending with one of them, e.g. "q_proj" or
+    # "attention.output.dense"); an AdapterError when a target matches nothing or r exceeds a chosen layer.
     targets = [targets] if isinstance(targets, str) else list(targets)
     names = _linear_names(model)
     matches = lambda n, t: n == t or n.endswith("." + t)
@@ -139,10 +138,22 @@ def inject(model: nn.Module, targets, r: int, alpha: float, init: str = "pissa")
     if unknown:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise AdapterError(f"target(s) {unknown} match no nn.Linear in the model. Linear layers "
-                         f"by leaf name: {leaves}; e.g. {names[:6]}")
+                           f"by leaf name: {leaves}; e.g. {names[:6]}")
+    chosen = [n for n in names if any(matches(n, t) for t in targets)]
+    for n in chosen:
+        out_f, in_f = model.get_submodule(n).weight.shape
+        if not 0 < r <= min(out_f, in_f):
+            raise AdapterError(f"rank r={r} must be in [1, min(out, in)={min(out_f, in_f)}] for {n}, a "
+                               f"[{out_f}, {in_f}] linear layer")
+    return chosen
+
+
+def inject(model: nn.Module, targets, r: int, alpha: float, init: str = "pissa") -> int:
+    # Replace every nn.Linear that check_targets selects by a PiSSALinear, and freeze everything but the
+    # adapters, as peft does. A caller that also trains a head (NLU) re-enables its parameters afterwards.
+    chosen = check_targets(model, targets, r)
     for p in model.parameters():
         p.requires_grad_(False)
-    chosen = [n for n in names if any(matches(n, t) for t in targets)]
     for n in chosen:
         _set_submodule(model, n, PiSSALinear.from_linear(model.get_submodule(n), r, alpha, init))
     return len(chosen)
@@ -192,7 +203,7 @@ def _hf_name(model, name):
     return model.hf_name(name) if hasattr(model, "hf_name") else name
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     # Write beside the target, then rename: a crash leaves the old file or the new one, never half.
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     os.close(fd)
@@ -262,9 +273,9 @@ def save_adapter(model: nn.Module, out_dir: str, convert_to_lora: bool = False, 
         "task_type": None,
     }
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, ADAPTER_FILE),
+    atomic_write(os.path.join(out_dir, ADAPTER_FILE),
                   lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(out_dir, CONFIG_FILE),
+    atomic_write(os.path.join(out_dir, CONFIG_FILE),
                   lambda p: open(p, "w").write(json.dumps(config, indent=2) + "\n"))
     return out_dir
 
@@ -388,7 +399,21 @@ def _fp32(fn):
     return wrapped
 
 
+# Each term's plain form (the equation as written, autograd for the gradient) stands beside its fast form
+# (one sweep with a closed-form gradient). FUSED = False makes every term take the plain form; the tests check
+# that both give the same value and gradient.
+FUSED = True
+
 # -- consistency --------------------------------------------------------------------------------
+
+
+def kl_plain(zs, zt, T):
+    # Eqs. (4)/(9) as written: T² · (1/M) Σ_rows KL(softmax(zt/T) ‖ softmax(zs/T)), a KL of log-softmaxes
+    zt = zt[:] if isinstance(zt, TeacherLogits) else zt
+    log_ps = F.log_softmax(zs / T, dim=-1)
+    log_pt = F.log_softmax(zt / T, dim=-1)
+    return T * T * F.kl_div(log_ps, log_pt, log_target=True, reduction="sum") / zs.shape[0]
+
 
 class TeacherLogits:
     # The teacher's logits Z_P = H Wᵀ (M×V) without ever holding them: the rows are computed chunk by chunk from
@@ -405,14 +430,24 @@ class TeacherLogits:
         return (self.hidden[rows] @ self.weight.T).float()
 
 
+# Elements of one row chunk of the fused KL: 0.5 MB on a CPU (stays in cache), 64 MB elsewhere (few kernel
+# launches); either way the KL's temporaries are a bounded block, never M×V.
+KL_CHUNK_ELEMENTS = {"cpu": 1 << 17}
+KL_CHUNK_ELEMENTS_DEFAULT = 1 << 24
+
+
+def kl_chunk_rows(V, device_type):
+    return max(1, KL_CHUNK_ELEMENTS.get(device_type, KL_CHUNK_ELEMENTS_DEFAULT) // V)
+
+
 class _KLDiv(torch.autograd.Function):
-    # Σ_rows T²·KL(p_t ‖ p_s) / M with its closed-form gradient ∂/∂z_s = T·(p_s − p_t) / M, in one sweep over row
-    # chunks small enough to stay in cache: the value and the gradient (kept for backward) come out of the same
-    # softmaxes, with no M×V temporary besides the gradient itself (F.kl_div + autograd make ~8 passes over M×V).
+    # kl_plain with its closed-form gradient ∂/∂z_s = T·(p_s − p_t) / M, in one sweep over row chunks: the value
+    # and the gradient (kept for backward) come out of the same softmaxes, with no M×V temporary besides the
+    # gradient itself (F.kl_div + autograd make ~8 passes over M×V and hold several M×V tensors).
     @staticmethod
     def forward(ctx, zs, zt, T):
         M, V = zs.shape
-        chunk = M if zs.is_cuda else max(1, (1 << 17) // V)  # CPU: ~0.5 MB per row block; GPU: one launch
+        chunk = kl_chunk_rows(V, zs.device.type)
         # lazy teacher rows come in blocks of >= 128 rows: the output embedding is read once per block, not per chunk
         block = max(chunk, 128) if isinstance(zt, TeacherLogits) else chunk
         grad, total = torch.empty_like(zs), torch.zeros((), dtype=torch.float64, device=zs.device)
@@ -441,7 +476,8 @@ class _KLDiv(torch.autograd.Function):
 def consistency_nlu(z_student, z_teacher, T: float = 2.0):
     # Eq. (4): L_cr = T² · KL(softmax(Z_P/T) ‖ softmax(Z_F/T)), averaged over the N examples, i.e.
     #     (T²/N) Σ_n Σ_v p_t log(p_t / p_s),   p_t = softmax(Z_P/T), p_s = softmax(Z_F/T),
-    # Z_P (teacher, pretrained) is the target distribution; gradients flow into Z_F only. Computed by _KLDiv.
+    # Z_P (teacher, pretrained) is the target distribution; gradients flow into Z_F only. kl_plain is the
+    # equation; _KLDiv computes the same value and gradient in one sweep (the default, FUSED).
     zs = _rows(z_student)
     zt = z_teacher if isinstance(z_teacher, TeacherLogits) else _rows(z_teacher).detach()
     if zs.shape[0] == 0:
@@ -451,7 +487,7 @@ def consistency_nlu(z_student, z_teacher, T: float = 2.0):
                    "use consistency='mse' for regression")
     if tuple(zt.shape) != tuple(zs.shape):
         raise ValueError(f"consistency: student logits {tuple(zs.shape)}, teacher {tuple(zt.shape)}")
-    return _KLDiv.apply(zs, zt, T)
+    return _KLDiv.apply(zs, zt, T) if FUSED else kl_plain(zs, zt, T)
 
 
 def consistency_nlg(z_student, z_teacher, mask, T: float = 2.0):
@@ -527,6 +563,12 @@ def svd_nlu(z, k: int = 5):
     return -_safe_ratio(s[:k].sum(), s.sum(), s[0] > 1e-12)
 
 
+def energy_ratio_plain(z, Q, k):
+    # Eq. (12) as written, for the subspace Q: −Σ_{i≤k} σ_i(QᵀZ) / ‖Z‖_F through svdvals and autograd
+    s, frob = torch.linalg.svdvals(Q.T @ z), torch.linalg.vector_norm(z)
+    return -_safe_ratio(s[:k].sum(), frob, frob > 1e-12)
+
+
 class _EnergyRatio(torch.autograd.Function):
     # −Σ_{i≤k} σ̃_i / ‖Z‖_F with σ̃ = σ(QᵀZ) for a fixed orthonormal basis Q (M×q), and its closed-form gradient
     #     ∂/∂Z = −Q U_k V_kᵀ / ‖Z‖_F + (Σ_{i≤k} σ̃_i / ‖Z‖_F³) · Z,      QᵀZ = U S Vᵀ,
@@ -568,7 +610,7 @@ def svd_nlg(z, mask=None, k: int = 10, oversample: int = 5, niter: int = 2, gene
             Q = torch.linalg.qr(z @ (Q.T @ z).T).Q             # re-orthonormalise each round
         if not bool(torch.isfinite(Q).all()):  # non-finite logits (M×q to check, not M×V): a NaN term for the
             return z.sum() * float("nan")      # caller's guard to report, never a LinAlgError from the SVD below
-    return _EnergyRatio.apply(z, Q, k)
+    return _EnergyRatio.apply(z, Q, k) if FUSED else energy_ratio_plain(z, Q, k)
 
 
 # -- the swappable formulations (the seed documents' ablation) ------------------------------------

@@ -4,15 +4,11 @@
 # sequence-classification heads. The base models BA-LoRA (arXiv 2408.04556, §4) adapts.
 # Use: m = from_pretrained(dir[, num_labels]); tok = load_tokenizer(dir); save_pretrained(m, out).
 
-import datetime
 import json
 import math
-import os
 import re
 import shutil
-import sys
-import tempfile
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -20,14 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-class InputError(ValueError):
-    # Bad input (a file, key, shape, line or flag), never a bug: the message names what and where, and the
-    # scripts print it as one line without a traceback (data.cli). data.py and the scripts raise it too.
-    pass
-
+from plumbing.runtime import InputError, atomic_write, open_safetensors
 
 ACT = {  # config.json hidden_act -> function (HF "gelu" is the exact erf form)
     "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -742,14 +734,6 @@ def _checkpoint_files(path):
         return {k: single for k in f.keys()}
 
 
-def open_safetensors(file):
-    # safe_open, with the file named when it is missing, empty, truncated or not safetensors at all
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise InputError(f"{file}: not a readable safetensors file ({e})") from None
-
-
 def _dtype(d):
     if d is None or isinstance(d, torch.dtype):
         return d
@@ -843,17 +827,6 @@ HF_CLASS = {("llama", False): "LlamaForCausalLM", ("bert", False): "BertModel",
             ("deberta-v2", True): "DebertaV2ForSequenceClassification"}
 
 
-def _atomic_write(path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_pretrained(model, path):
     # HF layout: model.safetensors with HF names, config.json, and the source's tokenizer files
     path = Path(path)
@@ -876,8 +849,8 @@ def save_pretrained(model, path):
         hf.pop("num_labels", None)
     dtype_key = "torch_dtype" if "torch_dtype" in hf else "dtype"
     hf[dtype_key] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    _atomic_write(path / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2) + "\n"))
+    atomic_write(path / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2) + "\n"))
     src = getattr(model, "source_dir", None)
     if src is not None and Path(src).resolve() != path.resolve():
         for name in TOKENIZER_FILES:
@@ -904,142 +877,3 @@ def load_tokenizer(path):
     tok.no_padding()      # padding is done per batch by the data code; some files fix it
     tok.no_truncation()   # (all-MiniLM-L6-v2 ships padding and truncation at 128)
     return tok
-
-# ----------------------------------------------------------------------------------------------
-# Where it runs: the autocast dtype for this device, and a record of the machine for every result.
-# bf16 pays only where the matmuls run natively in it: on CUDA when the GPU supports it, on a CPU with
-# AVX-512 BF16 or AMX *and* torch using them. On an AVX2 CPU torch has no fast bf16 matmul and falls back
-# to a reference path ~100-300x slower than float32 (pytorch issues #118499, #111456), so `auto` is fp32.
-
-
-def cpu_bf16_native():
-    # -> (bool, reason). Follows what torch will use, not only the CPU's flags: ATEN_CPU_CAPABILITY and
-    # ONEDNN_MAX_CPU_ISA lower both, which is how an AMX machine is tested as an AVX2 one.
-    cap = torch.backends.cpu.get_cpu_capability()
-    amx, avx512_bf16 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
-    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if not (amx or avx512_bf16):
-        return False, f"this CPU has no native bf16 matmul ({cap}, no AVX512-BF16 or AMX)"
-    if cap != "AVX512" or not onednn:
-        return False, f"torch runs this CPU without its bf16 units ({cap}, oneDNN bf16 {onednn})"
-    return True, f"this CPU runs bf16 matmuls natively ({cap} with {'AMX' if amx else 'AVX512-BF16'})"
-
-
-def resolve_dtype(requested, device):
-    # "auto" | "bf16" | "fp32" -> ("bf16" | "fp32", one line saying what was chosen and why)
-    device = torch.device(device)
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-        reason = f"{torch.cuda.get_device_name(device)} {'supports' if native else 'lacks'} bf16"
-    else:
-        native, reason = cpu_bf16_native()
-    if requested == "auto":
-        chosen = "bf16" if native else "fp32"
-        return chosen, f"dtype auto -> {chosen}: {reason}" + ("" if native else "; --dtype bf16 forces it")
-    if requested == "bf16" and not native:
-        return "bf16", f"warning: --dtype bf16 on a device without native bf16 will be much slower: {reason}"
-    return requested, f"dtype {requested} (as asked; {reason})"
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-        return platform.processor() or platform.machine()
-
-
-def machine(device, dtype, threads=None):
-    # what every result records next to its numbers (metrics.json, log.jsonl, bench.json)
-    device = torch.device(device)
-    rec = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "cpu_bf16_native": cpu_bf16_native()[0], "threads": threads or torch.get_num_threads(),
-           "torch": torch.__version__, "device": str(device), "dtype": dtype}
-    if device.type == "cuda":
-        rec["gpu"] = torch.cuda.get_device_name(device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rec["world_size"] = torch.distributed.get_world_size()
-    return rec
-
-
-# ----------------------------------------------------------------------------------------------
-# More than one process: torchrun (`torchrun --nproc_per_node N train_nlu.py ...`) sets WORLD_SIZE, RANK and
-# LOCAL_RANK, as in nanoGPT's train.py. Data parallel: every rank holds the whole model, takes a disjoint
-# share of each step's batch, and DistributedDataParallel all-reduces the adapter (and head) gradients once per
-# optimizer step. Without torchrun nothing here does anything.
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: str = "cpu"
-
-    @property
-    def main(self):  # rank 0: the one process that prints, logs, evaluates and writes files
-        return self.rank == 0
-
-
-def distributed(device):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(0, 1, device)
-    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if torch.device(device).type == "cuda":
-        device = f"cuda:{local}"  # one GPU per process
-        torch.cuda.set_device(device)
-    # Rank 0 evaluates alone (the base model, each validation) while the others wait in the next collective:
-    # the timeout allows for a long evaluation.
-    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                         timeout=datetime.timedelta(hours=2))
-    if rank:  # one console: the other ranks' prints go nowhere (their errors still reach stderr)
-        sys.stdout = open(os.devnull, "w")
-    return Dist(rank, world, device)
-
-
-def data_parallel(net, dist):
-    # DDP over the trainable parameters; buffers (the teacher's A0/B0, RoPE tables) are equal on every rank
-    # and never change, so they are not broadcast each forward; the gradients live in DDP's all-reduce buckets
-    # (gradient_as_bucket_view) instead of a second copy. The unwrapped model stays `net` (teacher, evaluation,
-    # saving); the wrapper is only for the student's training forward.
-    if dist.world == 1:
-        return net
-    ids = [dist.device] if dist.device.startswith("cuda") else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False,
-                                               gradient_as_bucket_view=True)
-
-
-def close_distributed(dist):
-    # After a normal end a rank leaves without the interpreter's shutdown: gloo's worker thread may still be
-    # releasing the last collective's tensors, the release needs the GIL, and a thread that asks for it during
-    # shutdown kills the process ("terminate called without an active exception"; rank 1 in ~1 run in 5 on
-    # this CPU; the crash of pytorch/pytorch#179291). Every file is closed by now.
-    if dist.world > 1:
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def sync_gradients(net, last: bool):
-    # DDP all-reduces the gradients in the backward of a step's last micro-batch only (nanoGPT's
-    # require_backward_grad_sync; no_sync is the public switch); a plain module always accumulates locally
-    return net.no_sync() if not last and hasattr(net, "no_sync") else nullcontext()
-
-
-def all_sum(values: dict, dist) -> dict:
-    # {name: float} summed over the ranks (the logged terms: each rank adds its weighted share)
-    if dist.world == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dist.device)
-    torch.distributed.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
-
-
-def step_seed(seed, step, micro):
-    # The randomness of one micro-batch (dropout; NLG's range finder) depends only on (seed, optimizer step,
-    # micro-batch index within the step's global batch), so N ranks x G micro-batches draw what one process
-    # with N*G micro-batches draws, and a resumed run draws what an uninterrupted one did.
-    return seed * 1_000_003 + step * 1009 + micro

@@ -14,19 +14,17 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import balora
 import data
 import model as modellib
+from plumbing import runtime
 
 # ---- defaults: the run `python train_nlg.py` does on a 2-core CPU ---------------------------------------
 METHOD = "balora"              # lora | pissa | balora: the init, and the defaults of the regulariser flags
@@ -45,6 +43,9 @@ TEMPLATE = "chatml"            # the default model is a ChatML instruct model; t
 VAL_EXAMPLES, DRIFT_WINDOWS, DRIFT_LEN, GEN_PROMPTS, GEN_TOKENS = 128, 32, 64, 32, 32
 GSM8K_TOKENS = 200             # greedy tokens per GSM8K problem (--eval-gsm8k default: the 100 problems)
 METHODS = {"lora": "lora", "pissa": PISSA_INIT, "balora": PISSA_INIT}  # method -> default init
+DEFAULTS = dict(task="nlg", method=METHOD, init=f"lora for --method lora, else {PISSA_INIT}", rank=RANK,
+                targets=TARGETS, lr=LR, warmup_ratio=WARMUP, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM,
+                max_len=MAX_LEN, epochs=1, max_steps=MAX_STEPS, save_every=0, eval_batch_size=16)
 
 
 def default_model_dir() -> Path:
@@ -53,100 +54,47 @@ def default_model_dir() -> Path:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="BA-LoRA / PiSSA / LoRA instruction tuning of a LLaMA-style model",
+    p = argparse.ArgumentParser(description="BA-LoRA / PiSSA / LoRA instruction tuning of a LLaMA-style model. "
+                                "λ defaults: the paper's NLG setting (BALoRAConfig.nlg()) for balora, else 0. "
+                                "--train-file: instruction JSONL (query/response, instruction/input/output or "
+                                "prompt/response); without --val-file, --val-examples of it are held out.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--model", help="HF model directory (config.json, model.safetensors, tokenizer.json); "
-                      "default: SmolLM2-135M-Instruct, converted once into the data cache")
-    a("--train-file", help="instruction JSONL (query/response, instruction/input/output or prompt/response); "
-                           "default: sentiment-conditioned movie-review writing (VADER human sentences)")
-    a("--val-file", help="validation JSONL; default: the task's validation split (with --train-file and no "
-                         "--val-file, --val-examples records of the train file, balanced over its prompts)")
-    a("--template", default=TEMPLATE, choices=["alpaca", "chatml"])
-    a("--max-len", type=data.arg_range(int, 2), default=MAX_LEN)
-    a("--method", default=METHOD, choices=sorted(METHODS),
-      help="sets the init and the regulariser defaults (balora: the paper's NLG setting; lora/pissa: all λ 0); "
-           "explicit flags below always apply")
-    a("--init", help="adapter init: pissa (exact SVD) | pissa_niter_N (randomized, N power iterations) | lora "
-                     f"(default: lora for --method lora, else {PISSA_INIT})")
-    a("--rank", type=data.arg_range(int, 1), default=RANK)
-    a("--alpha", type=data.arg_range(float, 0, low_open=True), help="adapter scale = alpha / rank (default: alpha = rank)")
-    a("--targets", default=TARGETS, help="comma-separated nn.Linear leaf names")
-    g = p.add_argument_group("BA-LoRA regularisers (default: BALoRAConfig.nlg() for --method balora, "
-                             "all λ 0 otherwise)")
-    for name, kind in [("lambda1", data.arg_range(float, 0)), ("lambda2", data.arg_range(float, 0)), ("lambda3", data.arg_range(float, 0)),
-                       ("temperature", data.arg_range(float, 0, low_open=True)), ("svd-k", data.arg_range(int, 1)), ("top-k", data.arg_range(int, 1))]:
-        g.add_argument(f"--{name}", type=kind)
-    g.add_argument("--consistency", choices=balora.CONSISTENCY)
-    g.add_argument("--diversity", choices=balora.DIVERSITY)
-    g.add_argument("--svd", choices=balora.SVD)
-    g.add_argument("--lambda1-schedule", choices=["constant", "cosine"])
-    g.add_argument("--focus-schedule", choices=["constant", "two_phase"])
-    a("--lr", type=data.arg_range(float, 0, low_open=True), default=LR)
-    a("--warmup", type=data.arg_range(float, 0, 1, high_open=True), default=WARMUP, help="fraction of the steps")
-    a("--weight-decay", type=data.arg_range(float, 0), default=0.0)
-    a("--clip", type=data.arg_range(float, 0), default=1.0, help="max gradient norm (0: off)")
-    a("--batch-size", type=data.arg_range(int, 1), default=BATCH_SIZE, help="examples per optimizer step")
-    a("--grad-accum", type=data.arg_range(int, 1), default=GRAD_ACCUM, help="micro-batches per optimizer step (divides --batch-size)")
-    a("--epochs", type=data.arg_range(int, 1), default=1)
-    a("--max-steps", type=data.arg_range(int, 0), default=MAX_STEPS, help="optimizer steps; 0: --epochs over the training set")
-    a("--dtype", default=DTYPE, choices=["auto", "bf16", "fp32"],
-      help="autocast dtype of the forward/backward; auto: bf16 where the device runs it natively")
-    a("--base-dtype", default="fp32", choices=["bf16", "fp32"],
-      help="storage of the frozen weights (bf16 halves memory on a GPU for 7B models)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--threads", type=data.arg_range(int, 0), default=0, help="torch CPU threads (0: torch's default, all physical cores)")
-    a("--seed", type=int, default=0)
-    a("--out", default="runs/nlg")
-    a("--resume", help="checkpoint.safetensors (or its run directory) to continue from")
-    a("--save-every", type=data.arg_range(int, 0), default=0, help="checkpoint every N steps (one is always written at the end)")
-    a("--stop-at", type=data.arg_range(int, 0), default=0, help="stop after this step with a checkpoint, as if interrupted")
-    a("--eval-every", type=data.arg_range(int, 0), default=0, help="validation + drift perplexity every N steps")
-    a("--val-examples", type=data.arg_range(int, 0), default=VAL_EXAMPLES, help="0: no validation")
-    a("--eval-text", help="plain-text file for the drift perplexity (e.g. Wikitext-2 raw test); "
-                          "default: the 5 190 NYT editorial sentences")
-    a("--drift-windows", type=data.arg_range(int, 0), default=DRIFT_WINDOWS, help="0: all")
-    a("--drift-len", type=data.arg_range(int, 2), default=DRIFT_LEN)
-    a("--gen-prompts", type=data.arg_range(int, 0), default=GEN_PROMPTS, help="held-out prompts sampled for distinct-n")
-    a("--gen-tokens", type=data.arg_range(int, 1), default=GEN_TOKENS)
-    a("--gen-temperature", type=data.arg_range(float, 0), default=1.0)
-    a("--gen-top-p", type=data.arg_range(float, 0, 1, low_open=True), default=0.95)
-    a("--eval-gsm8k", metavar="FILE", help="GSM8K JSONL (question/answer), or 'default' for the 100 GSM8K "
-                                           "test problems fetched by data.py; base and tuned model, greedy")
-    a("--gsm8k-limit", type=data.arg_range(int, 0), default=0, help="first N problems only (0: all)")
-    a("--gsm8k-tokens", type=data.arg_range(int, 1), default=GSM8K_TOKENS)
-    a("--eval-batch-size", type=data.arg_range(int, 1), default=16)
-    a("--base-from", metavar="METRICS_JSON", help="reuse the base model's evaluation from an earlier run's "
-                                                  "metrics.json (same model and evaluation settings are checked)")
-    a("--merge", action="store_true", help="also write a merged HF checkpoint to OUT/merged")
-    a("--grad-checkpoint", action="store_true",
-      help="activation checkpointing per transformer block: less memory, one more forward in backward")
-    a("--dry-run", action="store_true", help="print the memory plan for one device (from config.json alone) and exit")
-    a("--debug", action="store_true", help="show the full traceback of an error")
-    args = p.parse_args(argv)
-    if args.batch_size % args.grad_accum:
-        p.error(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    R = runtime.arg_range
+    _, g, _, r = runtime.shared_args(p, DEFAULTS)
+    g.add_argument("--template", default=TEMPLATE, choices=["alpaca", "chatml"])
+    g.add_argument("--base-dtype", default="fp32", choices=["bf16", "fp32"],
+                   help="storage of the frozen weights (bf16 halves memory on a GPU for 7B models)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-every", type=R(int, 0), default=0, help="validation + drift perplexity every N steps")
+    e.add_argument("--val-examples", type=R(int, 0), default=VAL_EXAMPLES, help="0: no validation")
+    e.add_argument("--eval-text", help="plain-text file for the drift perplexity (e.g. Wikitext-2 raw test); "
+                                       "default: the 5 190 NYT editorial sentences")
+    e.add_argument("--drift-windows", type=R(int, 0), default=DRIFT_WINDOWS, help="0: all")
+    e.add_argument("--drift-len", type=R(int, 2), default=DRIFT_LEN)
+    e.add_argument("--gen-prompts", type=R(int, 0), default=GEN_PROMPTS, help="held-out prompts sampled for distinct-n")
+    e.add_argument("--gen-tokens", type=R(int, 1), default=GEN_TOKENS)
+    e.add_argument("--gen-temperature", type=R(float, 0), default=1.0)
+    e.add_argument("--gen-top-p", type=R(float, 0, 1, low_open=True), default=0.95)
+    e.add_argument("--eval-gsm8k", metavar="FILE", help="GSM8K JSONL (question/answer), or 'default' for the 100 "
+                   "GSM8K test problems fetched by data.py; base and tuned model, greedy")
+    e.add_argument("--gsm8k-limit", type=R(int, 0), default=0, help="first N problems only (0: all)")
+    e.add_argument("--gsm8k-tokens", type=R(int, 1), default=GSM8K_TOKENS)
+    e.add_argument("--base-from", metavar="METRICS_JSON", help="reuse the base model's evaluation from an earlier "
+                   "run's metrics.json (same model and evaluation settings are checked)")
+    r.add_argument("--merge", action="store_true", help="also write a merged HF checkpoint to OUT/merged")
+    r.add_argument("--dry-run", action="store_true", help="print the memory plan for one device (from config.json "
+                   "alone) and exit")
+    args = runtime.check_shared(p, p.parse_args(argv), "nlg")
     args.init = args.init or METHODS[args.method]
-    args.alpha = float(args.rank if args.alpha is None else args.alpha)
     return args
 
 
-REG_KEYS = ["lambda1", "lambda2", "lambda3", "temperature", "svd_k", "top_k", "consistency", "diversity", "svd",
-            "lambda1_schedule", "focus_schedule"]
+REG_KEYS = runtime.REG_KEYS
 
 
 def reg_config(args):
-    # --method sets the defaults (balora: the paper's NLG setting; lora / pissa: no regulariser), explicit
-    # flags always apply: `--method pissa --lambda1 0.1` is PiSSA with consistency only, as in train_nlu.py
-    defaults = {} if args.method == "balora" else dict(lambda1=0.0, lambda2=0.0, lambda3=0.0)
-    return balora.BALoRAConfig.nlg(**{**defaults, **{k: getattr(args, k) for k in REG_KEYS
-                                                      if getattr(args, k) is not None}})
-
-
-def autocast(args):
-    if args.dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+    # the paper's NLG setting for balora, λ 0 for lora / pissa; explicit flags always apply
+    return runtime.reg_config(args, balora.BALoRAConfig.nlg(), args.method == "balora")
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -161,7 +109,7 @@ def load_records(args):
     if args.val_file:
         return train, data.balanced_sample(data.read_instructions(args.val_file), args.val_examples)[0], None
     if args.val_examples >= len(train):
-        raise modellib.InputError(f"{args.train_file}: {len(train)} records, cannot hold out --val-examples "
+        raise runtime.InputError(f"{args.train_file}: {len(train)} records, cannot hold out --val-examples "
                          f"{args.val_examples} for validation (pass --val-file)")
     val, train = data.balanced_sample(train, args.val_examples)
     return train, val, None
@@ -172,16 +120,16 @@ def special_ids(model_dir, tok, template):
     # architecture and the tokenizer's size are checked against it here too
     arch, cfg = modellib.read_config(model_dir)
     if arch != "llama":
-        raise modellib.InputError(f"{model_dir}: a {arch} encoder; train_nlg.py fine-tunes LLaMA-style decoders "
+        raise runtime.InputError(f"{model_dir}: a {arch} encoder; train_nlg.py fine-tunes LLaMA-style decoders "
                                   f"(train_nlu.py takes encoders)")
     if tok.get_vocab_size() > cfg.vocab_size:
-        raise modellib.InputError(f"{model_dir}: tokenizer.json has {tok.get_vocab_size()} tokens, the model's "
+        raise runtime.InputError(f"{model_dir}: tokenizer.json has {tok.get_vocab_size()} tokens, the model's "
                                   f"embedding table {cfg.vocab_size}: they do not belong together")
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
     if template == "chatml":
         eos = tok.token_to_id("<|im_end|>")  # the token that ends an assistant turn
     if eos is None:
-        raise modellib.InputError(f"{model_dir}: no eos_token_id in config.json (and no <|im_end|> for ChatML)")
+        raise runtime.InputError(f"{model_dir}: no eos_token_id in config.json (and no <|im_end|> for ChatML)")
     return eos, cfg.pad_token_id if cfg.pad_token_id is not None else eos
 
 
@@ -191,7 +139,7 @@ def prepare_data(args, tok):
     train_recs, val_recs, held_out = load_records(args)
     train_ex, stats = data.encode_instructions(tok, train_recs, args.max_len, eos_id, args.template)
     if not train_ex:
-        raise modellib.InputError(f"{args.train_file or 'the default task'}: no training examples: {len(train_recs)} "
+        raise runtime.InputError(f"{args.train_file or 'the default task'}: no training examples: {len(train_recs)} "
                          f"records, {stats['dropped']} dropped (prompt alone >= --max-len {args.max_len} tokens)"
                          + (f", {args.val_examples} held out for validation" if args.train_file and not
                             args.val_file else ""))
@@ -215,11 +163,11 @@ def read_gsm8k(spec):
     problems = []
     for n, row in data.read_rows(Path(spec)):  # JSONL / JSON array / CSV / TSV, errors name the line
         if not all(isinstance(row.get(k), str) for k in ("question", "answer")):
-            raise modellib.InputError(f"{spec}:{n}: expected an object with string 'question' and 'answer'")
+            raise runtime.InputError(f"{spec}:{n}: expected an object with string 'question' and 'answer'")
         data.gsm8k_reference(row["answer"])  # fails on a reference without '#### n'
         problems.append((row["question"], row["answer"]))
     if not problems:
-        raise modellib.InputError(f"{spec}: no problems")
+        raise runtime.InputError(f"{spec}: no problems")
     return problems
 
 
@@ -281,7 +229,7 @@ def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
     return task, reg, len(y), log
 
 
-def accumulate(net, micro_batches, cfg, step, total_steps, amp, seed=0, dist=modellib.Dist(), micro0=0):
+def accumulate(net, micro_batches, cfg, step, total_steps, amp, seed=0, dist=runtime.Dist(), micro0=0):
     # Forward + backward of one optimizer step. Each micro-batch's loss is weighted by its share of the
     # step's M target tokens, so the gradient equals one big batch's for the task loss and for the
     # token-averaged consistency and diversity terms. The SVD term is a spectrum of each micro-batch's own
@@ -291,13 +239,13 @@ def accumulate(net, micro_batches, cfg, step, total_steps, amp, seed=0, dist=mod
     # step's token count is all-reduced first (as torchtune does) and, as DDP averages the ranks' gradients,
     # each loss is also scaled by the world size; the SVD term stays per micro-batch, as in one process.
     n_local = sum(int((targets(b["labels"]) != data.IGNORE_INDEX).sum()) for b in micro_batches)
-    n_total = int(modellib.all_sum({"n": n_local}, dist)["n"])
+    n_total = int(runtime.all_sum({"n": n_local}, dist)["n"])
     sums, lambdas = {"loss": 0.0, "task": 0.0}, {}
     for i, batch in enumerate(micro_batches):
         # the range finder's Gaussian depends only on (seed, step, micro-batch): a resumed run draws the same
         device = batch["input_ids"].device
-        gen = torch.Generator(device=device).manual_seed(modellib.step_seed(seed, step, micro0 + i))
-        with modellib.sync_gradients(net, last=i == len(micro_batches) - 1):
+        gen = torch.Generator(device=device).manual_seed(runtime.step_seed(seed, step, micro0 + i))
+        with runtime.sync_gradients(net, last=i == len(micro_batches) - 1):
             task, reg, M, log = micro_batch_loss(net, batch, cfg, step, total_steps, amp, gen)
             loss = (task + M * reg) / n_total
             if not torch.isfinite(loss):
@@ -313,7 +261,7 @@ def accumulate(net, micro_batches, cfg, step, total_steps, amp, seed=0, dist=mod
                 lambdas[k] = v
             else:
                 sums[k] = sums.get(k, 0.0) + w * v
-    return {**modellib.all_sum(sums, dist), **lambdas}  # the step's token means over all ranks
+    return {**runtime.all_sum(sums, dist), **lambdas}  # the step's token means over all ranks
 
 
 def lr_at(step, total_steps, lr, warmup):
@@ -324,12 +272,12 @@ def lr_at(step, total_steps, lr, warmup):
     return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(total_steps - w, 1)))
 
 
-def step_batches(examples, args, pad_id, device, dist=modellib.Dist()):
+def step_batches(examples, args, pad_id, device, dist=runtime.Dist()):
     # The stream of optimizer steps: --batch-size examples each (this rank's share under torchrun), split into
     # --grad-accum micro-batches, epoch after epoch; each epoch's order depends only on (seed, epoch)
     # (data.batches), so a resumed run skips to exactly where it stopped.
     if not examples:
-        raise modellib.InputError("no training examples")  # prepare_data says why; never loop forever on nothing
+        raise runtime.InputError("no training examples")  # prepare_data says why; never loop forever on nothing
     collate = lambda e: {k: v.to(device) for k, v in data.collate_lm(e, pad_id).items()}
     for epoch in itertools.count():
         for step in data.batches(examples, args.batch_size, list, shuffle=True, seed=args.seed, epoch=epoch):
@@ -347,7 +295,7 @@ def response_ppl(net, examples, args, pad_id):
     net.eval()
     nll, n = 0.0, 0
     for b in data.batches(examples, args.eval_batch_size, lambda e: data.collate_lm(e, pad_id), shuffle=False):
-        with autocast(args):
+        with runtime.autocast(args.device, args.dtype):
             logits = net(b["input_ids"].to(args.device))
         z, y, _ = select(logits, b["labels"].to(args.device))
         nll += F.cross_entropy(z.float(), y, reduction="sum").item()
@@ -363,7 +311,7 @@ def text_ppl(net, windows, args):
     nll, n = 0.0, 0
     for w in windows.split(args.eval_batch_size):
         w = w.to(args.device)
-        with autocast(args):
+        with runtime.autocast(args.device, args.dtype):
             logits = net(w)                                   # (B, T, V)
         nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum").item()
         n += w[:, 1:].numel()
@@ -390,7 +338,7 @@ def generate(net, tok, prompts, args, max_new_tokens, eos_id, pad_id, temperatur
         for row, i in enumerate(idx):
             ids[row, T - len(enc[i]):] = torch.tensor(enc[i])
             mask[row, T - len(enc[i]):] = 1
-        with autocast(args):
+        with runtime.autocast(args.device, args.dtype):
             gen = net.generate(ids.to(args.device), max_new_tokens, temperature=temperature, top_p=top_p,
                                eos_token_id=eos_id, attention_mask=mask.to(args.device), pad_token_id=pad_id,
                                generator=generator, stop=stop)
@@ -403,6 +351,8 @@ def generate(net, tok, prompts, args, max_new_tokens, eos_id, pad_id, temperatur
 def distinct_n(texts, n):
     # Li et al. (2016): distinct n-grams / all n-grams, over the whole set of responses (lower-cased words)
     grams = [tuple(w[i:i + n]) for t in texts for w in [t.lower().split()] for i in range(len(w) - n + 1)]
+    if not texts:
+        return None  # nothing was sampled (--gen-prompts 0): not a diversity of 0
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -445,85 +395,32 @@ EVAL_KEYS = ["model", "train_file", "val_file", "template", "max_len", "val_exam
 
 
 def base_metrics(path, eval_key):
-    prev = data.read_json(path, "metrics JSON")
+    prev = runtime.read_json(path, "metrics JSON")
     base = prev.get("base")
     if not isinstance(base, dict) or not {"val_ppl", "drift_ppl", "distinct_1", "distinct_2"} <= set(base) \
             or not isinstance(prev.get("eval_key"), dict):
-        raise modellib.InputError(f"--base-from {path}: not a finished train_nlg.py metrics.json (needs 'eval_key' "
+        raise runtime.InputError(f"--base-from {path}: not a finished train_nlg.py metrics.json (needs 'eval_key' "
                                   f"and 'base' with val_ppl, drift_ppl, distinct_1, distinct_2)")
     diff = [k for k in EVAL_KEYS if prev.get("eval_key", {}).get(k) != eval_key[k]]
     if diff:
-        raise modellib.InputError(f"--base-from {path}: evaluated with different settings: "
+        raise runtime.InputError(f"--base-from {path}: evaluated with different settings: "
                          + ", ".join(f"--{k.replace('_', '-')} {prev.get('eval_key', {}).get(k)!r} "
                                      f"(now {eval_key[k]!r})" for k in diff))
     return prev["base"]
 
 
-# ---- checkpoints: safetensors tensors + the JSON state in its metadata, one file, written atomically ------
-
-# what must not change between a run and its resumption: the training settings, and everything the stored
-# base evaluation (the drift baseline) depends on
-RESUME_KEYS = ["method", "init", "rank", "alpha", "targets", *REG_KEYS, "lr", "warmup", "weight_decay", "clip",
+# ---- resuming: what must not change between a run and its resumption --------------------------------------
+# the training settings, and everything the stored base evaluation (the drift baseline) depends on
+RESUME_KEYS = ["method", "init", "rank", "alpha", "targets", *REG_KEYS, "lr", "warmup_ratio", "clip",
                "batch_size", "grad_accum", "epochs", "max_steps"] + EVAL_KEYS
 
 
-def save_checkpoint(path, net, opt, state):
-    tensors = {f"param.{n}": p.detach().contiguous() for n, p in net.named_parameters() if p.requires_grad}
-    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
-        raise FloatingPointError(f"step {state['step']}: non-finite adapter weights; {path} is not written")
-    opt_state = opt.state_dict()
-    for i, s in opt_state["state"].items():
-        tensors.update({f"opt.{i}.{k}": v.detach().contiguous() for k, v in s.items()})
-    # the param groups come from the arguments (checked equal on resume); only the state tensors are saved
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-checkpoint-")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"train_state": json.dumps(state)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def checkpoint_path(spec):
-    path = Path(spec)
-    return path / "checkpoint.safetensors" if path.is_dir() else path
-
-
-def checkpoint_state(spec, args):
-    # the JSON state of a checkpoint, checked against this run's settings before anything is loaded
-    path = checkpoint_path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume {spec}: no checkpoint at {path}")
-    with modellib.open_safetensors(path) as f:
-        meta = f.metadata() or {}
-    try:
-        state = json.loads(meta["train_state"])
-        state["args"].items()
-    except (KeyError, json.JSONDecodeError, AttributeError, TypeError):
-        raise modellib.InputError(f"{path}: not a train_nlg.py checkpoint (no readable 'train_state' metadata)") from None
-    for k in RESUME_KEYS:
-        if state["args"].get(k) != getattr(args, k):
-            raise modellib.InputError(f"{path}: was written with --{k.replace('_', '-')} {state['args'].get(k)!r}, "
-                             f"this run has {getattr(args, k)!r}; resume with the same settings")
-    return state
-
-
-def load_checkpoint(spec, net, opt, state):
-    path = checkpoint_path(spec)
-    tensors = data.load_tensors(path)
-    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
-    want = {f"param.{n}" for n in params}
-    have = {k for k in tensors if k.startswith("param.")}
-    if want != have:
-        raise modellib.InputError(f"{path}: adapter tensors missing {sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            if tensors[f"param.{n}"].shape != p.shape:
-                raise modellib.InputError(f"{path}: param.{n} has shape {tuple(tensors[f'param.{n}'].shape)}, "
-                                 f"the model expects {tuple(p.shape)}")
-            p.copy_(tensors[f"param.{n}"])
-    opt.load_state_dict(data.optimizer_state(opt, tensors, "opt.", path))
+def resume_state(args):
+    # the checkpoint's state (step, base metrics, history), its settings checked before anything is loaded
+    state = runtime.checkpoint_state(args.out, {k: getattr(args, k) for k in RESUME_KEYS})
+    if not isinstance(state.get("base"), dict) or not isinstance(state.get("history"), list):
+        raise runtime.InputError(f"{Path(args.out) / runtime.CHECKPOINT}: not a train_nlg.py checkpoint "
+                                 f"(no 'base' metrics or 'history')")
     return state
 
 
@@ -549,43 +446,27 @@ def memory_plan(cfg, args):
     block = sum(saved)                                      # one block (and the embedding), no checkpointing
     x_bytes = micro * args.max_len * cfg.n_embd * base_dtype.itemsize
     activations = cfg.n_layer * x_bytes + block if args.grad_checkpoint else cfg.n_layer * block
-    M = micro * args.max_len                                # target tokens of a micro-batch, at most
+    M, V = micro * args.max_len, cfg.vocab_size             # target tokens of a micro-batch, at most
+    reg = reg_config(args)
+    chunk = balora.kl_chunk_rows(V, torch.device(args.device or "cpu").type)
+    q = min(reg.svd_k + 5, M, V)
     gib = 1 / 2 ** 30
     plan = {"base weights": n_base * base_dtype.itemsize * gib,
             "adapters + grads + AdamW (fp32)": n_adapter * 16 * gib,
             "teacher adapters A0, B0 (fp32)": n_adapter * 4 * gib,
             f"activations ({'checkpointed' if args.grad_checkpoint else 'all kept'})": activations * gib,
-            "M x V logits: student fp32 + grad + KL grad": 3 * M * cfg.vocab_size * 4 * gib}
+            # the M×V logits at their peak (the backward of the loss): the LM head's output (bf16 under autocast)
+            # and its fp32 copy, cross-entropy's saved log-softmax, the logit gradient (the KL's buffer, into
+            # which the other terms' gradients are added in place)
+            "M x V logits: output, fp32, log-softmax, gradient": M * V * ((2 if args.dtype == "bf16" else 0) + 12) * gib,
+            # the KL's row chunks (four chunk×V temporaries) and one block of teacher logits (>= 128 rows)
+            "consistency: KL chunks + teacher block": (4 * chunk + max(chunk, 128)) * V * 4 * gib * (reg.lambda1 > 0),
+            # top-K entropy: M×K; randomized SVD: Ω (V×q), Q (M×q), QᵀZ (q×V) and its SVD factors
+            "diversity + SVD (top-K, range finder)": (M * reg.top_k * 3 + 3 * V * q + 2 * M * q) * 4 * gib}
     return {**plan, "total": sum(plan.values())}
 
 
 # ---- main ------------------------------------------------------------------------------------------------
-
-def hms(s):
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def check_out(args):
-    # a finished or started run is never overwritten without --resume
-    os.makedirs(args.out, exist_ok=True)
-    used = [n for n in ("checkpoint.safetensors", "log.jsonl", "metrics.json") if os.path.exists(os.path.join(args.out, n))]
-    if used and not args.resume:
-        raise FileExistsError(f"{args.out} already holds a run ({', '.join(used)}): pass --resume to continue "
-                              f"it, or another --out")
-
-
-def open_log(args, state):
-    # log.jsonl; a resumed run first drops what a killed save left behind and the records of the steps after its
-    # checkpoint (it replays them), so that the log ends up as an uninterrupted run's
-    path = os.path.join(args.out, "log.jsonl")
-    if state:
-        stale = data.clean_stale(args.out)
-        if stale:
-            print(f"train_nlg: removed the leftovers of an interrupted save: {', '.join(stale)}", flush=True)
-        data.truncate_log(path, state["step"])
-    return open(path, "a" if state else "w", encoding="utf-8")
-
 
 def build(args, net):
     # adapters (and the time the init takes), the optimizer, the regulariser config
@@ -596,30 +477,32 @@ def build(args, net):
     trainable = [p for p in net.parameters() if p.requires_grad]
     print(f"train_nlg: {n_layers} adapted layers, {sum(p.numel() for p in trainable):,} trainable parameters, "
           f"init {init_s:.1f} s", flush=True)
-    return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay), init_s
+    # no weight decay: decay would pull the PiSSA adapters (the principal components of W) towards 0
+    return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0), init_s
 
 
-def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint, dist=modellib.Dist()):
-    # the optimizer steps start..total_steps-1; returns (training seconds, tokens), or None when --stop-at stopped it
+def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint, dist=runtime.Dist()):
+    # the optimizer steps start..total_steps-1; returns (training seconds, tokens), or None when --stop-after
+    # stopped it
     trainable = [p for g in opt.param_groups for p in g["params"]]
-    student = modellib.data_parallel(net, dist).train()  # the training forward; `net` itself for the rest
+    student = runtime.data_parallel(net, dist).train()  # the training forward; `net` itself for the rest
     groups = step_batches(d.train, args, d.pad_id, args.device, dist)
     for _ in range(start):
         next(groups)
     t_train, tokens_done = time.time(), 0
     for step in range(start, total_steps):
         t = time.time()
-        lr = lr_at(step, total_steps, args.lr, args.warmup)
+        lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         group = next(groups)
-        totals = accumulate(student, group, cfg, step, total_steps, autocast(args), args.seed, dist,
+        totals = accumulate(student, group, cfg, step, total_steps, runtime.autocast(args.device, args.dtype), args.seed, dist,
                             dist.rank * args.grad_accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf")).item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.time() - t
-        tokens = int(modellib.all_sum({"n": sum(int(b["attention_mask"].sum()) for b in group)}, dist)["n"])
+        tokens = int(runtime.all_sum({"n": sum(int(b["attention_mask"].sum()) for b in group)}, dist)["n"])
         tokens_done += tokens
         elapsed = time.time() - t_train
         eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
@@ -629,7 +512,7 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint,
         lams = " ".join(f"{totals[k]:.4g}" for k in ("lambda1", "lambda2", "lambda3") if k in totals)
         print(f"step {step + 1}/{total_steps} | loss {totals['loss']:.4f} | task {totals['task']:.4f}"
               f" | {terms or 'no regularisers'}{' | λ ' + lams if lams else ''} | lr {lr:.2e} | "
-              f"gnorm {grad_norm:.3f} | {tokens / dt:.0f} tok/s | {hms(elapsed)} elapsed | ETA {hms(eta)}", flush=True)
+              f"gnorm {grad_norm:.3f} | {tokens / dt:.0f} tok/s | {runtime.fmt_time(elapsed)} elapsed | ETA {runtime.fmt_time(eta)}", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps and dist.main:
             rec["val_ppl"] = response_ppl(net, d.val, args, d.pad_id)
             rec["drift_ppl"] = text_ppl(net, d.windows, args)
@@ -637,11 +520,10 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint,
         history.append(rec)
         logf.write(json.dumps(rec) + "\n")
         logf.flush()
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.stop_at:
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.stop_after:
             checkpoint(step + 1)
-        if step + 1 == args.stop_at and step + 1 < total_steps:
-            print(f"train_nlg: stopped after step {step + 1} as asked; continue with --resume "
-                  f"{os.path.join(args.out, 'checkpoint.safetensors')}", flush=True)
+        if step + 1 == args.stop_after and step + 1 < total_steps:
+            print(f"stop: --stop-after {args.stop_after} reached; continue with --resume --out {args.out}", flush=True)
             return None
     if start < total_steps:
         checkpoint(total_steps)
@@ -649,8 +531,9 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint,
 
 
 def finish(net, tok, d, args, run, base, history, train_s, tokens_done, init_s, t_start):
-    # the tuned model's evaluation, adapters, merged checkpoint on request, metrics.json
+    # the tuned model's evaluation (a non-finite one fails the run), adapters, merged checkpoint, metrics.json
     tuned = evaluate(net, tok, d, args, "tuned")
+    runtime.check_finite_metrics(tuned, "the tuned model's evaluation")
     balora.save_adapter(net, os.path.join(args.out, "adapter"))
     if args.init != "lora":  # the rank-2r LoRA that applies to the untouched base model
         balora.save_adapter(net, os.path.join(args.out, "adapter_lora"), convert_to_lora=True)
@@ -665,49 +548,59 @@ def finish(net, tok, d, args, run, base, history, train_s, tokens_done, init_s, 
         "eval_sizes": {"val_examples": len(d.val), "drift_windows": len(d.windows), "drift_len": args.drift_len,
                        "gen_prompts": len(d.prompts), "gsm8k_problems": len(d.gsm8k) if d.gsm8k else 0},
         "args": vars(args), "eval_key": {k: getattr(args, k) for k in EVAL_KEYS}, "wall_s": round(time.time() - t_start, 1)}
-    with open(os.path.join(args.out, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2)
-    ppl = lambda m: "n/a" if m["val_ppl"] is None else f"{m['val_ppl']:.3f}"
-    print(f"train_nlg: done in {hms(metrics['wall_s'])}: val ppl {ppl(base)} -> {ppl(tuned)}, "
-          f"drift ppl {base['drift_ppl']:.3f} -> {tuned['drift_ppl']:.3f} (x{metrics['drift_ppl_ratio']:.4f}), "
-          f"distinct-2 {base['distinct_2']:.3f} -> {tuned['distinct_2']:.3f}"
+    runtime.write_json(os.path.join(args.out, "metrics.json"), metrics)
+    f = lambda m, k: "n/a" if m.get(k) is None else f"{m[k]:.3f}"
+    print(f"train_nlg: done in {runtime.fmt_time(metrics['wall_s'])}: val ppl {f(base, 'val_ppl')} -> "
+          f"{f(tuned, 'val_ppl')}, drift ppl {base['drift_ppl']:.3f} -> {tuned['drift_ppl']:.3f} "
+          f"(x{metrics['drift_ppl_ratio']:.4f}), distinct-2 {f(base, 'distinct_2')} -> {f(tuned, 'distinct_2')}"
           + (f", GSM8K {base['gsm8k_acc']:.2%} -> {tuned['gsm8k_acc']:.2%}" if d.gsm8k else "")
           + f"; outputs in {args.out}", flush=True)
     return metrics
 
 
+def setup(args):
+    # threads, device (one line if it cannot be used), torchrun, the autocast dtype; before anything is loaded
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = runtime.distributed(runtime.pick_device(args.device))  # torchrun: this rank's device; else one process
+    args.device = dist.device
+    args.dtype, why = runtime.resolve_dtype(args.dtype, args.device)
+    print(f"train_nlg: {why}", flush=True)
+    args.model = str(args.model or default_model_dir())
+    return dist
+
+
+def load_model(args):
+    # the base model, and the adapter settings checked against it before any evaluation spends minutes
+    net = modellib.from_pretrained(args.model, dtype=torch.bfloat16 if args.base_dtype == "bf16" else None)
+    net.to(args.device).grad_checkpoint = args.grad_checkpoint
+    balora.check_targets(net, args.targets.split(","), args.rank)
+    return net
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist = modellib.distributed(args.device)  # torchrun: this process's rank and device; else one process
-    args.device = dist.device
-    args.dtype, why = modellib.resolve_dtype(args.dtype, args.device)
-    print(f"train_nlg: {why}", flush=True)
-    args.model = str(args.model or default_model_dir())
+    dist = setup(args)
     if args.dry_run:
         plan = memory_plan(modellib.read_config(args.model)[1], args)
         print("\n".join(f"{k:45s} {v:8.2f} GiB" for k, v in plan.items()))
         return plan
-    if dist.main:
-        check_out(args)
+    runtime.run_dir(args, dist)
+    state = resume_state(args) if args.resume else None
     tok = modellib.load_tokenizer(args.model)
     d = prepare_data(args, tok)  # every data error before the model is loaded
     cfg = reg_config(args)
     total_steps = args.max_steps or args.epochs * math.ceil(len(d.train) / args.batch_size)
-    data.check_world(len(d.train), args.batch_size, args.grad_accum, dist.world, total_steps)
+    runtime.check_world(len(d.train), args.batch_size, args.grad_accum, dist.world, total_steps)
     run = {"method": args.method, "init": args.init, "steps": total_steps,
-           "config": {k: getattr(cfg, k) for k in REG_KEYS}, "machine": modellib.machine(args.device, args.dtype)}
+           "config": {k: getattr(cfg, k) for k in REG_KEYS}, "machine": runtime.machine(args.device, args.dtype)}
     print(f"train_nlg: {args.method} (init {args.init}, r={args.rank}, alpha={args.alpha}; {run['config']}) on "
           f"{args.model}; {len(d.train)} train examples, {total_steps} steps of {args.batch_size} examples "
           f"({args.grad_accum} micro-batches); eval on {len(d.val)} validation examples, {len(d.windows)}x"
           f"{args.drift_len} drift tokens, {len(d.prompts)} prompts"
           f"{f', {len(d.gsm8k)} GSM8K problems' if d.gsm8k else ''}; {run['machine']}", flush=True)
-    net = modellib.from_pretrained(args.model, dtype=torch.bfloat16 if args.base_dtype == "bf16" else None)
-    net.to(args.device).grad_checkpoint = args.grad_checkpoint
-
-    state = checkpoint_state(args.resume, args) if args.resume else None
+    net = load_model(args)
     if state:  # the base model's metrics: from the checkpoint, an earlier run, or measured now
         base = state["base"]
     elif args.base_from:
@@ -717,27 +610,25 @@ def main(argv=None):
     else:
         base = None
     opt, init_s = build(args, net)
-    start, history = 0, []
-    logf = open_log(args, state) if dist.main else open(os.devnull, "w")
+    start, history = (state["step"], state["history"]) if state else (0, [])
     if state:
-        load_checkpoint(args.resume, net, opt, state)
-        start, history = state["step"], state["history"]
-        print(f"train_nlg: resumed from {args.resume} at step {start}", flush=True)
-    else:
-        logf.write(json.dumps({"event": "start", **run, "args": vars(args)}) + "\n")
+        runtime.load_checkpoint(args.out, net, opt)
+        print(f"train_nlg: resumed from {Path(args.out) / runtime.CHECKPOINT} at step {start}", flush=True)
+    logf = runtime.open_log(args.out, start, args.resume, dist.main)
+    try:
+        if not state:
+            logf.write(json.dumps({"event": "start", **run, "args": vars(args)}) + "\n")
 
-    def checkpoint(step):
-        if dist.main:
-            save_checkpoint(os.path.join(args.out, "checkpoint.safetensors"), net, opt,
-                            {"step": step, "args": {k: getattr(args, k) for k in RESUME_KEYS}, "base": base,
-                             "history": history})
+        def checkpoint(step):
+            if dist.main:
+                runtime.save_checkpoint(args.out, net, opt, {"step": step, "args": {k: getattr(args, k) for k in
+                                        RESUME_KEYS}, "base": base, "history": history})
 
-    done = train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint, dist)
-    logf.close()
-    metrics = finish(net, tok, d, args, run, base, history, *done, init_s, t_start) if done and dist.main else None
-    modellib.close_distributed(dist)
-    return metrics
+        done = train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint, dist)
+    finally:
+        logf.close()
+    return finish(net, tok, d, args, run, base, history, *done, init_s, t_start) if done and dist.main else None
 
 
 if __name__ == "__main__":
-    data.cli(main, __file__, (balora.AdapterError,))
+    runtime.cli(main, __file__)

@@ -10,21 +10,17 @@
 import argparse
 import json
 import math
-import os
-import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import balora
 import data
 import model as modeling
+from plumbing import runtime
 
 # -------------------------------------------------------------------------------------------------------------
 # Defaults: the embedded job. BA-LoRA on all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) for binary
@@ -55,85 +51,36 @@ METHODS = {  # method -> (init, regularisers on)
 }
 RESUME_MAY_DIFFER = {"resume", "stop_after", "threads", "device", "log_every", "save_every", "eval_batch_size", "debug",
                      "teacher_cache", "grad_checkpoint"}
+DEFAULTS = dict(task="nlu", method=METHOD, init="lora for --method lora, else pissa", rank=RANK, targets=TARGETS,
+                lr=LR, warmup_ratio=WARMUP_RATIO, batch_size=BATCH_SIZE, grad_accum=1, max_len=MAX_LEN, epochs=EPOCHS,
+                max_steps=MAX_STEPS, save_every=SAVE_EVERY, eval_batch_size=128)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="BA-LoRA / PiSSA / LoRA fine-tuning of an encoder for sentence "
-                                "classification or regression; the defaults run the embedded movie-review job.",
+                                "classification or regression; the defaults run the embedded movie-review job. "
+                                "λ defaults: the paper's NLU 0.15/0.03/0.03, k 5, T 2 for balora, else 0.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("method")
-    g.add_argument("--method", choices=sorted(METHODS), default=METHOD,
-                   help="lora: LoRA init; pissa: PiSSA init; balora: PiSSA init + the three regularisers")
-    g.add_argument("--init", default=None, help="override the method's init: lora | pissa | pissa_niter_N "
-                   "(e.g. --method balora --init lora: LoRA init with the regularisers)")
-    g.add_argument("--lambda1", type=data.arg_range(float, 0), default=None, help="consistency weight (balora: 0.15, else 0)")
-    g.add_argument("--lambda2", type=data.arg_range(float, 0), default=None, help="diversity weight (balora: 0.03, else 0)")
-    g.add_argument("--lambda3", type=data.arg_range(float, 0), default=None, help="SVD weight (balora: 0.03, else 0)")
-    g.add_argument("--svd-k", type=data.arg_range(int, 1), default=None,
-                   help="k of Eq. 7 (default: the paper's 5, lowered to num_labels-1 when the logits have "
-                        "<= 5 columns, where k=5 would keep every singular value and the term is constant)")
-    g.add_argument("--temperature", type=data.arg_range(float, 0, low_open=True), default=2.0, help="T of Eq. 4")
-    g.add_argument("--top-k", type=data.arg_range(int, 1), default=20, help="K of the top-K-entropy diversity (Eq. 10)")
-    g.add_argument("--consistency", choices=balora.CONSISTENCY, default=None,
-                   help="kl (Eq. 4) or mse (logit matching); default kl, mse for regression")
-    g.add_argument("--diversity", choices=balora.DIVERSITY, default="covariance")
-    g.add_argument("--svd", choices=balora.SVD, default="exact_ratio")
-    g.add_argument("--lambda1-schedule", choices=("constant", "cosine"), default="constant")
-    g.add_argument("--focus-schedule", choices=("constant", "two_phase"), default="constant")
-    g.add_argument("--rank", type=data.arg_range(int, 1), default=RANK)
-    g.add_argument("--alpha", type=data.arg_range(float, 0, low_open=True), default=None, help="adapter scale = alpha / rank (default alpha = rank)")
-    g.add_argument("--targets", default=TARGETS, help="comma-separated suffixes of encoder nn.Linear names "
-                   "(DeBERTa: query_proj,key_proj,value_proj,attention.output.dense,intermediate.dense,output.dense)")
-    g = p.add_argument_group("data")
-    g.add_argument("--model", default=None, help="HF encoder directory (default: all-MiniLM-L6-v2, fetched once)")
+    _, g, o, r = runtime.shared_args(p, DEFAULTS)
     g.add_argument("--task", choices=("binary", "three"), default=TASK, help="built-in movie-review task")
-    g.add_argument("--train", default=None, help="JSONL/CSV/TSV training file (replaces the built-in task)")
-    g.add_argument("--validation", default=None, help="validation file (required with --train)")
-    g.add_argument("--test", default=None, help="test file (optional; without it the final metrics are validation's)")
+    g.add_argument("--test-file", default=None, help="test file (optional; without it the final metrics are validation's)")
     g.add_argument("--text-fields", default="sentence", help="one column, or two for pairs: sentence1,sentence2")
     g.add_argument("--label-field", default="label")
     g.add_argument("--regression", action="store_true", help="float labels, one output, MSE loss (STS-B)")
     g.add_argument("--imbalance", default=None, help="subsample training classes to ratios, e.g. 100:10:1")
-    g.add_argument("--label-noise", type=data.arg_range(float, 0, 1, high_open=True), default=0.0, help="flip this fraction of training labels")
-    g.add_argument("--max-len", type=data.arg_range(int, 2), default=MAX_LEN)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=data.arg_range(float, 0, low_open=True), default=LR)
-    g.add_argument("--warmup-ratio", type=data.arg_range(float, 0, 1, high_open=True), default=WARMUP_RATIO)
-    g.add_argument("--weight-decay", type=data.arg_range(float, 0), default=WEIGHT_DECAY, help="on the head's matrices only")
-    g.add_argument("--clip", type=data.arg_range(float, 0), default=CLIP, help="max global gradient norm (0: no clipping)")
-    g.add_argument("--batch-size", type=data.arg_range(int, 1), default=BATCH_SIZE, help="examples per optimizer step")
-    g.add_argument("--grad-accum", type=data.arg_range(int, 1), default=1, help="micro-batches per optimizer step")
-    g.add_argument("--epochs", type=data.arg_range(int, 1), default=EPOCHS)
-    g.add_argument("--max-steps", type=data.arg_range(int, 0), default=MAX_STEPS, help="cap on optimizer steps (0: epochs only)")
-    g.add_argument("--seed", type=int, default=SEED)
-    g = p.add_argument_group("run")
-    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=DTYPE,
-                   help="autocast dtype (CPU and CUDA); auto: bf16 where the device runs it natively")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--threads", type=data.arg_range(int, 0), default=0, help="torch CPU threads (0: torch's default, all physical cores)")
-    g.add_argument("--eval-batch-size", type=data.arg_range(int, 1), default=128)
-    g.add_argument("--out", default=None, help="run directory (default: runs/nlu-METHOD-TIME)")
-    g.add_argument("--save-every", type=data.arg_range(int, 0), default=SAVE_EVERY, help="checkpoint every N steps (0: epoch ends)")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    g.add_argument("--stop-after", type=data.arg_range(int, 0), default=0,
-                   help="checkpoint and stop after this many optimizer steps, as if interrupted (the schedule "
-                        "still spans the whole budget; --resume continues)")
-    g.add_argument("--log-every", type=data.arg_range(int, 1), default=1)
-    g.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false",
+    g.add_argument("--label-noise", type=runtime.arg_range(float, 0, 1, high_open=True), default=0.0,
+                   help="flip this fraction of training labels")
+    o.add_argument("--weight-decay", type=runtime.arg_range(float, 0), default=WEIGHT_DECAY,
+                   help="AdamW decay of the head's matrices (never the adapters)")
+    r.add_argument("--log-every", type=runtime.arg_range(int, 1), default=1)
+    r.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false",
                    help="run the teacher forward every step instead of caching its features after the first epoch")
-    g.add_argument("--grad-checkpoint", action="store_true",
-                   help="activation checkpointing per encoder layer: less memory, one more forward in backward")
-    g.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     if args.regression and (args.imbalance or args.label_noise):
         p.error("--imbalance and --label-noise act on classes: they do not apply with --regression")
-    if args.train and not args.validation:
-        p.error("--train needs --validation")
-    if args.resume and not args.out:
-        p.error("--resume needs the --out of the run to continue")
-    args.alpha = float(args.rank if args.alpha is None else args.alpha)
-    args.out = args.out or f"runs/nlu-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return args
+    if args.train_file and not args.val_file:
+        p.error("--train-file needs --val-file")
+    return runtime.check_shared(p, args, "nlu")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -142,14 +89,14 @@ def parse_args(argv=None):
 
 def load_splits(args):
     # -> {"train", "validation", "test"}: data.TextData (test may be None)
-    if args.train is None:
+    if args.train_file is None:
         splits = data.movie_reviews(args.task)
     else:
         fields = args.text_fields.split(",")
-        train = data.read_table(args.train, fields, args.label_field, regression=args.regression)
+        train = data.read_table(args.train_file, fields, args.label_field, regression=args.regression)
         read = lambda path: None if path is None else data.read_table(
             path, fields, args.label_field, train.label_names, args.regression)
-        splits = {"train": train, "validation": read(args.validation), "test": read(args.test)}
+        splits = {"train": train, "validation": read(args.val_file), "test": read(args.test_file)}
         for name, d in splits.items():
             if d is not None:
                 print(f"data: {name}: {len(d.labels)} [{data.describe_counts(d)}]")
@@ -206,9 +153,22 @@ class TeacherCache:
     # only the shared head does. So the first-token features of each training example are kept on its first
     # visit (N x C floats: 12 MB for the default) and the teacher forward disappears from the second epoch on.
     # Exact up to float rounding: the same function of the same tokens (the batch around them, and so its
-    # padding, differs between epochs). Not saved: a resumed run refills it.
+    # padding, differs between epochs). Saved in the checkpoint, so that a resumed run reads the very features
+    # an uninterrupted one would have (refilled from other batches they differ in the last bits).
     def __init__(self, n):
         self.n, self.feats, self.have = n, None, torch.zeros(n, dtype=torch.bool)
+
+    def tensors(self):
+        return {} if self.feats is None else {"teacher_feats": self.feats, "teacher_have": self.have}
+
+    def load(self, tensors, device, where):
+        if not tensors:
+            return
+        feats, have = tensors.get("teacher_feats"), tensors.get("teacher_have")
+        if feats is None or have is None or feats.shape[0] != self.n or have.shape != (self.n,) \
+                or have.dtype != torch.bool:
+            raise runtime.InputError(f"{where}: the teacher cache does not fit {self.n} training examples")
+        self.feats, self.have = feats.float().to(device), have.clone()
 
     def features(self, net, b):
         idx = b["idx"].cpu()
@@ -228,12 +188,12 @@ def task_loss(z, labels, regression):
     return F.mse_loss(z[:, 0], labels) if regression else F.cross_entropy(z, labels)
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(FloatingPointError):  # a step whose loss or gradient is NaN / inf: stop, keep the checkpoint
     pass
 
 
 def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dtype, cache=None, seed=0,
-               dist=modeling.Dist(), n_step=None, micro0=0):
+               dist=runtime.Dist(), n_step=None, micro0=0):
     # Forward + backward over the micro-batches of one optimizer step; .grad then holds the gradient of the
     # step's loss. Each micro-batch loss is scaled by its share of the step's examples (1/grad_accum when
     # they are equal): summing the scaled gradients gives the gradient of the mean over the whole batch, so
@@ -249,8 +209,8 @@ def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dty
     log, lambdas = {}, {}
     for j, b in enumerate(batches):
         w = len(b["labels"]) / n_step
-        torch.manual_seed(modeling.step_seed(seed, step, micro0 + j))  # dropout: the same masks on any layout
-        with modeling.sync_gradients(net, last=j == len(batches) - 1):
+        torch.manual_seed(runtime.step_seed(seed, step, micro0 + j))  # dropout: the same masks on any layout
+        with runtime.sync_gradients(net, last=j == len(batches) - 1):
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
                 z = logits_of(net, b)
                 if not bool(torch.isfinite(z).all()):
@@ -269,7 +229,7 @@ def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dty
                     raise NonFiniteLoss(f"step {step + 1}: the {name} term is non-finite ({value})")
                 log[name] = log.get(name, 0.0) + w * value
             ((terms["task"] + reg) * (w * dist.world)).backward()
-    return {**modeling.all_sum(log, dist), **lambdas}  # the step's means over all ranks' examples
+    return {**runtime.all_sum(log, dist), **lambdas}  # the step's means over all ranks' examples
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -423,79 +383,7 @@ def summary(m):
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Checkpoints: adapter + head (peft layout, balora.save_adapter), optimizer tensors and RNG in safetensors,
-# scalars in JSON; never pickle. A checkpoint is written into a scratch directory and renamed into place, and
-# `last_checkpoint.json` is replaced atomically afterwards, so a crash leaves the previous checkpoint usable.
-
-OPT_FILE, STATE_FILE, POINTER = "optimizer.safetensors", "trainer_state.json", "last_checkpoint.json"
-
-
-def atomic_json(path, obj):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_checkpoint(out, net, opt, state):
-    out = Path(out)
-    name = f"checkpoint-{state['step']:06d}"
-    if not all(bool(torch.isfinite(p).all()) for p in net.parameters() if p.requires_grad):
-        raise NonFiniteLoss(f"step {state['step']}: non-finite weights; the checkpoint is not written")
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}-"))
-    balora.save_adapter(net, tmp, modules_to_save=HEAD)
-    tensors = {}
-    for idx, s in opt.state_dict()["state"].items():
-        for key, value in s.items():
-            if not torch.is_tensor(value):
-                raise TypeError(f"optimizer state {idx}.{key} is not a tensor: {value!r}")
-            tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    save_file(tensors, tmp / OPT_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    tmp.chmod(0o755)
-    final = out / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_json(out / POINTER, {"checkpoint": name, "step": state["step"]})
-    for old in out.glob("checkpoint-*"):  # keep only the newest
-        if old.name != name:
-            shutil.rmtree(old)
-    return final
-
-
-def load_checkpoint(out, net, opt):
-    pointer = Path(out) / POINTER
-    if not pointer.exists():
-        raise FileNotFoundError(f"--resume: {pointer} not found: no checkpoint to continue in {out}")
-    name = data.read_json(pointer).get("checkpoint")
-    if not isinstance(name, str) or not re.fullmatch(r"checkpoint-\d{6}", name):  # only inside the run directory
-        raise modeling.InputError(f"{pointer}: 'checkpoint' is {name!r}, expected a name like checkpoint-000050")
-    ckpt = Path(out) / name
-    balora.load_adapter(net, ckpt)
-    state = data.read_json(ckpt / STATE_FILE)
-    tensors = data.load_tensors(ckpt / OPT_FILE)
-    opt.load_state_dict(data.optimizer_state(opt, tensors, "state.", ckpt / OPT_FILE))
-    if "rng.cpu" not in tensors:
-        raise modeling.InputError(f"{ckpt / OPT_FILE}: no rng.cpu tensor")
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-    return ckpt, state
-
-
-# -------------------------------------------------------------------------------------------------------------
 # The run
-
-
-def fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def prepare_data(args):
@@ -504,11 +392,11 @@ def prepare_data(args):
     model_dir = args.model or data.minilm_dir()
     arch, mcfg = modeling.read_config(model_dir)
     if arch == "llama":
-        raise modeling.InputError(f"{model_dir}: a {arch} decoder; train_nlu.py fine-tunes BERT / DeBERTa encoders "
+        raise runtime.InputError(f"{model_dir}: a {arch} decoder; train_nlu.py fine-tunes BERT / DeBERTa encoders "
                                   f"(train_nlg.py takes decoders)")
     tok = modeling.load_tokenizer(model_dir)
     if tok.get_vocab_size() > mcfg.vocab_size:
-        raise modeling.InputError(f"{model_dir}: tokenizer.json has {tok.get_vocab_size()} tokens, the model's "
+        raise runtime.InputError(f"{model_dir}: tokenizer.json has {tok.get_vocab_size()} tokens, the model's "
                                   f"embedding table {mcfg.vocab_size}: they do not belong together")
     encoded = {s: (data.encode_classification(tok, d, args.max_len)[0] if d is not None else None)
                for s, d in splits.items()}
@@ -523,49 +411,37 @@ def prepare_data(args):
 
 
 def reg_config(args, num_labels, regularise):
-    # the BA-LoRA config: paper NLU defaults (Sec. 4.1); --method sets the λ defaults (0 for lora / pissa),
-    # explicit flags always apply
-    d = balora.BALoRAConfig.nlu()
-    lam = [getattr(args, f"lambda{i}") for i in (1, 2, 3)]
-    lam = [x if x is not None else (default if regularise else 0.0)
-           for x, default in zip(lam, (d.lambda1, d.lambda2, d.lambda3))]
-    svd_k = args.svd_k if args.svd_k is not None else min(d.svd_k, max(num_labels - 1, 1))
-    if args.svd_k is None and svd_k != d.svd_k and lam[2] > 0:
-        print(f"note: svd_k = {svd_k} instead of the paper's {d.svd_k}: with {num_labels} logit columns k=5 keeps "
-              f"every singular value and Eq. 7 is the constant -1")
-    return balora.BALoRAConfig.nlu(
-        lambda1=lam[0], lambda2=lam[1], lambda3=lam[2], svd_k=svd_k, temperature=args.temperature,
-        top_k=args.top_k, consistency=args.consistency or ("mse" if args.regression else "kl"),
-        diversity=args.diversity, svd=args.svd, lambda1_schedule=args.lambda1_schedule,
-        focus_schedule=args.focus_schedule)
+    # the paper's NLU defaults (Sec. 4.1), λ 0 unless the method regularises; explicit flags always apply
+    cfg = runtime.reg_config(args, balora.BALoRAConfig.nlu(consistency="mse" if args.regression else "kl"), regularise)
+    if args.svd_k is None and num_labels - 1 < cfg.svd_k:
+        # k = 5 of D <= 5 logit columns keeps every singular value: Eq. 7 would be the constant -1
+        if cfg.lambda3 > 0:
+            print(f"note: svd_k = {max(num_labels - 1, 1)} instead of the paper's {cfg.svd_k}: with {num_labels} "
+                  f"logit columns k={cfg.svd_k} keeps every singular value and Eq. 7 is the constant -1")
+        cfg.svd_k = max(num_labels - 1, 1)
+    return cfg
 
 
-def resume_state(args, out, net, opt, config, main=True):
-    # the state to continue from; the saved settings must equal this run's but for RESUME_MAY_DIFFER.
-    # What a killed save left behind is removed, and the log loses the steps after the checkpoint (by rank 0
-    # alone under torchrun; every rank loads the same checkpoint).
-    stale = data.clean_stale(out) if main else []
-    if stale:
-        print(f"resume: removed the leftovers of an interrupted save: {', '.join(stale)}")
-    ckpt, state = load_checkpoint(out, net, opt)
-    differ = {k: (state["args"].get(k), v) for k, v in config.items()
-              if k not in RESUME_MAY_DIFFER and state["args"].get(k) != v}
-    if differ:
-        raise ValueError(f"--resume: {ckpt / STATE_FILE} was written with other settings (saved, now): {differ}")
+def resume_state(args, out, net, opt, config, cache):
+    # the state to continue from; the saved settings must equal this run's but for RESUME_MAY_DIFFER
+    state = runtime.checkpoint_state(out, config, RESUME_MAY_DIFFER)
+    for key in ("epoch", "batch", "validation", "train_seconds", "examples"):
+        if key not in state:
+            raise runtime.InputError(f"{out / runtime.CHECKPOINT}: not a train_nlu.py checkpoint (no {key!r})")
+    extra = runtime.load_checkpoint(out, net, opt)
+    if cache is not None:
+        cache.load(extra, args.device, out / runtime.CHECKPOINT)
     state["args"] = config
-    print(f"resume: {ckpt} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
-    if main:
-        data.truncate_log(out / "log.jsonl", state["step"])
+    print(f"resume: {out / runtime.CHECKPOINT} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
     return state
 
 
-def train(net, opt, cfg, encoded, info, args, state, total, warmup, log, dist=modeling.Dist()):
+def train(net, opt, cfg, encoded, info, args, state, total, warmup, log, cache, dist=runtime.Dist()):
     # the epochs from the state's position on; validation and a checkpoint at each epoch end (rank 0 alone
     # evaluates and writes under torchrun). Returns the training seconds, or None when --stop-after stopped it.
     out, train_set = Path(args.out), encoded["train"]
-    student = modeling.data_parallel(net, dist)  # the training forward; `net` itself for the rest
+    student = runtime.data_parallel(net, dist)  # the training forward; `net` itself for the rest
     regularise = any(x > 0 for x in (cfg.lambda1, cfg.lambda2, cfg.lambda3))
-    cache = TeacherCache(len(train_set)) if cfg.lambda1 > 0 and args.teacher_cache else None
     collate = lambda e: to_device({**data.collate_classification(e, info["pad_id"]),
                                    "idx": torch.tensor([x["idx"] for x in e])}, args.device)
     net.train()
@@ -577,7 +453,7 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log, dist=mo
         nonlocal last_saved
         state.update(step=step, epoch=epoch, batch=batch, train_seconds=seconds_before + time.time() - t_start)
         if dist.main:
-            save_checkpoint(out, net, opt, state)
+            runtime.save_checkpoint(out, net, opt, state, cache.tensors() if cache else None)
         last_saved = step
 
     for epoch in range(state["epoch"], args.epochs):
@@ -602,7 +478,7 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log, dist=mo
                     [p for g in opt.param_groups for p in g["params"]], args.clip if args.clip > 0 else math.inf)
                 if not torch.isfinite(norm):
                     raise NonFiniteLoss(f"step {step + 1}: the gradient norm is non-finite ({norm.item()})")
-            except NonFiniteLoss as e:
+            except FloatingPointError as e:
                 kept = f"the last checkpoint (step {last_saved})" if last_saved >= 0 else "no checkpoint yet"
                 msg = f"{e}; stopping without applying it. Kept: {out / 'log.jsonl'} and {kept} in {out}"
                 log({"event": "non-finite", "step": step + 1, "message": msg})
@@ -619,7 +495,7 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log, dist=mo
                 lams = "/".join(f"{terms.get(f'lambda{j}', 0.0):.3g}" for j in (1, 2, 3))
                 print(f"step {step}/{total} | task {terms['task']:.4f} | {regs or 'no regularisers'} | λ {lams} | "
                       f"lr {lr:.2e} | |g| {norm.item():.3f} | {len(examples) / dt:.1f} ex/s | "
-                      f"{fmt_time(seconds_before + elapsed)} elapsed, ETA {fmt_time(eta)}", flush=True)
+                      f"{runtime.fmt_time(seconds_before + elapsed)} elapsed, ETA {runtime.fmt_time(eta)}", flush=True)
             if args.stop_after and step == args.stop_after and step < total:
                 checkpoint(epoch, i + 1)
                 print(f"stop: --stop-after {args.stop_after} reached; continue with --resume --out {out}")
@@ -637,41 +513,46 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log, dist=mo
 
 
 def finish(net, encoded, info, args, run, state, train_seconds, log):
-    # test metrics (or the last validation's), the adapter + head, metrics.json
+    # test metrics (or the last validation's), the adapter + head, metrics.json; a non-finite evaluation fails
     out = Path(args.out)
+    runtime.check_finite_metrics(state["validation"][-1], "validation")
     if encoded["test"] is not None:
         test = evaluate(net, encoded["test"], args, info)
         print(f"test: {summary(test)}", flush=True)
         log({"event": "test", "step": state["step"], **test})
+        runtime.check_finite_metrics(test, "test")
     else:  # GLUE-style: no labelled test set, the last validation (at the final weights) is the result
         test = None
-        print("test: no --test file; the final metrics are the last validation's")
+        print("test: no --test-file; the final metrics are the last validation's")
     balora.save_adapter(net, out / "adapter", modules_to_save=HEAD)
     counts = info["counts"]
     metrics = {**run, "steps": state["step"], "examples_seen": state["examples"], "train_seconds": train_seconds,
                "examples_per_s": state["examples"] / max(train_seconds, 1e-9),
                "train_class_counts": None if counts is None else dict(zip(info["label_names"], counts)),
                "validation": state["validation"], "test": test, "args": state["args"]}
-    atomic_json(out / "metrics.json", metrics)
-    print(f"done: {state['step']} steps, {fmt_time(train_seconds)} training; adapter + head in {out / 'adapter'}, "
-          f"metrics in {out / 'metrics.json'}")
+    runtime.write_json(out / "metrics.json", metrics)
+    print(f"done: {state['step']} steps, {runtime.fmt_time(train_seconds)} training; adapter + head in "
+          f"{out / 'adapter'}, metrics in {out / 'metrics.json'}")
     return metrics
+
+
+def setup(args):
+    # threads, device (one line if it cannot be used), torchrun, the autocast dtype; before anything is loaded
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = runtime.distributed(runtime.pick_device(args.device))  # torchrun: this rank's device; else one process
+    args.device = dist.device
+    args.dtype, why = runtime.resolve_dtype(args.dtype, args.device)
+    print(why)
+    return dist
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist = modeling.distributed(args.device)  # torchrun: this process's rank and device; else one process
-    args.device = dist.device
-    args.dtype, why = modeling.resolve_dtype(args.dtype, args.device)
-    print(why)
+    dist = setup(args)
     init, regularise = METHODS[args.method]
     init = args.init or init
-    out = Path(args.out)
-    if dist.main and not args.resume and (out / POINTER).exists():
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = runtime.run_dir(args, dist)
     encoded, info = prepare_data(args)
     cfg = reg_config(args, info["num_labels"], regularise)
     torch.manual_seed(args.seed)  # head init and LoRA init; a resumed run rebuilds the same, then loads
@@ -680,36 +561,35 @@ def main(argv=None):
     steps_per_epoch = math.ceil(len(encoded["train"]) / args.batch_size)
     total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     warmup = max(1, round(args.warmup_ratio * total))
-    data.check_world(len(encoded["train"]), args.batch_size, args.grad_accum, dist.world, total)
+    runtime.check_world(len(encoded["train"]), args.batch_size, args.grad_accum, dist.world, total)
     config = dict(vars(args))
     run = {"method": args.method, "init": init, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-           "total_steps": total, "machine": modeling.machine(args.device, args.dtype)}
+           "total_steps": total, "machine": runtime.machine(args.device, args.dtype)}
+    cache = TeacherCache(len(encoded["train"])) if cfg.lambda1 > 0 and args.teacher_cache else None
     state = {"step": 0, "epoch": 0, "batch": 0, "validation": [], "args": config, "train_seconds": 0.0, "examples": 0}
     if args.resume:
-        state = resume_state(args, out, net, opt, config, dist.main)
-    log_file = open(out / "log.jsonl" if dist.main else os.devnull, "a" if args.resume else "w")
-
-    def log(record):  # rank 0's log.jsonl
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-
-    desc = (f"{args.method} (init {init}; λ1/λ2/λ3 {cfg.lambda1}/{cfg.lambda2}/{cfg.lambda3}, k={cfg.svd_k}, "
-            f"T={cfg.temperature}, {cfg.consistency}/{cfg.diversity}/{cfg.svd})")
-    print(f"train: {desc}; {len(encoded['train'])} examples, {total} steps of {args.batch_size} "
-          f"({args.grad_accum} micro-batches{f' in each of {dist.world} processes' if dist.world > 1 else ''}), "
-          f"{steps_per_epoch} steps/epoch, warm-up {warmup}, "
-          f"lr {args.lr}, {args.dtype} on {args.device}, out {out}; {run['machine']}")
-    if not args.resume:
-        log({"event": "start", "method": desc, "warmup": warmup, **run, "args": config})
+        state = resume_state(args, out, net, opt, config, cache)
+    log_file = runtime.open_log(out, state["step"], args.resume, dist.main)
     try:
-        train_seconds = train(net, opt, cfg, encoded, info, args, state, total, warmup, log, dist)
-        metrics = finish(net, encoded, info, args, run, state, train_seconds, log) \
-            if train_seconds is not None and dist.main else None
+        def log(record):  # rank 0's log.jsonl
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+        desc = (f"{args.method} (init {init}; λ1/λ2/λ3 {cfg.lambda1}/{cfg.lambda2}/{cfg.lambda3}, k={cfg.svd_k}, "
+                f"T={cfg.temperature}, {cfg.consistency}/{cfg.diversity}/{cfg.svd})")
+        print(f"train: {desc}; {len(encoded['train'])} examples, {total} steps of {args.batch_size} "
+              f"({args.grad_accum} micro-batches{f' in each of {dist.world} processes' if dist.world > 1 else ''}), "
+              f"{steps_per_epoch} steps/epoch, warm-up {warmup}, "
+              f"lr {args.lr}, {args.dtype} on {args.device}, out {out}; {run['machine']}")
+        if not args.resume:
+            log({"event": "start", "method": desc, "warmup": warmup, **run, "args": config})
+        train_seconds = train(net, opt, cfg, encoded, info, args, state, total, warmup, log, cache, dist)
+        if train_seconds is None or not dist.main:
+            return None
+        return finish(net, encoded, info, args, run, state, train_seconds, log)
     finally:
         log_file.close()
-    modeling.close_distributed(dist)
-    return metrics
 
 
 if __name__ == "__main__":
-    data.cli(main, __file__, (balora.AdapterError,))
+    runtime.cli(main, __file__)

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-RESULTS, RUNS = HERE / "results", HERE / "runs" / "study"
+ROOT = HERE.parent  # the project: the scripts run from there, so the stored relative flags (runs/study/...) hold
+sys.path.insert(0, str(ROOT))
+RESULTS, RUNS = HERE / "results", ROOT / "runs" / "study"
 
 # ---- the grid ----------------------------------------------------------------------------------------------------
 # methods: the flags that make each one (lora+reg: LoRA init with BA-LoRA's regularisers, seed 004's first ablation)
@@ -100,7 +102,7 @@ def noisy_encoder(sigma, out=None, src=None):
     import torch
     from safetensors.torch import load_file, save_file
     import data
-    out = out or HERE / "runs" / "study" / f"minilm-noise-{sigma:g}"
+    out = out or ROOT / "runs" / "study" / f"minilm-noise-{sigma:g}"
     if (out / "model.safetensors").exists():
         return out
     src = Path(src or data.minilm_dir())
@@ -117,7 +119,7 @@ def noisy_encoder(sigma, out=None, src=None):
     return out
 
 
-def tweet_writing(path=HERE / "runs" / "study" / "tweets.jsonl"):
+def tweet_writing(path=ROOT / "runs" / "study" / "tweets.jsonl"):
     # The drift condition's training file: VADER's 4 200 human-rated tweets as sentiment-conditioned writing
     # ("Write a positive tweet." -> the tweet), |rating| >= 0.5 as in the movie-review task; written once.
     import data
@@ -174,7 +176,7 @@ def chosen_budgets(results=RESULTS):
 
 def command(run, out, extra=()):
     script = "train_nlu.py" if run.script == "nlu" else "train_nlg.py"
-    return [sys.executable, str(HERE / script), *run.flags, *extra, "--threads", "1", "--out", str(out)]
+    return [sys.executable, str(ROOT / script), *run.flags, *extra, "--threads", "1", "--out", str(out)]
 
 
 def compact(run, metrics, wall_s):
@@ -215,7 +217,7 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
             out.mkdir(parents=True)
             log = open(out / "stdout.log", "w")
             running.append((r, subprocess.Popen(command(r, out, extra), stdout=log, stderr=subprocess.STDOUT,
-                                                cwd=HERE), time.time(), log))
+                                                cwd=ROOT), time.time(), log))
         time.sleep(0.2)
         for item in [x for x in running if x[1].poll() is not None]:
             r, proc, t0, log = item

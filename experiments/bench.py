@@ -18,10 +18,13 @@ from contextlib import nullcontext
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project, one level up
+
 import balora
 import data
 import model as modellib
 import train_nlg
+from plumbing import runtime
 
 BATCH, SEQ, RANK, THREADS, REPEATS, WARMUP = 4, 256, 64, 2, 5, 1
 GRAD_CHECKPOINT = False  # --grad-checkpoint (with --seq 1024: the peak memory activation checkpointing saves)
@@ -220,14 +223,14 @@ def main(argv=None):
     SEQ, GRAD_CHECKPOINT = args.seq, args.grad_checkpoint
     torch.set_num_threads(args.threads)
     if args.scaling:
-        res = {"machine": modellib.machine("cpu", "fp32", args.threads), "scaling_s": scaling(args.threads, args.repeats)}
+        res = {"machine": runtime.machine("cpu", "fp32", args.threads), "scaling_s": scaling(args.threads, args.repeats)}
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
         return res
     model_dir = "1b" if args.model == "1b" else str(args.model or train_nlg.default_model_dir())
     if model_dir == "1b":
         args.no_peer = args.no_init = args.no_mem = True
-    dtypes = list(dict.fromkeys(modellib.resolve_dtype(d, "cpu")[0] for d in args.dtypes.split(",")))
+    dtypes = list(dict.fromkeys(runtime.resolve_dtype(d, "cpu")[0] for d in args.dtypes.split(",")))
     if args.child:
         return child(args.child, dtypes[0], model_dir, args.rank)
     try:
@@ -242,9 +245,9 @@ def main(argv=None):
                                    for m in ["lora", "pissa", "balora"] + (["peft-pissa"] if peer else [])}
                               for dt in dtypes}
     batch = fixed_batch(model_dir)
-    native = {"fp32": True, "bf16": modellib.cpu_bf16_native()[0]}
+    native = {"fp32": True, "bf16": runtime.cpu_bf16_native()[0]}
     res |= {"batch": [BATCH, SEQ], "rank": args.rank, "repeats": args.repeats, "grad_checkpoint": GRAD_CHECKPOINT,
-           "machine": modellib.machine("cpu", ",".join(dtypes), args.threads),
+           "machine": runtime.machine("cpu", ",".join(dtypes), args.threads),
            "dtype_native": {dt: native[dt] for dt in dtypes}, "steps_s": {}, "min_s": {}, "all_s": {},
            "loadavg_start": os.getloadavg()}  # a shared machine: the ratios come from interleaved rounds
 

@@ -1,0 +1,560 @@
+# plumbing/runtime.py: what both training scripts need that is not the method, the models or the data.
+# Errors as one line (cli), the flags both scripts share, device and dtype choice and the machine record, several
+# processes under torchrun, atomic files and the one checkpoint format. A learner can skip this file: nothing
+# here changes a number. Imports flow one way: the scripts, model.py and data.py import this; it imports balora.py.
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+import balora
+from balora import atomic_write  # the one atomic writer (balora.py stays standalone, so it lives there)
+
+# ---- errors --------------------------------------------------------------------------------------------------
+
+
+class InputError(ValueError):
+    # Bad input (a file, key, shape, line or flag), never a bug: the message names what and where, and cli()
+    # prints it as one line without a traceback.
+    pass
+
+
+class AssetError(RuntimeError):
+    # the pinned asset cache (data.py) could not fetch or verify a file
+    pass
+
+
+# A user error or a non-finite stop is one line on stderr, `train_nlu.py: error: <file>:<line>: <what>`, exit
+# status 1, no traceback (`--debug` or BALORA_DEBUG=1 shows it). Anything else is a bug and shows its traceback.
+USER_ERRORS = (InputError, AssetError, balora.AdapterError, FloatingPointError, FileNotFoundError, FileExistsError,
+               IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def cli(main, prog):
+    # The top level of both scripts, and the only place a process ends: main() returns or raises, and this tears
+    # torchrun's process group down on every path (see leave()).
+    debug = "--debug" in sys.argv[1:] or os.environ.get("BALORA_DEBUG", "") not in ("", "0")
+    code = 0
+    try:
+        main(sys.argv[1:])
+    except USER_ERRORS as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{os.path.basename(prog)}: error: {e}", file=sys.stderr)
+        code = 1
+    except SystemExit as e:  # argparse's errors and --help
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    leave(code)
+
+
+def leave(code):
+    # Under torchrun a rank leaves with os._exit after destroying its group, not through interpreter shutdown:
+    # gloo's worker thread may still release the last collective's tensors, the release needs the GIL, and a
+    # thread asking for it during shutdown aborts the process ("terminate called without an active exception",
+    # pytorch/pytorch#179291). Every file is closed by now (logs in `finally`, outputs written atomically).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def arg_range(kind, low, high=math.inf, low_open=False, high_open=False):
+    # an argparse type: a finite number of `kind` in [low, high] (an open end with low_open / high_open), so that
+    # a flag out of range is an argparse error naming the flag, before anything runs
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(x) or x < low or (low_open and x == low) or x > high or (high_open and x == high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be in {'(' if low_open else '['}{low}, "
+                                             f"{high}{')' if high_open or high == math.inf else ']'}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+# ---- the flags both scripts share: one name, one meaning -------------------------------------------------------
+
+REG_KEYS = ["lambda1", "lambda2", "lambda3", "temperature", "svd_k", "top_k", "consistency", "diversity", "svd",
+            "lambda1_schedule", "focus_schedule"]
+
+
+def shared_args(p, d):
+    # d: the script's defaults (method, init, rank, targets, lr, warmup_ratio, batch_size, grad_accum, max_len,
+    # epochs, max_steps, save_every, eval_batch_size, task: "nlu" | "nlg"). Returns the argument groups, so that
+    # each script adds its own flags beside the shared ones.
+    R = arg_range
+    m = p.add_argument_group("method")
+    m.add_argument("--method", choices=("balora", "lora", "pissa"), default=d["method"],
+                   help="lora: LoRA init; pissa: PiSSA init; balora: PiSSA init + the three regularisers "
+                        "(sets the λ defaults: the paper's for balora, 0 otherwise; explicit flags always apply)")
+    m.add_argument("--init", default=None, help=f"override the method's init: lora | pissa (exact SVD) | "
+                   f"pissa_niter_N (randomized SVD, N power iterations) (default: {d['init']})")
+    for i, what in ((1, "consistency"), (2, "diversity"), (3, "SVD")):
+        m.add_argument(f"--lambda{i}", type=R(float, 0), default=None, help=f"{what} weight")
+    m.add_argument("--temperature", type=R(float, 0, low_open=True), default=None, help="T of Eqs. 4 / 9")
+    m.add_argument("--svd-k", type=R(int, 1), default=None, help="k of Eqs. 7 / 12")
+    m.add_argument("--top-k", type=R(int, 1), default=None, help="K of the top-K-entropy diversity (Eq. 10)")
+    m.add_argument("--consistency", choices=balora.CONSISTENCY, default=None)
+    m.add_argument("--diversity", choices=balora.DIVERSITY, default=None)
+    m.add_argument("--svd", choices=balora.SVD, default=None)
+    m.add_argument("--lambda1-schedule", choices=("constant", "cosine"), default=None)
+    m.add_argument("--focus-schedule", choices=("constant", "two_phase"), default=None)
+    m.add_argument("--rank", type=R(int, 1), default=d["rank"])
+    m.add_argument("--alpha", type=R(float, 0, low_open=True), default=None, help="scale = alpha / rank (default: rank)")
+    m.add_argument("--targets", default=d["targets"], help="comma-separated suffixes of nn.Linear names")
+    g = p.add_argument_group("data")
+    g.add_argument("--model", default=None, help="HF model directory (default: the task's model, fetched once)")
+    g.add_argument("--train-file", default=None, help="training file (default: the built-in task)")
+    g.add_argument("--val-file", default=None, help="validation file")
+    g.add_argument("--max-len", type=R(int, 2), default=d["max_len"], help="tokens per example (longer: cut, counted)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=R(float, 0, low_open=True), default=d["lr"])
+    o.add_argument("--warmup-ratio", type=R(float, 0, 1, high_open=True), default=d["warmup_ratio"],
+                   help="fraction of the steps with a linear warm-up")
+    o.add_argument("--clip", type=R(float, 0), default=1.0, help="max global gradient norm (0: no clipping)")
+    o.add_argument("--batch-size", type=R(int, 1), default=d["batch_size"], help="examples per optimizer step")
+    o.add_argument("--grad-accum", type=R(int, 1), default=d["grad_accum"],
+                   help="micro-batches per optimizer step (must divide --batch-size)")
+    o.add_argument("--epochs", type=R(int, 1), default=d["epochs"])
+    o.add_argument("--max-steps", type=R(int, 0), default=d["max_steps"], help="cap on optimizer steps (0: epochs only)")
+    o.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("run")
+    r.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="autocast dtype; auto: bf16 where the device runs it natively, else fp32")
+    r.add_argument("--device", default=None, help="cpu | cuda[:N] | mps (default: cuda when available, else cpu)")
+    r.add_argument("--threads", type=R(int, 0), default=0, help="torch CPU threads (0: torch's default)")
+    r.add_argument("--eval-batch-size", type=R(int, 1), default=d["eval_batch_size"])
+    r.add_argument("--out", default=None, help=f"run directory (default: a new runs/{d['task']}-METHOD-TIME); "
+                   "one that already holds a run needs --resume")
+    r.add_argument("--save-every", type=R(int, 0), default=d["save_every"],
+                   help="checkpoint every N optimizer steps (0: only where the script always does)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    r.add_argument("--stop-after", type=R(int, 0), default=0, help="checkpoint and stop after this many steps, as "
+                   "if interrupted (the schedule still spans the whole budget; --resume continues)")
+    r.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing per layer: less memory, one more forward in backward")
+    r.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return m, g, o, r
+
+
+def check_shared(p, args, task):
+    # what argparse cannot check alone; then the derived values both scripts use
+    if args.batch_size % args.grad_accum:
+        p.error(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size} (examples per step)")
+    if args.resume and not args.out:
+        p.error("--resume needs the --out of the run to continue")
+    args.alpha = float(args.rank if args.alpha is None else args.alpha)
+    args.out = str(Path(args.out)) if args.out else f"runs/{task}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    return args
+
+
+def reg_config(args, base, regularise):
+    # the BA-LoRA config: the task's paper defaults (base: BALoRAConfig.nlu() or .nlg()), all λ 0 when the
+    # method does not regularise; an explicit flag always applies (`--method pissa --lambda1 0.1`)
+    off = {} if regularise else dict(lambda1=0.0, lambda2=0.0, lambda3=0.0)
+    given = {k: getattr(args, k) for k in REG_KEYS if getattr(args, k) is not None}
+    return type(base)(**{**{k: getattr(base, k) for k in base.__dataclass_fields__}, **off, **given})
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ---- where it runs: device, autocast dtype, the machine record --------------------------------------------------
+# bf16 pays only where the matmuls run natively in it: on a GPU with bf16 units (compute capability >= 8.0; a T4
+# or V100 emulates it, slowly), on a CPU with AVX512-BF16 or AMX *and* torch using them. On an AVX2 CPU torch has
+# no fast bf16 matmul (pytorch issues #118499, #111456), so `auto` is fp32 there.
+
+
+def pick_device(requested):
+    # the device string, or one line saying why it cannot be used (before anything is loaded)
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(requested)
+    except RuntimeError:
+        raise InputError(f"--device {requested!r}: not a device (cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InputError(f"--device {requested}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise InputError(f"--device {requested}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise InputError(f"--device {requested}: the scripts run on cpu, cuda or mps")
+    return requested
+
+
+def _probe(name):
+    # torch's private CPU probes, guarded: a torch without them (or one that raises) counts as "no"
+    try:
+        return bool(getattr(torch.cpu, name)())
+    except Exception:
+        return False
+
+
+def cpu_bf16_native():
+    # -> (bool, reason). Follows what torch will use, not only the CPU's flags: ATEN_CPU_CAPABILITY and
+    # ONEDNN_MAX_CPU_ISA lower both, which is how an AMX machine is tested as an AVX2 one.
+    cap = torch.backends.cpu.get_cpu_capability()
+    amx, avx512_bf16 = _probe("_is_amx_tile_supported"), _probe("_is_avx512_bf16_supported")
+    try:
+        onednn = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        onednn = False
+    if not (amx or avx512_bf16):
+        return False, f"this CPU has no native bf16 matmul ({cap}, no AVX512-BF16 or AMX)"
+    if cap != "AVX512" or not onednn:
+        return False, f"torch runs this CPU without its bf16 units ({cap}, oneDNN bf16 {onednn})"
+    return True, f"this CPU runs bf16 matmuls natively ({cap} with {'AMX' if amx else 'AVX512-BF16'})"
+
+
+def cuda_bf16_native(device):
+    # native bf16 tensor cores from Ampere on (compute capability 8.0); is_bf16_supported() alone also counts
+    # emulation (a T4 at 7.5 says True), so the capability decides
+    major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if major >= 8:
+        return True, f"{name} (compute capability {major}.{minor}) runs bf16 natively"
+    return False, f"{name} (compute capability {major}.{minor}) only emulates bf16"
+
+
+def resolve_dtype(requested, device):
+    # "auto" | "bf16" | "fp32" -> ("bf16" | "fp32", one line saying what was chosen and why)
+    device = torch.device(device)
+    if device.type == "cuda":
+        native, reason = cuda_bf16_native(device)
+    elif device.type == "mps":
+        native, reason = False, "MPS: bf16 autocast depends on the macOS version, so auto stays fp32"
+    else:
+        native, reason = cpu_bf16_native()
+    if requested == "auto":
+        chosen = "bf16" if native else "fp32"
+        return chosen, f"dtype auto -> {chosen}: {reason}" + ("" if native else "; --dtype bf16 forces it")
+    if requested == "bf16" and not native:
+        return "bf16", f"warning: --dtype bf16 on a device without native bf16 will be much slower: {reason}"
+    return requested, f"dtype {requested} (as asked; {reason})"
+
+
+def autocast(device, dtype):
+    # the forward's autocast context: bf16 when chosen, else nothing (float32)
+    if dtype != "bf16":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def machine(device, dtype, threads=None):
+    # what every result records next to its numbers (metrics.json, log.jsonl, bench.json)
+    device = torch.device(device)
+    rec = {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu_bf16_native": cpu_bf16_native()[0], "threads": threads or torch.get_num_threads(),
+           "torch": torch.__version__, "device": str(device), "dtype": dtype}
+    if device.type == "cuda":
+        rec["gpu"] = torch.cuda.get_device_name(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rec["world_size"] = torch.distributed.get_world_size()
+    return rec
+
+
+# ---- more than one process: torchrun ----------------------------------------------------------------------------
+# `torchrun --nproc_per_node N train_nlu.py ...` sets WORLD_SIZE, RANK and LOCAL_RANK, as in nanoGPT's train.py.
+# Data parallel: every rank holds the whole model, takes a disjoint share of each step's batch, and
+# DistributedDataParallel all-reduces the adapter (and head) gradients once per optimizer step. Without torchrun
+# nothing here does anything.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self):  # rank 0: the one process that prints, logs, evaluates and writes files
+        return self.rank == 0
+
+
+def distributed(device):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(0, 1, device)
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{local}"  # one GPU per process
+        torch.cuda.set_device(device)
+    # Rank 0 evaluates alone (the base model, each validation) while the others wait in the next collective:
+    # the timeout allows for a long evaluation.
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                         timeout=datetime.timedelta(hours=2))
+    if rank:  # one console: the other ranks' prints go nowhere (their errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+    return Dist(rank, world, device)
+
+
+def data_parallel(net, dist):
+    # DDP over the trainable parameters; buffers (the teacher's A0/B0, RoPE tables) are equal on every rank and
+    # never change, so they are not broadcast each forward; the gradients live in DDP's all-reduce buckets. The
+    # unwrapped model stays `net` (teacher, evaluation, saving); the wrapper is only for the training forward.
+    if dist.world == 1:
+        return net
+    ids = [dist.device] if dist.device.startswith("cuda") else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False,
+                                               gradient_as_bucket_view=True)
+
+
+def sync_gradients(net, last: bool):
+    # DDP all-reduces the gradients in the backward of a step's last micro-batch only (nanoGPT's
+    # require_backward_grad_sync; no_sync is the public switch); a plain module always accumulates locally
+    return net.no_sync() if not last and hasattr(net, "no_sync") else nullcontext()
+
+
+def all_sum(values: dict, dist) -> dict:
+    # {name: float} summed over the ranks (the logged terms: each rank adds its weighted share)
+    if dist.world == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dist.device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def step_seed(seed, step, micro):
+    # The randomness of one micro-batch (dropout; NLG's range finder) depends only on (seed, optimizer step,
+    # micro-batch index within the step's global batch), so N ranks x G micro-batches draw what one process
+    # with N*G micro-batches draws, and a resumed run draws what an uninterrupted one did.
+    return seed * 1_000_003 + step * 1009 + micro
+
+
+def check_world(n: int, batch_size: int, grad_accum: int, world: int, steps: int):
+    # Before training: every step must give every rank the same number of examples, and the epoch's last,
+    # smaller step (when the run reaches it) at least one each: a rank with none would wait forever in the
+    # gradient all-reduce.
+    if world == 1:
+        return
+    if batch_size % (world * grad_accum):
+        raise InputError(f"--batch-size {batch_size} (examples per optimizer step, all processes together) is not "
+                         f"divisible by {world} processes x --grad-accum {grad_accum}")
+    last = n % batch_size
+    if last and steps > n // batch_size and math.ceil(last / math.ceil(last / world)) < world:
+        raise InputError(f"the epoch's last step has {last} of the {n} training examples, too few to give each of "
+                         f"{world} processes a share: choose another --batch-size, or a --max-steps that ends sooner")
+
+
+# ---- files: JSON, tensors, the run directory, the one checkpoint format ----------------------------------------
+
+
+def decode_utf8(raw: bytes, path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def read_json(path, what="JSON") -> dict:
+    path = Path(path)
+    try:
+        obj = json.loads(decode_utf8(path.read_bytes(), path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: a directory, not a {what} file") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid {what} (truncated or edited? {e})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+def load_tensors(path) -> dict:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path}: not a readable safetensors file (truncated or edited? {e})") from None
+
+
+def open_safetensors(file):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def run_dir(args, dist):
+    # the run directory: a new one, or (--resume) the one holding the run to continue; never a file, never a
+    # finished or started run overwritten without --resume
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: a file, not a directory")
+    started = [n for n in (CHECKPOINT, "log.jsonl", "metrics.json") if (out / n).exists()]
+    if args.resume and not (out / CHECKPOINT).exists():
+        raise InputError(f"--resume: {out / CHECKPOINT} not found: no checkpoint to continue in {out}")
+    if started and not args.resume and dist.main:
+        raise InputError(f"{out} already holds a run ({', '.join(started)}): pass --resume to continue it, "
+                         f"or another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".tmp-probe-")
+        probe.close()
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write there ({e.strerror})") from None
+    return out
+
+
+def open_log(out, step, resume, main=True):
+    # log.jsonl; a resumed run first drops what a killed save left behind and the records of the steps after its
+    # checkpoint (it replays them), so that the log ends up as an uninterrupted run's
+    if not main:
+        return open(os.devnull, "w")
+    path = Path(out) / "log.jsonl"
+    if resume:
+        stale = [p for p in Path(out).glob(".tmp-*")]
+        for p in stale:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if stale:
+            print(f"resume: removed the leftovers of an interrupted save: {', '.join(p.name for p in stale)}")
+        if path.exists():
+            keep = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            atomic_write(path, lambda p: Path(p).write_text("".join(keep), encoding="utf-8"))
+    return open(path, "a" if resume else "w", encoding="utf-8")
+
+
+# One checkpoint format for both scripts: OUT/checkpoint.safetensors, written atomically, holding the trained
+# tensors ("param.NAME"), AdamW's state ("opt.I.KEY"), the RNG ("rng.cpu", "rng.cuda.I"), any extra tensors the
+# script keeps ("extra.NAME": NLU's teacher cache) and, in its metadata, the JSON state (step, settings, ...).
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def save_checkpoint(out, net, opt, state, extra=None):
+    params = {f"param.{n}": p.detach().cpu().contiguous() for n, p in net.named_parameters() if p.requires_grad}
+    bad = [k for k, t in params.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FloatingPointError(f"step {state['step']}: {bad[0]} holds non-finite values; the checkpoint is not "
+                                 f"written")
+    tensors = dict(params)
+    for i, s in opt.state_dict()["state"].items():
+        tensors.update({f"opt.{i}.{k}": v.detach().cpu().contiguous() for k, v in s.items()})
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
+    atomic_write(Path(out) / CHECKPOINT, lambda p: save_file(tensors, p, metadata={"train_state": json.dumps(state)}))
+
+
+def checkpoint_state(out, settings, may_differ=()):
+    # the JSON state of OUT's checkpoint, its settings checked against this run's before anything is loaded
+    path = Path(out) / CHECKPOINT
+    with open_safetensors(path) as f:
+        meta = f.metadata() or {}
+    try:
+        state = json.loads(meta["train_state"])
+        saved = state["args"]
+        step = state["step"]
+    except (KeyError, json.JSONDecodeError, TypeError):
+        raise InputError(f"{path}: not a checkpoint of these scripts (no readable 'train_state' metadata with "
+                         f"'step' and 'args')") from None
+    if not isinstance(step, int) or not isinstance(saved, dict) or step < 0:
+        raise InputError(f"{path}: 'step' = {step!r} should be an integer >= 0 and 'args' an object")
+    differ = [k for k in settings if k not in may_differ and saved.get(k) != settings[k]]
+    if differ:
+        k = differ[0]
+        raise InputError(f"{path}: was written with --{k.replace('_', '-')} {saved.get(k)!r}, this run has "
+                         f"{settings[k]!r}; resume with the same settings" + (f" ({len(differ)} differ)"
+                                                                               if len(differ) > 1 else ""))
+    return state
+
+
+def load_checkpoint(out, net, opt):
+    # the trained tensors, AdamW's state and the RNG back in place; returns the extra tensors
+    path = Path(out) / CHECKPOINT
+    tensors = load_tensors(path)
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    want, have = {f"param.{n}" for n in params}, {k for k in tensors if k.startswith("param.")}
+    if want != have:
+        raise InputError(f"{path}: trained tensors missing {sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{path}: {k} holds non-finite values")
+    for n, p in params.items():
+        if tensors[f"param.{n}"].shape != p.shape:
+            raise InputError(f"{path}: param.{n} has shape {tuple(tensors[f'param.{n}'].shape)}, the model "
+                             f"expects {tuple(p.shape)}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+    opt.load_state_dict(optimizer_state(opt, tensors, "opt.", path))
+    if "rng.cpu" not in tensors or tensors["rng.cpu"].dtype != torch.uint8:
+        raise InputError(f"{path}: no rng.cpu tensor of bytes")
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    return {k[len("extra."):]: t for k, t in tensors.items() if k.startswith("extra.")}
+
+
+def optimizer_state(opt, tensors: dict, prefix: str, path) -> dict:
+    # {f"{prefix}{i}.{name}": tensor} -> a state_dict for opt, every tensor checked against its parameter:
+    # torch's load_state_dict does not compare shapes, and a wrong one would only fail inside opt.step()
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for key, t in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        idx, _, name = key[len(prefix):].partition(".")
+        if not idx.isdigit() or int(idx) >= len(params):
+            raise InputError(f"{path}: {key} names parameter {idx}, the optimizer has {len(params)}")
+        p = params[int(idx)]
+        if name in ("exp_avg", "exp_avg_sq") and t.shape != p.shape:
+            raise InputError(f"{path}: {key} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+        state.setdefault(int(idx), {})[name] = t.to(p.device) if name != "step" else t
+    return {**sd, "state": state}
+
+
+def check_finite_metrics(metrics: dict, what: str):
+    # a run whose evaluation is NaN or inf has failed: say so instead of writing "done" and a final adapter
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"{what}: {', '.join(bad)} non-finite ({metrics[bad[0]]}); the run failed (a "
+                                 f"learning rate too large?); no final adapter or metrics.json is written")
