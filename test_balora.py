@@ -2801,6 +2801,9 @@ def test_checkpoint_files_are_checked_before_anything_is_trained(encoders, files
         train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
 
 
+UNTIMED = lambda rec: {k: v for k, v in rec.items() if k not in ("examples_per_s", "tokens_per_s", "elapsed_s", "eta_s")}
+
+
 def test_resume_after_a_crash_cleans_leftovers_and_the_log_equals_an_uninterrupted_one(
         encoders, files, tiny_llama, tmp_path):
     # NLU: a run killed after step 5 with its last checkpoint at step 4 (and a half-written save beside it)
@@ -2958,8 +2961,10 @@ def test_svd_nlg_closed_form_gradient_equals_autograd_and_sigma_error_is_bounded
 # =================================================================================================
 # The evidence study (issue 11): the runner end to end on a tiny model, resume, and the report from fixtures
 
-def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path):
+def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path, monkeypatch):
     from experiments import study
+    code = {"commit": "a" * 40, "clean": True}
+    monkeypatch.setattr(study, "code_version", lambda: code)  # the runs below come from one (clean) commit
     extra = ["--model", str(encoders["plain"]), "--train-file", str(files["train"]), "--val-file", str(files["validation"]),
              "--test-file", str(files["test"]), "--max-steps", "1", "--batch-size", "8", "--rank", "2", "--targets",
              NLU_TARGETS, "--dtype", "fp32", "--save-every", "0"]
@@ -2969,6 +2974,7 @@ def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path):
     assert sorted(r["method"] for r in done) == ["balora", "pissa"]
     rec = json.loads((res / "tiny__balora__0.json").read_text())
     assert rec["flags"][:2] == ["--method", "balora"] and rec["machine"]["threads"] == 1 and 0 <= rec["test"]["accuracy"] <= 1
+    assert rec["code"] == code  # every result names the code it came from
     # the stored flags reproduce the run: same metrics on the same machine; a changed metric is caught
     assert study.reproduce("tiny__balora__0", res, tmp_path / "again", extra)
     (res / "tiny__balora__0.json").write_text(json.dumps({**rec, "test": {**rec["test"], "mcc": 2.0}}))
@@ -2986,6 +2992,14 @@ def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path):
     rec = json.loads((res / "tiny2__pissa__0.json").read_text())
     assert rec["same_as"] == "tiny__pissa__0" and rec["condition"] == "tiny2" and not (work / "tiny2__pissa__0").exists()
     assert rec["test"] == json.loads((res / "tiny__pissa__0.json").read_text())["test"]
+    # ... but only from the same code: after a commit the twin runs again
+    code = {"commit": "b" * 40, "clean": True}
+    twin3 = study.Run("tiny3", "pissa", 0, "nlu", runs[0].flags)
+    assert [r["condition"] for r in study.run_grid([twin3], jobs=1, results=res, workdir=work, extra=extra)] == ["tiny3"]
+    # a failed run makes `run` fail (exit status not 0), naming it
+    bad = study.Run("tiny4", "pissa", 0, "nlu", runs[0].flags + ["--lr", "-1"])
+    with pytest.raises(SystemExit, match="1 run\\(s\\) failed: tiny4__pissa__0"):
+        study.run_grid([bad], jobs=1, results=res, workdir=work, extra=extra)
 
 
 def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
@@ -3008,20 +3022,21 @@ def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
                            "one-thread wall time in all, on Some CPU (AVX2, fp32).")
     d = np.array(acc["pissa"]) - np.array(acc["lora"])
     half = 4.303 * d.std(ddof=1) / math.sqrt(3)
-    assert f"| pissa > lora | {d.mean():.4f} ({d.mean() - half:.4f}, {d.mean() + half:.4f}) | 3 | **holds** |" in text
+    row = f"| pissa > lora | {d.mean():.4f} ({d.mean() - half:.4f}, {d.mean() + half:.4f}) | 3 | "
+    assert row in text and "| **holds** |" in text.split(row)[1].splitlines()[0]
     assert "| balora > pissa |" in text and "**inconclusive** |" in text.split("| balora > pissa |")[1].splitlines()[0]
     assert "| pissa | 0.750 ± 0.010 | 3 |" in text
     assert study.verdict(-0.3, -0.1) == "contradicted" and study.verdict(-0.1, 0.2) == "inconclusive"
     assert study.report(tmp_path) == text  # deterministic: the README tables regenerate byte for byte
     monkeypatch.setattr(study.CONDITIONS["main"], "seeds", 4)  # a grid of 4 seeds: 3 pairs are not a verdict yet
-    assert "| 3 | pending (3 of 4 seeds) |" in study.report(tmp_path).split("| pissa > lora |")[1].splitlines()[0]
+    assert "| pending (3 of 4 seeds) |" in study.report(tmp_path).split("| pissa > lora |")[1].splitlines()[0]
     monkeypatch.setattr(study.CONDITIONS["main"], "seeds", 3)
     # a lower-is-better claim (drift): BA-LoRA's ratio below PiSSA's on every seed holds, not "contradicted"
     for m, vals in {"pissa": [1.20, 1.25, 1.22], "balora": [1.10, 1.12, 1.13]}.items():
         for seed, r in enumerate(vals):
             put("drift", m, seed, {"drift_ppl_ratio": r, "val_ppl": 9.0})
     line = study.report(tmp_path).split("| balora < pissa | -0.1067")[1].splitlines()[0]
-    assert line.endswith("| 3 | **holds** |"), line
+    assert "| 3 |" in line and "| **holds** |" in line, line
     # the noise trend: BA-LoRA's gain over PiSSA, 0.005 / 0.015 / 0.03 at noise 0 / 0.2 / 0.4 (+- 0.005 by seed)
     for cond, gain in (("noise-0.2", 0.015), ("noise-0.4", 0.03)):
         for seed, jitter in enumerate((0.0, 0.005, -0.005)):
@@ -3033,6 +3048,38 @@ def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
     half = 4.303 * d.std(ddof=1) / math.sqrt(3)
     assert "| noise-0.4 | 0.700 ± 0.000 | 0.730 ± 0.005 | 0.0300 (" in text  # each method's accuracy beside the gain
     assert f"| gain at noise-0.4 > gain at main | {d.mean():.4f} ({d.mean() - half:.4f}, {d.mean() + half:.4f}) | 3 |" in text
+
+
+def test_study_p_values_holm_and_claims_on_the_same_data():
+    from experiments import study
+    # df = 2 has a closed form: p = 1 - t / sqrt(2 + t^2); d = 1, 2, 3 gives t = 2 / (1 / sqrt 3)
+    t = 2 * math.sqrt(3)
+    assert study.t_pvalue([1.0, 2.0, 3.0]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-6)
+    assert study.t_pvalue([0.5, 0.5]) == 0.0 and study.t_pvalue([0.0, 0.0]) == 1.0
+    mk = lambda p, mean=1.0: {"status": "holds" if mean > 0 else "contradicted", "p": p, "mean": mean, "direction": 1}
+    cs = [mk(0.01), mk(0.02), mk(0.04, -1.0)]
+    assert study.holm(cs) == 3 and [c["holm"] for c in cs] == ["holds", "holds", "contradicted"]
+    cs = [mk(0.01), mk(0.04), mk(0.03), {"status": "untestable (every run recalls 0 of the rare class)", "p": 1.0}]
+    assert study.holm(cs) == 3 and [c.get("holm") for c in cs] == ["holds", "inconclusive", "inconclusive", None]
+
+
+def test_study_report_says_same_as_untestable_and_how_many_claims(tmp_path):
+    from experiments import study
+    def put(cond, m, seed, test):
+        (tmp_path / f"{cond}__{m}__{seed}.json").write_text(json.dumps({"condition": cond, "method": m, "seed": seed,
+            "test": test, "machine": {"cpu": "c", "cpu_capability": "x", "dtype": "fp32"}, "wall_s": 1.0}))
+    for seed in range(5):
+        for m, f1 in (("pissa", 0.5 + seed / 100), ("balora", 0.4 + seed / 90), ("lora", 0.3), ("lora+reg", 0.3)):
+            put("imbalance", m, seed, {"minority_recall": 0.0, "macro_f1": f1})
+        put("lambda", "balora-x0", seed, {"minority_recall": 0.0, "macro_f1": 0.5 + seed / 100})  # = imbalance pissa
+        put("lambda", "balora", seed, {"minority_recall": 0.0, "macro_f1": 0.4 + seed / 90})      # = imbalance balora
+    text = study.report(tmp_path)
+    line = lambda title, claim: text.split(title)[1].split(f"| {claim} |")[1].splitlines()[0]
+    assert "untestable (every run recalls 0" in line("Imbalance 100:1:10, minority (neutral) recall", "balora > pissa")
+    assert "same as balora > pissa" in line("on the imbalance condition: macro-F1", "balora > balora-x0")
+    assert "**contradicted**" in line("Imbalance 100:1:10, macro-F1", "balora > pissa")
+    n = int(text.split("**")[3].split()[0])  # "**N claims tested**"
+    assert n == 2  # imbalance macro-F1 balora > pissa and pissa > lora; the rest untestable, the same data or n/a
 
 
 def test_study_noisy_encoder_adds_noise_to_the_layer_matrices_only(encoders, tmp_path):
@@ -3066,11 +3113,11 @@ def test_study_figures_are_written_when_matplotlib_is_installed(tmp_path, monkey
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in written)
 
 
-def test_readme_evidence_tables_are_the_report_of_the_committed_results():
+def test_evidence_tables_are_the_report_of_the_committed_results():
     from experiments import study
-    readme = (Path(__file__).parent / "README.md").read_text(encoding="utf-8")
-    tables = readme.split(study.REPORT_BEGIN + "\n")[1].split(study.REPORT_END)[0]
-    assert tables == study.report(), "README out of date: run `python study.py report --readme`"
+    doc = study.EVIDENCE.read_text(encoding="utf-8")
+    tables = doc.split(study.REPORT_BEGIN + "\n")[1].split(study.REPORT_END)[0]
+    assert tables == study.report(), "docs/evidence.md out of date: run `python experiments/study.py report`"
 
 
 def test_non_finite_logits_stop_nlg_before_any_svd(tiny_llama):

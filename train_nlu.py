@@ -137,8 +137,10 @@ def logits_of(net, batch):
 
 
 def teacher_logits(net, batch, cache=None):
-    # Z_P of Eq. 4: the *pretrained* encoder followed by the *current* head, without gradient. The head is
-    # shared by student and teacher because a fresh classifier has no pretrained counterpart (paper App. B.3).
+    # Z_P of Eq. 4: the *pretrained* encoder followed by the *current* head (pooler + classifier), without
+    # gradient. The head is shared by student and teacher because a fresh classifier has no pretrained
+    # counterpart, and the paper's DeBERTa-v3 head, pooler included, is newly initialised (App. B.3): sharing the
+    # trained head is the paper's setting. all-MiniLM-L6-v2's pretrained pooler is trained and shared the same way.
     # balora.teacher switches every adapter back to its initial value (W itself), turns dropout off and
     # records no graph, so this costs one forward pass and no second copy of the model; with a cache
     # (TeacherCache) only the first visit of an example pays it.

@@ -195,8 +195,8 @@ def command(run, out, extra=()):
 
 def code_version():
     # the commit the runs come from, and whether the code differed from it (results/ and runs/ do not count)
-    git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    dirty = git("status", "--porcelain", "--", ".", ":!results", ":!runs")
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--", ".", ":!experiments/results", ":!runs")
     return {"commit": git("rev-parse", "HEAD") or None, "clean": not dirty}
 
 
@@ -227,7 +227,7 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
             print(" ".join(command(r, workdir / r.name, extra)))
         return []
     results.mkdir(parents=True, exist_ok=True)
-    running, done = [], []
+    running, done, failed = [], [], []
     while todo or running:
         while todo and len(running) < jobs:
             r = todo.pop(0)
@@ -247,6 +247,7 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
             out = workdir / r.name
             if proc.returncode != 0 or not (out / "metrics.json").exists():
                 print(f"study: {r.name} FAILED (exit {proc.returncode}); see {out / 'stdout.log'}", flush=True)
+                failed.append(r.name)
                 continue
             rec = compact(r, json.loads((out / "metrics.json").read_text()), time.time() - t0)
             (results / f"{r.name}.json").write_text(json.dumps(rec, indent=1) + "\n")
@@ -254,18 +255,21 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
             scores = ", ".join(f"{k} {v:.4g}" for k, v in rec["test"].items() if isinstance(v, float))
             print(f"study: {r.name} done in {rec['wall_s']:.0f} s: test {scores}", flush=True)
             if commit:
-                subprocess.run(["git", "add", str(results / f"{r.name}.json")], cwd=HERE)
-                subprocess.run(["git", "commit", "-q", "-m", f"results: {r.name}"], cwd=HERE)
+                subprocess.run(["git", "add", str(results / f"{r.name}.json")], cwd=ROOT)
+                subprocess.run(["git", "commit", "-q", "-m", f"results: {r.name}"], cwd=ROOT)
+    if failed:
+        raise SystemExit(f"study: {len(failed)} run(s) failed: {', '.join(failed)}")
     return done
 
 
 def reuse_identical(runs, results, dry_run=False):
     # A run whose exact flags already ran in another condition (PiSSA and BA-LoRA recur in the ablations) gives the
     # same metrics on the same machine (the runs are deterministic), so its result is copied, naming its source.
-    done, reused = {}, []
+    done, reused, now = {}, [], code_version()
     for f in sorted(Path(results).glob("*__*__*.json")):
         rec = json.loads(f.read_text())
-        done.setdefault((rec["script"], tuple(rec["flags"])), (f.stem, rec))
+        if rec.get("code") == now and now["clean"]:  # a result of other (or unknown) code is never copied
+            done.setdefault((rec["script"], tuple(rec["flags"])), (f.stem, rec))
     for r in runs:
         src = done.get((r.script, tuple(r.flags)))
         if src and not (results / f"{r.name}.json").exists():
@@ -325,7 +329,12 @@ def reproduce(name, results=RESULTS, workdir=RUNS, extra=()):
     keys = ("test", "validation", "base")
     diff = {k: (rec.get(k), again.get(k)) for k in keys if rec.get(k) != again.get(k)}
     same = "same machine" if rec["machine"] == again["machine"] else f"machine {rec['machine']} -> {again['machine']}"
-    print(f"study: {name} re-run from its flags ({same}): " + ("every metric equal" if not diff else f"DIFFERS {diff}"))
+    code = rec.get("code") or {}
+    code = ("same code" if code == again["code"] else f"recorded from {code.get('commit') or 'unknown code'}"
+            f"{'' if code.get('clean', True) else ' (dirty)'}, now {again['code']['commit']}"
+            f"{'' if again['code']['clean'] else ' (dirty)'}")
+    print(f"study: {name} re-run from its flags ({same}; {code}): "
+          + ("every metric equal" if not diff else f"DIFFERS {diff}"))
     return not diff
 
 
@@ -344,10 +353,19 @@ def paired(a, b):
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
-def verdict_cell(lo, hi, n, conds, direction=+1):
-    # the verdict, once every seed of the grid is in (fewer seeds than the grid's are not a verdict yet)
-    need = max((CONDITIONS[c].seeds for c in conds if c in CONDITIONS), default=0)
-    return f"**{verdict(lo, hi, direction)}**" if n >= need else f"pending ({n} of {need} seeds)"
+def t_pvalue(d):
+    # two-sided p of the paired t-test (H0: mean difference 0); the t density integrated numerically (numpy only)
+    d = np.asarray(d, float)
+    n = len(d)
+    if n < 2:
+        return None
+    sd = d.std(ddof=1)
+    if sd == 0:
+        return 1.0 if d.mean() == 0 else 0.0
+    t, df = abs(d.mean()) / (sd / math.sqrt(n)), n - 1
+    x = np.linspace(0.0, min(t, 1e3), 20001)
+    pdf = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2)) * (1 + x * x / df) ** (-(df + 1) / 2)
+    return float(max(0.0, 1.0 - 2.0 * np.trapezoid(pdf, x)))
 
 
 def verdict(lo, hi, direction=+1):
@@ -383,51 +401,73 @@ def cells_of(table, cond):
     return {m: cells[m] for m in [*order, *sorted(set(cells) - set(order))] if m in cells}
 
 
-def claim_table(table, cond, metric, pairs, title, lower=False):
-    # mean ± std per method, then each claimed pair (better, worse) paired by seed with its interval and verdict
-    # (lower: the metric is better when smaller, as the drift-perplexity ratio)
+def claim(name, a, b, need, direction, metric):
+    # one claim "a beats b" from per-seed values (paired by seed); status: a verdict, pending, untestable, or
+    # (set later by report) the same paired data as an earlier claim
+    mean, lo, hi = paired(a, b)
+    c = {"name": name, "mean": mean, "lo": lo, "hi": hi, "n": len(a), "p": t_pvalue(np.subtract(a, b)) if a else None,
+         "direction": direction, "key": (metric, tuple(a), tuple(b)), "status": verdict(lo, hi, direction)}
+    if len(a) < need:
+        c["status"] = f"pending ({len(a)} of {need} seeds)"
+    elif metric == "minority_recall" and a and not any(a) and not any(b):
+        c["status"] = "untestable (every run recalls 0 of the rare class)"
+    return c
+
+
+def claims_of(table, cond, metric, pairs, lower=False):
     cells = cells_of(table, cond)
-    claim = CONDITIONS[cond].claim if cond in CONDITIONS else ""
-    lines = [f"**{title}** (`{cond}`, test {metric}; paper: {claim}; `python study.py run --only {cond}` then "
-             f"`python study.py report`)", "",
-             "| method | mean ± std | n |", "|---|---|---|"]
-    for m, seeds in cells.items():
-        v = [s["test"].get(metric) for s in seeds.values() if s["test"].get(metric) is not None]
-        lines.append(f"| {m} | {mean_std(v)} | {len(v)} |")
-    lines += ["", "| claim | paired difference (95 % CI) | n | verdict |", "|---|---|---|---|"]
+    need = CONDITIONS[cond].seeds if cond in CONDITIONS else 0
+    out = []
     for better, worse in pairs:
         common = sorted(set(cells.get(better, {})) & set(cells.get(worse, {})))
-        a = [cells[better][s]["test"].get(metric) for s in common]
-        b = [cells[worse][s]["test"].get(metric) for s in common]
-        ok = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
-        mean, lo, hi = paired([x for x, _ in ok], [y for _, y in ok])
-        lines.append(f"| {better} {'<' if lower else '>'} {worse} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | "
-                     f"{len(ok)} | {verdict_cell(lo, hi, len(ok), [cond], -1 if lower else +1)} |")
-    return "\n".join(lines) + "\n"
+        ok = [(cells[better][s]["test"].get(metric), cells[worse][s]["test"].get(metric)) for s in common]
+        ok = [(x, y) for x, y in ok if x is not None and y is not None]
+        out.append(claim(f"{better} {'<' if lower else '>'} {worse}", [x for x, _ in ok], [y for _, y in ok], need,
+                         -1 if lower else +1, metric))
+    return out
 
 
-def trend_table(table, conds, metric, a, b, title):
-    # A claim that the gain a - b grows with an intervention (label noise): the gain per condition, paired by
-    # seed (beside each method's mean ± std: what the intervention costs), and the gain at the strongest level
-    # minus the gain without it, paired by seed, with its verdict
+def trend_claim(table, conds, metric, a, b):
+    # the gain a - b per condition (by seed), and the claim "the gain at the strongest level > without it"
     gains = {}
-    lines = [f"**{title}** (test {metric}; `python study.py run --only {','.join(conds)}` then "
-             f"`python study.py report`)", "", f"| condition | {b} | {a} | {a} − {b} (95 % CI) | n |",
-             "|---|---|---|---|---|"]
     for c in conds:
         cells = table.get(c, {})
         common = sorted(set(cells.get(a, {})) & set(cells.get(b, {})))
         gains[c] = {s: cells[a][s]["test"][metric] - cells[b][s]["test"][metric] for s in common}
-        mean, lo, hi = paired(list(gains[c].values()), [0.0] * len(gains[c]))
-        means = [mean_std([cells[m][s]["test"][metric] for s in common]) for m in (b, a)]
-        lines.append(f"| {c} | {' | '.join(means)} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | {len(gains[c])} |")
-    first, last = conds[0], conds[-1]
-    common = sorted(set(gains[first]) & set(gains[last]))
-    mean, lo, hi = paired([gains[last][s] for s in common], [gains[first][s] for s in common])
-    lines += ["", "| claim | paired difference (95 % CI) | n | verdict |", "|---|---|---|---|",
-              f"| gain at {last} > gain at {first} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | {len(common)} | "
-              f"{verdict_cell(lo, hi, len(common), conds)} |"]
-    return "\n".join(lines) + "\n"
+    common = sorted(set(gains[conds[0]]) & set(gains[conds[-1]]))
+    need = max(CONDITIONS[c].seeds for c in conds if c in CONDITIONS)
+    return gains, claim(f"gain at {conds[-1]} > gain at {conds[0]}", [gains[conds[-1]][s] for s in common],
+                        [gains[conds[0]][s] for s in common], need, +1, f"gain:{metric}")
+
+
+def holm(claims, alpha=0.05):
+    # Holm's step-down over the claims with a verdict (one family): the i-th smallest p against alpha / (m - i)
+    tested = sorted([c for c in claims if c["status"] in ("holds", "contradicted", "inconclusive")],
+                    key=lambda c: c["p"])
+    for i, c in enumerate(tested):
+        if c["p"] > alpha / (len(tested) - i):
+            for rest in tested[i:]:
+                rest["holm"] = "inconclusive"
+            break
+        c["holm"] = "holds" if c["direction"] * c["mean"] > 0 else "contradicted"
+    return len(tested)
+
+
+def claim_lines(claims):
+    lines = ["| claim | paired difference (95 % CI) | n | p | verdict | Holm |", "|---|---|---|---|---|---|"]
+    for c in claims:
+        v = c["status"] if c["status"].startswith(("pending", "untestable", "same as")) else f"**{c['status']}**"
+        lines.append(f"| {c['name']} | {fmt(c['mean'], 4)} ({fmt(c['lo'], 4)}, {fmt(c['hi'], 4)}) | {c['n']} | "
+                     f"{fmt(c['p'], 3)} | {v} | {c.get('holm', '–')} |")
+    return lines
+
+
+def method_lines(table, cond, metric):
+    lines = ["| method | mean ± std | n |", "|---|---|---|"]
+    for m, seeds in cells_of(table, cond).items():
+        v = [s["test"].get(metric) for s in seeds.values() if s["test"].get(metric) is not None]
+        lines.append(f"| {m} | {mean_std(v)} | {len(v)} |")
+    return lines
 
 
 # (conditions from none to the strongest, metric, a, b, title): the gain a - b should grow along them
@@ -436,26 +476,27 @@ TRENDS = [(["main", "noise-0.2", "noise-0.4"], "accuracy", "balora", "pissa",
           (["main", "wnoise-0.25", "wnoise-0.5"], "accuracy", "balora", "pissa",
            "Stretch, noisy pretraining: BA-LoRA's gain over PiSSA against weight noise (App. D.6: it grows)")]
 
-REPORT = [  # (condition, metric, claimed pairs better > worse, title)
+TERMS = [("pissa+cr", "pissa"), ("pissa+dr", "pissa"), ("pissa+svd", "pissa"), ("balora", "pissa")]
+LAMBDAS = [(m, "balora-x0") for m in ("balora-x0.3", "balora", "balora-x3", "balora-x10")]
+REPORT = [  # (condition, metric, claimed pairs better > worse, title[, lower is better])
     ("main", "accuracy", [("balora", "pissa"), ("pissa", "lora"), ("lora+reg", "lora")], "Main NLU ranking"),
+    ("rare", "minority_recall", [("balora", "pissa"), ("pissa", "lora"), ("lora+reg", "lora")],
+     "Table 12 here: the rare class, minority recall"),
+    ("rare", "silhouette_cosine", [("balora", "pissa")], "Table 12 here: silhouette of the final features"),
+    ("rare", "macro_f1", [("balora", "pissa"), ("pissa", "lora")], "Table 12 here: macro-F1"),
+    ("rare", "mcc", [("balora", "pissa"), ("pissa", "lora")], "Table 12 here: MCC"),
+    ("rare", "minority_recall", TERMS, "Table 12 here, each term alone: minority recall"),
     ("imbalance", "minority_recall", [("balora", "pissa"), ("pissa", "lora"), ("lora+reg", "lora")],
      "Imbalance 100:1:10, minority (neutral) recall"),
     ("imbalance", "macro_f1", [("balora", "pissa"), ("pissa", "lora")], "Imbalance 100:1:10, macro-F1"),
     ("noise-0.2", "accuracy", [("balora", "pissa"), ("pissa", "lora")], "Label noise 0.2, clean test accuracy"),
     ("noise-0.4", "accuracy", [("balora", "pissa"), ("pissa", "lora")], "Label noise 0.4, clean test accuracy"),
-    ("terms", "accuracy", [("pissa+cr", "pissa"), ("pissa+dr", "pissa"), ("pissa+svd", "pissa"), ("balora", "pissa")],
-     "Term ablation, binary"),
-    ("terms-imbalance", "minority_recall", [("pissa+cr", "pissa"), ("pissa+dr", "pissa"), ("pissa+svd", "pissa"),
-                                            ("balora", "pissa")], "Term ablation, imbalance: minority recall"),
-    # (minority recall is 0 for every method at this budget, so macro-F1 is where the imbalance ablations can differ)
-    ("terms-imbalance", "macro_f1", [("pissa+cr", "pissa"), ("pissa+dr", "pissa"), ("pissa+svd", "pissa"),
-                                     ("balora", "pissa")], "Term ablation, imbalance: macro-F1"),
+    ("terms", "accuracy", TERMS, "Term ablation, binary"),
+    ("terms-imbalance", "minority_recall", TERMS, "Term ablation, imbalance 100:1:10: minority recall"),
+    ("terms-imbalance", "macro_f1", TERMS, "Term ablation, imbalance 100:1:10: macro-F1"),
     ("forms", "accuracy", [("balora", "balora-nlg-forms"), ("balora", "balora-mse")], "NLU forms against swaps"),
-    ("lambda", "minority_recall", [("balora-x0.3", "balora-x0"), ("balora", "balora-x0"), ("balora-x3", "balora-x0"),
-                                   ("balora-x10", "balora-x0")],
-     "λ sensitivity on the imbalance condition: minority recall"),
-    ("lambda", "macro_f1", [("balora-x0.3", "balora-x0"), ("balora", "balora-x0"), ("balora-x3", "balora-x0"),
-                            ("balora-x10", "balora-x0")], "λ sensitivity on the imbalance condition: macro-F1"),
+    ("lambda", "minority_recall", LAMBDAS, "λ sensitivity on the imbalance condition: minority recall"),
+    ("lambda", "macro_f1", LAMBDAS, "λ sensitivity on the imbalance condition: macro-F1"),
     ("drift", "drift_ppl_ratio", [("balora", "pissa"), ("balora", "lora"), ("lora+reg", "lora")],
      "Knowledge drift: drift-perplexity ratio tuned / base", True),
     ("drift", "val_ppl", [("balora", "pissa")], "Knowledge drift: task (validation) perplexity", True),
@@ -478,23 +519,76 @@ def compute(table):
             f"on {'; '.join(cpus)}.\n")
 
 
-def report(results=RESULTS, readme=None):
+def search_table(results, cond):
+    # a budget / condition search: every candidate PiSSA tried (seed 0, validation), and the choice
+    f = Path(results) / f"budget-{cond}.json"
+    if not f.exists():
+        return ""
+    rec = json.loads(f.read_text())
+    lines = [f"**Search `{cond}`** (PiSSA alone, seed 0; rule: {rec['rule']}; `python experiments/study.py budget "
+             f"{cond}`)", "", "| candidate | steps | validation minority recall | validation MCC |", "|---|---|---|---|"]
+    for t in rec["tried"]:
+        lines.append(f"| `{' '.join(t['budget'])}` | {t.get('steps', '–')} | {fmt(t.get('validation_minority_recall'))} | "
+                     f"{fmt(t.get('validation_mcc'))} |")
+    chosen = rec["chosen"]
+    lines += ["", f"Chosen: `{' '.join(chosen)}`." if chosen else "No candidate fits the rule."]
+    return "\n".join(lines) + "\n"
+
+
+def report(results=RESULTS, doc=None):
     table = load_results(results)
-    parts = [compute(table)] + [claim_table(table, cond, *rest) for cond, *rest in REPORT if cond in table]
-    parts += [trend_table(table, conds, *rest) for conds, *rest in TRENDS if any(c in table for c in conds[1:])]
-    text = "\n".join(parts)
+    sections, every = [], []
+    for cond, metric, pairs, title, *lower in REPORT:
+        if cond in table:
+            claims = claims_of(table, cond, metric, pairs, bool(lower and lower[0]))
+            sections.append((f"**{title}** (`{cond}`, test {metric}; paper: {CONDITIONS[cond].claim})",
+                             method_lines(table, cond, metric), claims))
+            every += claims
+    for conds, metric, a, b, title in TRENDS:
+        if any(c in table for c in conds[1:]):
+            gains, c = trend_claim(table, conds, metric, a, b)
+            # each method's mean ± std beside the gain: what the intervention costs
+            rows = [f"| condition | {b} | {a} | {a} − {b} (95 % CI) | n |", "|---|---|---|---|---|"]
+            for cond, g in gains.items():
+                mean, lo, hi = paired(list(g.values()), [0.0] * len(g))
+                ms = [mean_std([table[cond][m][s]["test"][metric] for s in g]) for m in (b, a)]
+                rows.append(f"| {cond} | {' | '.join(ms)} | {fmt(mean, 4)} ({fmt(lo, 4)}, {fmt(hi, 4)}) | {len(g)} |")
+            sections.append((f"**{title}** (test {metric})", rows, [c]))
+            every.append(c)
+    seen = {}
+    for c in every:  # a claim on the very same paired data as an earlier one is one finding, reported once
+        if c["status"] not in ("holds", "contradicted", "inconclusive"):
+            continue
+        if c["key"] in seen:
+            c["status"] = f"same as {seen[c['key']]}"
+        else:
+            seen[c["key"]] = c["name"]
+    m = holm(every)
+    head = [compute(table), f"**{m} claims tested** (each distinct paired comparison with every seed in, not "
+            f"untestable): the verdict column reads each 95 % interval alone; the Holm column keeps the chance of any "
+            f"false finding among all {m} at 5 %. Regenerate: `python experiments/study.py report`.\n",
+            search_table(results, "rare-search")]
+    parts = head + ["\n".join([t, ""] + ml + [""] + claim_lines(cl)) + "\n" for t, ml, cl in sections]
+    text = "\n".join(p for p in parts if p)
     print(text)
-    if readme:  # the README's tables are exactly this text, between two markers (a test checks they agree)
-        doc = Path(readme).read_text(encoding="utf-8")
-        head, rest = doc.split(REPORT_BEGIN + "\n", 1)
-        Path(readme).write_text(head + REPORT_BEGIN + "\n" + text + rest[rest.index(REPORT_END):], encoding="utf-8")
+    if doc:  # the evidence document's tables are exactly this text, between two markers (a test checks they agree)
+        page = Path(doc).read_text(encoding="utf-8")
+        head, rest = page.split(REPORT_BEGIN + "\n", 1)
+        Path(doc).write_text(head + REPORT_BEGIN + "\n" + text + rest[rest.index(REPORT_END):], encoding="utf-8")
     return text
 
 
+def budget_title(results, cond):
+    # a figure's budget, as the search chose it (never written by hand)
+    f = Path(results) / f"budget-{cond}.json"
+    chosen = json.loads(f.read_text()).get("chosen") if f.exists() else None
+    return " ".join(chosen) if chosen else "budget not chosen"
+
+
 def figures(table, out=RESULTS):
-    # results/imbalance.png (per-seed minority recall and macro-F1) and results/drift.png (drift ratio against
-    # task perplexity, one point per run: "less drift at equal task quality" is a point lower at the same x),
-    # when matplotlib is installed: a study-only extra, never needed by the scripts
+    # experiments/results/{rare,imbalance}.png (per-seed points of each method) and drift.png (drift ratio against
+    # task perplexity: "less drift at equal task quality" is a point lower at the same x), when matplotlib is
+    # installed: a study-only extra, never needed by the scripts
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -503,18 +597,22 @@ def figures(table, out=RESULTS):
         print("study: no figures: matplotlib is not installed (pip install matplotlib)")
         return []
     written, color = [], lambda m: f"C{ALL.index(m)}" if m in ALL else "k"  # one colour per method everywhere
-    if "imbalance" in table:
-        cells = cells_of(table, "imbalance")
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        for ax, metric in zip(axes, ("minority_recall", "macro_f1")):
+    panels = {"rare": (("minority_recall", "macro_f1", "silhouette_cosine"), budget_title(out, "rare-search")),
+              "imbalance": (("minority_recall", "macro_f1"), "100:1:10, " + budget_title(out, "imbalance"))}
+    for cond, (metrics, budget) in panels.items():
+        if cond not in table:
+            continue
+        cells = cells_of(table, cond)
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.4))
+        for ax, metric in zip(axes, metrics):
             for i, (m, seeds) in enumerate(cells.items()):
                 v = [r["test"][metric] for r in seeds.values()]
                 ax.bar(i, np.mean(v), color=color(m), alpha=0.4)
                 ax.scatter([i] * len(v), v, color=color(m), s=14, zorder=3)
-            ax.set_xticks(range(len(cells)), list(cells))
-            ax.set_ylim(0, 1)
-            ax.set_title(f"imbalance 100:1:10: test {metric.replace('_', ' ')}", fontsize=10)
-        written.append(out / "imbalance.png")
+            ax.set_xticks(range(len(cells)), list(cells), rotation=30, fontsize=8)
+            ax.set_title(f"test {metric.replace('_', ' ')}", fontsize=10)
+        fig.suptitle(f"{cond}: {budget} (one point per seed)", fontsize=10)
+        written.append(out / f"{cond}.png")
         fig.savefig(written[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
     if "drift" in table:
@@ -526,7 +624,7 @@ def figures(table, out=RESULTS):
         ax.set_xlabel("task perplexity (validation tweets)")
         ax.set_ylabel("drift perplexity ratio, tuned / base (NYT)")
         ax.legend(fontsize=8)
-        ax.set_title("knowledge drift: tweets, 40 steps at lr 1e-3", fontsize=10)
+        ax.set_title(f"knowledge drift: tweets, {budget_title(out, 'drift')}", fontsize=10)
         written.append(out / "drift.png")
         fig.savefig(written[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -536,6 +634,7 @@ def figures(table, out=RESULTS):
 
 
 REPORT_BEGIN, REPORT_END = "<!-- study.py report: begin -->", "<!-- study.py report: end -->"
+EVIDENCE = ROOT / "docs" / "evidence.md"
 
 
 def main(argv=None):
@@ -546,11 +645,11 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="one-thread runs side by side")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the missing runs")
     p.add_argument("--commit", action="store_true", help="git commit each result as it arrives")
-    p.add_argument("--readme", action="store_true", help="report: also rewrite the README's tables")
+    p.add_argument("--no-doc", action="store_true", help="report: print only, do not rewrite docs/evidence.md")
     args = p.parse_args(argv)
     if args.action == "report":
         figures(load_results())
-        return report(readme=HERE / "README.md" if args.readme else None)
+        return report(doc=None if args.no_doc else EVIDENCE)
     tweet_writing()  # the drift condition's training file (runs/study/tweets.jsonl), once
     for cond in [c for c in CONDITIONS if c.startswith("wnoise-") and (not args.only or c in args.only)]:
         noisy_encoder(float(cond.split("-")[1]))  # the stretch's noisy encoders, once

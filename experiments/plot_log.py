@@ -1,0 +1,64 @@
+# experiments/plot_log.py: a picture of what the terms do. Turns a run's log.jsonl (train_nlu.py or train_nlg.py)
+# into one figure: the task loss and each regulariser (consistency, diversity, SVD) per optimizer step, each in
+# its own panel (their scales differ by orders of magnitude), with the λ in force. matplotlib is needed here only.
+# Run: `python experiments/plot_log.py RUN_DIR [--out FIGURE.png]` (default: RUN_DIR/terms.png).
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TERMS = ("task", "consistency", "diversity", "svd")
+LAMBDA = {"consistency": "lambda1", "diversity": "lambda2", "svd": "lambda3"}
+
+
+def read_steps(log):
+    # the per-step records of log.jsonl (event records such as start, validation and test are skipped)
+    rows = []
+    for n, line in enumerate(Path(log).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{log}:{n}: not a JSON record ({e})")
+        if "event" not in rec and "step" in rec:
+            rows.append(rec)
+    if not rows:
+        raise SystemExit(f"{log}: no step records")
+    return rows
+
+
+def plot(run_dir, out=None, title=None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_steps(Path(run_dir) / "log.jsonl")
+    terms = [t for t in TERMS if any(t in r for r in rows)]
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.4 * len(terms), 2.9), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        steps = [r["step"] for r in rows if term in r]
+        ax.plot(steps, [r[term] for r in rows if term in r], lw=1.2)
+        lam = LAMBDA.get(term)
+        label = f"{term} (λ {rows[-1][lam]:.3g} at the end)" if lam and lam in rows[-1] else term
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title or str(run_dir), fontsize=9)
+    out = Path(out or Path(run_dir) / "terms.png")
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="plot a run's task loss and regularisers per step from its log.jsonl")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="figure file (default: RUN_DIR/terms.png)")
+    p.add_argument("--title")
+    args = p.parse_args(argv)
+    print(f"plot_log: wrote {plot(args.run_dir, args.out, args.title)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
