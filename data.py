@@ -779,13 +779,13 @@ def read_text(path) -> str:
     return decode_utf8(path.read_bytes(), path)
 
 
-def text_windows(tok: Tokenizer, text: str, window: int) -> torch.Tensor:
+def text_windows(tok: Tokenizer, text: str, window: int, source: str = "text") -> torch.Tensor:
     # The whole text tokenized once (no special tokens) and cut into non-overlapping windows of `window`
     # tokens, (n, window); the last partial window is dropped, and said so.
     ids = _plain(tok).encode(text, add_special_tokens=False).ids
     n = len(ids) // window
     if n == 0:
-        raise InputError(f"text has {len(ids)} tokens, fewer than one window of {window}")
+        raise InputError(f"{source}: {len(ids)} tokens, fewer than one window of {window} (--drift-len)")
     print(f"data: eval text: {len(ids)} tokens -> {n} windows of {window} ({len(ids) - n * window} tail tokens unused)")
     return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
 

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -744,6 +745,9 @@ def _dtype(d):
     return names[d]
 
 
+WEIGHT_WARN = 1e4  # |w| above this in a checkpoint is a warning naming the tensor: trained weights stay far below
+
+
 def from_pretrained(path, num_labels=None, dtype=None):
     path, dtype = Path(path), _dtype(dtype)
     arch, cfg = read_config(path)
@@ -800,8 +804,15 @@ def from_pretrained(path, num_labels=None, dtype=None):
                 t = handles[files[key]].get_tensor(key)
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise InputError(f"{files[key]}: tensor {key!r} cannot be read ({e})") from None
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # a NaN would reach the SVD first
+            if not t.is_floating_point():  # an integer weight would fail deep inside a matmul, naming no file
+                raise InputError(f"{files[key]}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, "
+                                 f"expected a floating-point weight")
+            if not bool(torch.isfinite(t).all()):  # a NaN would reach the SVD first
                 raise InputError(f"{files[key]}: tensor {key!r} holds non-finite values (NaN or inf)")
+            big = float(t.abs().max()) if t.numel() else 0.0
+            if big > WEIGHT_WARN:  # finite but far outside any trained model's range (a flipped exponent bit?)
+                warnings.warn(f"{files[key]}: tensor {key!r} holds a value of magnitude {big:.3g} (> {WEIGHT_WARN:g}):"
+                              f" a corrupted file?", stacklevel=2)
             state[name] = t.to(dtype) if dtype is not None else t
     head_dtype = dtype or next(iter(state.values())).dtype
     for name in new_head:  # HF's init for a fresh classification head: N(0, initializer_range), zero bias

@@ -44,6 +44,9 @@ from plumbing.gguf_to_hf import _bytes_to_unicode, build_tokenizer, convert_gguf
 
 torch.set_num_threads(2)
 
+# Slow end-to-end tests: BALORA_QUICK=1 skips them (the README's quick command); CI runs everything.
+slow = pytest.mark.skipif(os.environ.get("BALORA_QUICK", "") not in ("", "0"), reason="BALORA_QUICK=1: a quick run")
+
 
 # =================================================================================================
 # balora.py, part 1: PiSSA adapters
@@ -3195,3 +3198,334 @@ def test_memory_plan_counts_the_real_model_and_fits_the_paper_recipe_on_80_gb(ti
     plan = train_nlg.main(recipe)
     assert 12 < plan["base weights"] < 13 and plan["total"] < 80  # 6.74B parameters in bf16; fits one 80 GB GPU
     assert train_nlg.main(recipe + ["--grad-checkpoint"])["total"] < plan["total"] / 2
+    # the KL's working set on the device planned for (a GPU by default): chunks and one teacher block, not M x V
+    rows = balora.kl_chunk_rows(32000, "cuda")
+    assert plan["consistency: KL chunks + teacher block"] * gib == pytest.approx((4 * rows + max(rows, 128)) * 32000 * 4)
+    assert plan["M x V logits: output, fp32, log-softmax, gradient"] * gib == pytest.approx(4 * 512 * 32000 * 12)
+
+
+# =================================================================================================
+# A reference a learner reads in one sitting: the layout, the README's own-loop snippet, the plain forms
+
+TOP_MODULES = ["balora.py", "model.py", "data.py", "train_nlu.py", "train_nlg.py", "test_balora.py",
+               "plumbing/runtime.py", "plumbing/gguf_to_hf.py", "experiments/study.py", "experiments/bench.py",
+               "experiments/plot_log.py"]
+
+
+def imports_of(path):
+    import ast
+    tree = ast.parse((HERE / path).read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_every_module_states_its_one_concern_and_imports_flow_one_way():
+    for f in TOP_MODULES:
+        first = (HERE / f).read_text(encoding="utf-8").splitlines()[0]
+        assert first.startswith(f"# {f}") and len(first) > len(f) + 12, (f, first)
+    project = {"balora", "model", "data", "train_nlu", "train_nlg", "plumbing", "plumbing.runtime",
+               "plumbing.gguf_to_hf", "experiments", "study", "bench"}
+    ours = lambda f: {n for n in imports_of(f) if n in project or n.startswith(("plumbing", "experiments"))}
+    assert ours("balora.py") == set()  # copied alone, it works
+    assert ours("plumbing/runtime.py") == {"balora"} and ours("plumbing/gguf_to_hf.py") == {"plumbing.runtime"}
+    assert ours("model.py") <= {"plumbing.runtime"} and ours("data.py") <= {"plumbing.runtime", "plumbing.gguf_to_hf"}
+    for script in ("train_nlu.py", "train_nlg.py"):
+        assert ours(script) <= {"balora", "data", "model", "plumbing"}
+    model_src, data_src = (HERE / "model.py").read_text(), (HERE / "data.py").read_text()
+    assert "torch.distributed" not in model_src and "cpu_capability" not in model_src
+    assert "def cli(" not in data_src and "gguf.GGUFReader" not in data_src and "__main__" not in data_src
+
+
+HISTORY = re.compile(r"\b(?:[Bb]efore,|\([Bb]efore\b|[Ee]arlier (?:version|table|README|run)s?|[Pp]revious "
+                     r"(?:measurement|README|version|implementation)|was lent|this task|commit [0-9a-f]{7}|"
+                     r"the issue reports)")
+
+
+def test_readme_is_the_front_door_and_no_document_speaks_of_history():
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    assert len(readme.encode("utf-8")) <= 12_000
+    assert re.search(r"^## .*\bown\b", readme, re.M)  # "Use balora.py in your own loop"
+    docs = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        hits = HISTORY.findall(text)
+        assert not hits, (doc.name, hits)
+        for link in re.findall(r"\]\(([^)#]+\.(?:md|png))\)", text):  # every linked document exists
+            assert (doc.parent / link).exists(), (doc.name, link)
+
+
+def readme_snippet():
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- snippet: begin -->")[1].split("<!-- snippet: end -->")[0]
+    code = block.split("```python\n")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 30
+    return code
+
+
+def test_the_readme_snippet_runs_with_balora_py_alone_and_its_adapter_loads_in_peft(tmp_path):
+    code = readme_snippet()
+    shutil.copy(HERE / "balora.py", tmp_path / "balora.py")
+    (tmp_path / "snippet.py").write_text(code, encoding="utf-8")
+    # only torch, safetensors and transformers: the project's modules (and peft) cannot be imported
+    block = "import sys; sys.modules.update(dict.fromkeys(['peft', 'model', 'data', 'plumbing', 'train_nlu', " \
+            "'train_nlg', 'experiments'])); exec(open('snippet.py').read())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [ast_literal(line) for line in r.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3
+    for (_, task), terms in steps:
+        assert math.isfinite(task) and {"consistency", "diversity", "svd"} <= set(terms)
+        assert all(math.isfinite(v) for v in terms.values())
+    assert abs(steps[0][1]["consistency"]) < 1e-6 < abs(steps[2][1]["consistency"])  # PiSSA: the teacher at step 0
+    # the adapters moved, and the saved adapter is what peft loads on the untouched base model
+    from peft import PeftModel
+    exec_globals = {}
+    exec(code.split("balora.inject")[0], {"__name__": "x"}, exec_globals)  # the same seeded base model, untouched
+    base = exec_globals["model"]
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(base.config)
+    balora.inject(ref, ["q_proj", "v_proj"], r=4, alpha=4)
+    saved = load_file(str(tmp_path / "my_adapter" / "adapter_model.safetensors"))
+    a0 = {n: m.lora_A.detach() for n, m in balora.pissa_layers(ref)}
+    assert any(not torch.allclose(saved[f"base_model.model.{n}.lora_A.weight"], a) for n, a in a0.items())
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    balora.load_adapter(ref, tmp_path / "my_adapter")
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "my_adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def ast_literal(line):
+    # "step 0 task 4.8621 {'consistency': ...}" -> ((0, 4.8621), {...})
+    import ast
+    head, _, terms = line.partition(" {")
+    _, step, _, task = head.split()
+    return (int(step), float(task)), ast.literal_eval("{" + terms)
+
+
+@pytest.mark.parametrize("M, V", [(1, 7), (5, 3), (9, 65536 + 3)])
+def test_plain_and_fused_forms_give_the_same_value_and_gradient(M, V, monkeypatch):
+    g = torch.Generator().manual_seed(M)
+    zs, zt = torch.randn(M, V, generator=g) * 4, torch.randn(M, V, generator=g) * 4
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(balora, "FUSED", fused)
+        a = zs.clone().requires_grad_(True)
+        value = balora.consistency_nlu(a, zt, 2.0) + balora.svd_nlg(a, k=min(3, M), generator=torch.Generator().manual_seed(1))
+        (value * 0.7).backward()
+        runs[fused] = (value.detach(), a.grad)
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-8)
+
+
+def test_plot_log_draws_every_term_of_a_run(encoders, files, tmp_path):
+    pytest.importorskip("matplotlib")
+    from experiments import plot_log
+    train_nlu.main(argv(encoders["plain"], files, tmp_path / "r", "--max-steps", "3", "--method", "balora"))
+    rows = plot_log.read_steps(tmp_path / "r" / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and {"task", "consistency", "diversity", "svd"} <= set(rows[0])
+    out = plot_log.plot(tmp_path / "r")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# =================================================================================================
+# Right on every device and at every exit (issue 20)
+
+class FakeCuda:
+    # torch.cuda as a machine with one GPU of the given compute capability would show it
+    def __init__(self, name, capability):
+        self.name, self.capability = name, capability
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return 1
+
+    def get_device_capability(self, device=None):
+        return self.capability
+
+    def get_device_name(self, device=None):
+        return self.name
+
+    def is_bf16_supported(self, including_emulation=True):
+        return including_emulation or self.capability >= (8, 0)  # torch's answer counts emulation by default
+
+
+@pytest.mark.parametrize("name, capability, want", [("Tesla T4", (7, 5), "fp32"), ("Tesla V100", (7, 0), "fp32"),
+                                                    ("NVIDIA A100", (8, 0), "bf16"), ("NVIDIA H100", (9, 0), "bf16")])
+def test_auto_dtype_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch, name, capability, want):
+    monkeypatch.setattr(torch, "cuda", FakeCuda(name, capability))
+    dtype, why = runtime.resolve_dtype("auto", "cuda")
+    assert dtype == want and name in why and f"{capability[0]}.{capability[1]}" in why
+    assert runtime.pick_device("cuda") == "cuda" and runtime.pick_device(None) == "cuda"
+
+
+def test_mps_and_unavailable_devices_are_one_line_before_anything_loads(monkeypatch, tmp_path):
+    dtype, why = runtime.resolve_dtype("auto", "mps")
+    assert dtype == "fp32" and why.startswith("dtype auto -> fp32: MPS")
+    with pytest.raises(runtime.InputError, match="--device cuda: this torch is built without CUDA|no CUDA GPU"):
+        runtime.pick_device("cuda")
+    with pytest.raises(runtime.InputError, match="--device tpu"):
+        runtime.pick_device("tpu")
+    if not torch.cuda.is_available():
+        r = run_script("train_nlu.py", "--device", "cuda", "--out", tmp_path / "x")
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("train_nlu.py: error: --device cuda:")
+        assert not (tmp_path / "x").exists()  # nothing loaded, nothing written
+
+
+def test_private_cpu_probes_are_guarded(monkeypatch):
+    def boom():
+        raise RuntimeError("no such probe on this build")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", boom)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    native, why = runtime.cpu_bf16_native()
+    assert native is False and "no AVX512-BF16 or AMX" in why
+
+
+def test_the_kl_working_set_is_bounded_on_every_device(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):  # the largest tensor any op inside the KL allocates
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if torch.is_tensor(t):
+                    self.sizes.append((t.numel(), str(func), t.untyped_storage().data_ptr()))
+            return out
+
+    M, V = 2048, 32000  # an unbounded KL (the chunk = M rows) would allocate 4x the GPU budget in one tensor
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(M, V, generator=g), torch.randn(M, V, generator=g)
+    for device_type, budget in (("cpu", balora.KL_CHUNK_ELEMENTS["cpu"]), ("cuda", balora.KL_CHUNK_ELEMENTS_DEFAULT)):
+        assert balora.kl_chunk_rows(V, device_type) * V <= budget  # the row chunk on this kind of device
+        monkeypatch.setitem(balora.KL_CHUNK_ELEMENTS, "cpu", budget)  # run the CPU with that device's chunk
+        a = zs.clone().requires_grad_(True)
+        with Largest() as seen:
+            balora.consistency_nlu(a, zt, 2.0)
+        inputs = {a.untyped_storage().data_ptr(), zt.untyped_storage().data_ptr()}
+        temps = [n for n, _, ptr in seen.sizes if ptr not in inputs and n < M * V]
+        whole = {ptr for n, _, ptr in seen.sizes if ptr not in inputs and n >= M * V}  # new M×V storages
+        assert max(temps) <= budget and len(whole) == 1, (device_type, max(temps), len(whole))  # 1: the gradient
+
+
+def test_grad_accum_must_divide_batch_size_in_both_scripts(encoders, files, tiny_llama, tmp_path):
+    for parse, args in ((train_nlu.parse_args, argv(encoders["plain"], files, tmp_path / "a", "--batch-size", "4",
+                                                      "--grad-accum", "8")),
+                        (train_nlg.parse_args, cli(tiny_llama, tmp_path / "b", "--batch-size", "4", "--grad-accum", "3"))):
+        with pytest.raises(SystemExit):
+            parse(args)
+
+
+def test_a_non_finite_evaluation_fails_the_run_and_writes_no_final_adapter(encoders, files, tiny_llama, tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train_nlu.main(argv(encoders["plain"], files, tmp_path / "u", "--lr", "1e30", "--max-steps", "1"))
+    assert not (tmp_path / "u" / "adapter").exists() and not (tmp_path / "u" / "metrics.json").exists()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "g", "--lr", "1e30", "--max-steps", "1"))
+    assert not (tmp_path / "g" / "adapter").exists() and not (tmp_path / "g" / "metrics.json").exists()
+
+
+def test_nlg_checks_targets_and_rank_before_any_evaluation(tiny_llama, tmp_path):
+    for flags, message in ((["--targets", "no_such_proj"], "match no nn.Linear"), (["--rank", "4096"], "rank r=4096")):
+        with pytest.raises(balora.AdapterError, match=message):
+            train_nlg.main(cli(tiny_llama, tmp_path / flags[1], *flags))
+        assert not (tmp_path / flags[1] / "samples_base.jsonl").exists()  # the base model was never evaluated
+
+
+def test_distinct_n_is_na_when_nothing_was_sampled(tiny_llama, tmp_path):
+    assert train_nlg.distinct_n([], 2) is None and train_nlg.distinct_n(["a b c"], 2) == 1.0
+    m = train_nlg.main(cli(tiny_llama, tmp_path / "o", "--gen-prompts", "0", "--max-steps", "1"))
+    assert m["tuned"]["distinct_1"] is None and m["base"]["distinct_2"] is None
+
+
+def test_bad_inputs_are_one_line_naming_what_and_where(encoders, files, tiny_llama, tmp_path):
+    # an integer weight names the file and the tensor; a huge finite one is a warning naming it
+    src = encoders["plain"]
+    for kind, value in (("int", None), ("huge", 3.5e36)):
+        d = tmp_path / kind
+        shutil.copytree(src, d)
+        t = load_file(str(d / "model.safetensors"))
+        key = next(k for k in t if k.endswith("query.weight"))
+        if value is None:
+            t[key] = t[key].long()
+        else:
+            t[key] = t[key].clone()
+            t[key][0, 0] = value
+        save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(M.InputError, match=r"int/model.safetensors: tensor '.*query.weight' is int64"):
+        M.from_pretrained(tmp_path / "int", num_labels=2)
+    with pytest.warns(UserWarning, match=r"huge/model.safetensors: tensor '.*query.weight' holds a value of magnitude 3.5e\+36"):
+        M.from_pretrained(tmp_path / "huge", num_labels=2)
+    # --out naming a file, or a directory that cannot be written
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(M.InputError, match="a file, not a directory"):
+        train_nlu.main(argv(src, files, tmp_path / "afile"))
+    # an empty --eval-text, a GSM8K reference without '#### n', --model naming a file
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(M.InputError, match=r"empty.txt: 0 tokens, fewer than one window"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "e", "--eval-text", str(tmp_path / "empty.txt")))
+    (tmp_path / "g.jsonl").write_text('{"question": "q", "answer": "#### 3"}\n{"question": "q", "answer": "none"}\n')
+    with pytest.raises(M.InputError, match=r"g.jsonl:2: GSM8K reference has no"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "f", "--eval-gsm8k", str(tmp_path / "g.jsonl")))
+    with pytest.raises(M.InputError, match="not a model directory"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "h", "--model", str(tiny_llama / "model" / "config.json")))
+    # a resume with a trailing slash on --out works like without it
+    out = tmp_path / "r"
+    train_nlg.main(cli(tiny_llama, out, "--stop-after", "2"))
+    assert train_nlg.main(cli(tiny_llama, str(out) + "/", "--resume"))["steps"] == 4
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_out_on_a_read_only_directory_is_one_line(encoders, files, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    with pytest.raises(M.InputError, match="cannot write there"):
+        train_nlu.main(argv(encoders["plain"], files, ro / "run"))
+
+
+def test_main_returns_and_the_process_ends_only_at_the_top_level():
+    for script in ("train_nlu.py", "train_nlg.py"):
+        src = (HERE / script).read_text()
+        main_src = src[src.index("def main("):src.index('if __name__ == "__main__":')]
+        assert "os._exit" not in main_src and "sys.exit" not in main_src and "close_distributed" not in src
+        assert src.rstrip().endswith("runtime.cli(main, __file__)")
+
+
+@slow
+def test_a_user_error_under_torchrun_is_one_line_on_every_rank_five_times(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"sentence": "fine", "label": "a"}\n{"sentence": "caf\xe9", "label": "b"}\n')
+    for i in range(5):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HERE / "train_nlu.py"), "--train-file", str(bad), "--val-file", str(bad), "--threads", "1",
+               "--out", str(tmp_path / f"o{i}")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode != 0
+        errors = [l for l in r.stderr.splitlines() if l.startswith("train_nlu.py: error:")]
+        assert len(errors) == 2 and all("bad.jsonl:2: not UTF-8" in l for l in errors), r.stderr[-2000:]
+        assert "terminate called" not in r.stderr and "core dumped" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resumed_nlu_run_with_the_teacher_cache_is_bit_identical(encoders, files, tmp_path):
+    common = ("--epochs", "3", "--lr", "5e-3", "--save-every", "0", "--method", "balora")
+    full = train_nlu.main(argv(encoders["dropout"], files, tmp_path / "a", *common))
+    # stopped mid-epoch 1, after the cache was filled in epoch 0 from other batches than the resumed run's
+    assert train_nlu.main(argv(encoders["dropout"], files, tmp_path / "b", *common, "--stop-after", "7")) is None
+    resumed = train_nlu.main(argv(encoders["dropout"], files, tmp_path / "b", *common, "--resume"))
+    assert resumed["test"] == full["test"] and resumed["validation"] == full["validation"]
+    la = [UNTIMED(r) for r in step_records(tmp_path / "a")]
+    lb = [UNTIMED(r) for r in step_records(tmp_path / "b")]
+    assert la == lb

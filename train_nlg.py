@@ -153,7 +153,7 @@ def prepare_data(args, tok):
 
 def drift_windows(args, tok):
     text = data.read_text(args.eval_text) if args.eval_text else "\n".join(data.nyt_sentences())
-    w = data.text_windows(tok, text, args.drift_len)
+    w = data.text_windows(tok, text, args.drift_len, args.eval_text or "the NYT editorial sentences")
     return w[:args.drift_windows] if args.drift_windows else w
 
 
@@ -164,7 +164,10 @@ def read_gsm8k(spec):
     for n, row in data.read_rows(Path(spec)):  # JSONL / JSON array / CSV / TSV, errors name the line
         if not all(isinstance(row.get(k), str) for k in ("question", "answer")):
             raise runtime.InputError(f"{spec}:{n}: expected an object with string 'question' and 'answer'")
-        data.gsm8k_reference(row["answer"])  # fails on a reference without '#### n'
+        try:
+            data.gsm8k_reference(row["answer"])  # fails on a reference without '#### n'
+        except runtime.InputError as e:
+            raise runtime.InputError(f"{spec}:{n}: {e}") from None
         problems.append((row["question"], row["answer"]))
     if not problems:
         raise runtime.InputError(f"{spec}: no problems")
@@ -373,6 +376,7 @@ def evaluate(net, tok, d, args, tag):
     # d: prepare_data's bundle. Validation and drift perplexity, distinct-n of samples, GSM8K when asked.
     t = time.time()
     m = {"val_ppl": response_ppl(net, d.val, args, d.pad_id), "drift_ppl": text_ppl(net, d.windows, args)}
+    runtime.check_finite_metrics(m, f"the {tag} model's evaluation")  # before sampling from NaN probabilities
     samples = generate(net, tok, [data.format_prompt(i, x, args.template) for i, x, _ in d.prompts], args,
                        args.gen_tokens, d.eos_id, d.pad_id, args.gen_temperature, args.gen_top_p, seed=args.seed)
     m.update(distinct_1=distinct_n(samples, 1), distinct_2=distinct_n(samples, 2))
@@ -559,13 +563,11 @@ def finish(net, tok, d, args, run, base, history, train_s, tokens_done, init_s, 
 
 
 def setup(args):
-    # threads, device (one line if it cannot be used), torchrun, the autocast dtype; before anything is loaded
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist = runtime.distributed(runtime.pick_device(args.device))  # torchrun: this rank's device; else one process
-    args.device = dist.device
-    args.dtype, why = runtime.resolve_dtype(args.dtype, args.device)
-    print(f"train_nlg: {why}", flush=True)
+    # runtime.setup, and a --model that names a file is one line before anything loads
+    dist = runtime.setup(args)
+    if args.model and not Path(args.model).is_dir():
+        raise runtime.InputError(f"--model {args.model}: not a model directory (config.json, model.safetensors, "
+                                 f"tokenizer.json)")
     args.model = str(args.model or default_model_dir())
     return dist
 
@@ -581,11 +583,14 @@ def load_model(args):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
-    dist = setup(args)
-    if args.dry_run:
-        plan = memory_plan(modellib.read_config(args.model)[1], args)
-        print("\n".join(f"{k:45s} {v:8.2f} GiB" for k, v in plan.items()))
+    if args.dry_run:  # a plan for one device (default: a GPU), from config.json alone; nothing is loaded or run
+        args.device = args.device or "cuda"
+        args.dtype = ("bf16" if args.device.startswith("cuda") else "fp32") if args.dtype == "auto" else args.dtype
+        plan = memory_plan(modellib.read_config(args.model or default_model_dir())[1], args)
+        print(f"memory plan for one {args.device} device, {args.dtype} autocast:")
+        print("\n".join(f"{k:60s} {v:8.2f} GiB" for k, v in plan.items()))
         return plan
+    dist = setup(args)
     runtime.run_dir(args, dist)
     state = resume_state(args) if args.resume else None
     tok = modellib.load_tokenizer(args.model)

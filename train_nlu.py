@@ -538,20 +538,9 @@ def finish(net, encoded, info, args, run, state, train_seconds, log):
     return metrics
 
 
-def setup(args):
-    # threads, device (one line if it cannot be used), torchrun, the autocast dtype; before anything is loaded
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist = runtime.distributed(runtime.pick_device(args.device))  # torchrun: this rank's device; else one process
-    args.device = dist.device
-    args.dtype, why = runtime.resolve_dtype(args.dtype, args.device)
-    print(why)
-    return dist
-
-
 def main(argv=None):
     args = parse_args(argv)
-    dist = setup(args)
+    dist = runtime.setup(args)
     init, regularise = METHODS[args.method]
     init = args.init or init
     out = runtime.run_dir(args, dist)

@@ -1,9 +1,9 @@
-# bench.py: speed and memory of one LoRA / PiSSA / BA-LoRA training step (forward + backward + AdamW) on the
+# experiments/bench.py: speed and memory of one LoRA / PiSSA / BA-LoRA training step (forward + backward + AdamW) on the
 # default model (SmolLM2-135M-Instruct), one fixed batch of 4 x 256 real tokens (NYT editorial text), rank 64
 # on all seven projections, 2 threads; fp32 and bf16 autocast; BA-LoRA's extra time split into the teacher
 # forward and the regularisers (+ their backward); peak RSS per method in a fresh subprocess; PiSSA init time
 # (exact SVD and randomized, niter 4); transformers + peft as the peer when installed. Paper Sec. 3.3 / 4.1.
-# Run: `python bench.py` (about 15 min on 2 cores; --no-peer/--no-init/--no-mem to skip parts); --scaling (the
+# Run: `python experiments/bench.py` (about 15 min on 2 cores; --no-peer/--no-init/--no-mem to skip parts); --scaling (the
 # regularisers against M and V), --model 1b (a 1B-shaped random LLaMA). Prints a table, writes bench.json.
 
 import argparse

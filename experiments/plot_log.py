@@ -44,7 +44,7 @@ def plot(run_dir, out=None, title=None):
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(title or str(run_dir), fontsize=9)
+    fig.suptitle(title or str(run_dir), fontsize=9, y=1.04)
     out = Path(out or Path(run_dir) / "terms.png")
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)

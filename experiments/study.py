@@ -1,8 +1,8 @@
-# study.py: the evidence. Runs the grid of experiments that tests each claim of the BA-LoRA paper (Chang, Chang & Wu,
-# ICLR 2026) at small scale, with several seeds per cell, and rebuilds the README's Evidence tables from results/.
+# experiments/study.py: the evidence. Runs the grid of experiments that tests each claim of the BA-LoRA paper (Chang,
+# Chang & Wu, ICLR 2026) at small scale, with several seeds per cell, and writes docs/evidence.md's tables from results/.
 # The grid is data (CONDITIONS: condition x method x seed -> the exact train_nlu.py / train_nlg.py flags); a finished
-# run (its results/*.json) is never redone, an interrupted one is restarted, so the grid spans sessions.
-# Run: `python study.py run [--only COND] [--jobs N] [--dry-run]` | `budget COND` | `report [--readme]` | `reproduce RUN`.
+# run (its results/*.json, which records the code it came from) is never redone, an interrupted one is restarted.
+# Run: `python experiments/study.py run [--only COND] [--jobs N] [--dry-run]` | `budget COND` | `report` | `reproduce RUN`.
 
 import argparse
 import json

@@ -195,7 +195,7 @@ def pick_device(requested):
     try:
         dev = torch.device(requested)
     except RuntimeError:
-        raise InputError(f"--device {requested!r}: not a device (cpu, cuda, cuda:N or mps)") from None
+        raise InputError(f"--device {requested}: not a device (cpu, cuda, cuda:N or mps)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
@@ -259,6 +259,18 @@ def resolve_dtype(requested, device):
     if requested == "bf16" and not native:
         return "bf16", f"warning: --dtype bf16 on a device without native bf16 will be much slower: {reason}"
     return requested, f"dtype {requested} (as asked; {reason})"
+
+
+def setup(args):
+    # threads, device (one line if it cannot be used), torchrun, the autocast dtype (its reason is the first log
+    # line); before anything is loaded. Returns this process's Dist.
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = distributed(pick_device(args.device))  # torchrun: this rank's device; else one process
+    args.device = dist.device
+    args.dtype, why = resolve_dtype(args.dtype, args.device)
+    print(why, flush=True)
+    return dist
 
 
 def autocast(device, dtype):
