@@ -49,7 +49,7 @@ METHODS = {  # method -> (init, regularisers on)
     "pissa": ("pissa", False),
     "balora": ("pissa", True),
 }
-RESUME_MAY_DIFFER = {"resume", "stop_after", "threads", "device", "log_every", "save_every", "eval_batch_size", "debug",
+RESUME_MAY_DIFFER = {"resume", "stop_after", "out", "threads", "device", "log_every", "save_every", "eval_batch_size", "debug",
                      "teacher_cache", "grad_checkpoint"}
 DEFAULTS = dict(task="nlu", method=METHOD, init="lora for --method lora, else pissa", rank=RANK, targets=TARGETS,
                 lr=LR, warmup_ratio=WARMUP_RATIO, batch_size=BATCH_SIZE, grad_accum=1, max_len=MAX_LEN, epochs=EPOCHS,
