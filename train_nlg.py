@@ -362,14 +362,13 @@ def distinct_n(texts, n):
 def gsm8k_accuracy(net, tok, problems, args, eos_id, pad_id, path):
     outputs = generate(net, tok, [gsm8k_prompt(q, args.template) for q, _ in problems], args,
                        args.gsm8k_tokens, eos_id, pad_id, stop_strings=data.GSM8K_STOP)
-    correct = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for (q, a), o in zip(problems, outputs):
-            pred, ref = data.extract_gsm8k_answer(o), data.gsm8k_reference(a)
-            ok = pred is not None and abs(pred - ref) < 1e-6
-            correct += ok
-            f.write(json.dumps({"question": q, "output": o, "pred": pred, "ref": ref, "correct": ok}) + "\n")
-    return correct / len(problems)
+    rows = []
+    for (q, a), o in zip(problems, outputs):
+        pred, ref = data.extract_gsm8k_answer(o), data.gsm8k_reference(a)
+        rows.append({"question": q, "output": o, "pred": pred, "ref": ref,
+                     "correct": pred is not None and abs(pred - ref) < 1e-6})
+    runtime.write_jsonl(path, rows)
+    return sum(r["correct"] for r in rows) / len(problems)
 
 
 def evaluate(net, tok, d, args, tag):
@@ -380,9 +379,8 @@ def evaluate(net, tok, d, args, tag):
     samples = generate(net, tok, [data.format_prompt(i, x, args.template) for i, x, _ in d.prompts], args,
                        args.gen_tokens, d.eos_id, d.pad_id, args.gen_temperature, args.gen_top_p, seed=args.seed)
     m.update(distinct_1=distinct_n(samples, 1), distinct_2=distinct_n(samples, 2))
-    with open(os.path.join(args.out, f"samples_{tag}.jsonl"), "w", encoding="utf-8") as f:
-        for (i, x, _), s in zip(d.prompts, samples):
-            f.write(json.dumps({"instruction": i, "input": x, "response": s}) + "\n")
+    runtime.write_jsonl(os.path.join(args.out, f"samples_{tag}.jsonl"),
+                        [{"instruction": i, "input": x, "response": s} for (i, x, _), s in zip(d.prompts, samples)])
     if d.gsm8k:
         m["gsm8k_acc"] = gsm8k_accuracy(net, tok, d.gsm8k, args, d.eos_id, d.pad_id,
                                         os.path.join(args.out, f"gsm8k_{tag}.jsonl"))

@@ -193,6 +193,12 @@ def command(run, out, extra=()):
     return [sys.executable, str(ROOT / script), *run.flags, *extra, "--threads", "1", "--out", str(out)]
 
 
+def write_json(path, obj):
+    # a result appears whole or not at all (balora.atomic_write: beside it, then renamed)
+    from balora import atomic_write
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8"))
+
+
 def code_version():
     # the commit the runs come from, and whether the code differed from it (results/ and runs/ do not count)
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -250,7 +256,7 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
                 failed.append(r.name)
                 continue
             rec = compact(r, json.loads((out / "metrics.json").read_text()), time.time() - t0)
-            (results / f"{r.name}.json").write_text(json.dumps(rec, indent=1) + "\n")
+            write_json(results / f"{r.name}.json", rec)
             done.append(rec)
             scores = ", ".join(f"{k} {v:.4g}" for k, v in rec["test"].items() if isinstance(v, float))
             print(f"study: {r.name} done in {rec['wall_s']:.0f} s: test {scores}", flush=True)
@@ -276,7 +282,7 @@ def reuse_identical(runs, results, dry_run=False):
             print(f"study: {r.name} has the flags of {src[0]}: {'would reuse' if dry_run else 'reused'}", flush=True)
             if not dry_run:
                 rec = {**src[1], "condition": r.condition, "method": r.method, "same_as": src[1].get("same_as", src[0])}
-                (results / f"{r.name}.json").write_text(json.dumps(rec, indent=1) + "\n")
+                write_json(results / f"{r.name}.json", rec)
             reused.append(r)
     return reused
 
@@ -310,7 +316,7 @@ def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=(), jobs=1):
     rule = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
     out = {"condition": cond, "rule": f"cheapest candidate with PiSSA {section} {metric} {rule} (seed 0)",
            "tried": tried, "chosen": chosen}
-    (Path(results) / f"budget-{cond}.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_json(Path(results) / f"budget-{cond}.json", out)
     if chosen is None:
         print(f"study: no candidate of {cond} fits the rule ({out['rule']})", flush=True)
     return out

@@ -416,6 +416,10 @@ def write_json(path, obj):
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
+def write_jsonl(path, records):
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8"))
+
+
 def load_tensors(path) -> dict:
     try:
         return load_file(str(path))
