@@ -2883,13 +2883,6 @@ def test_nlu_teacher_cache_gives_the_same_losses_and_skips_the_teacher_forward_a
     assert logs["cache_rows"] == 40 and logs["plain_rows"] == 3 * 40  # each example's teacher forward once
 
 
-def kl_reference(zs, zt, T):
-    # the previous implementation: F.kl_div on log-softmaxes, autograd for the gradient
-    log_ps = F.log_softmax(zs / T, dim=-1)
-    log_pt = F.log_softmax(zt / T, dim=-1)
-    return T * T * F.kl_div(log_ps, log_pt, log_target=True, reduction="sum") / zs.shape[0]
-
-
 @pytest.mark.parametrize("M, V", [(1, 7), (5, 3), (7, 40000), (9, 65536 + 3)])  # one chunk; chunks of 3 / 2 / 1 rows
 def test_fused_kl_value_and_gradient_equal_f_kl_div(M, V):
     g = torch.Generator().manual_seed(M)
@@ -2901,7 +2894,7 @@ def test_fused_kl_value_and_gradient_equal_f_kl_div(M, V):
     for T in (1.0, 2.0):
         a = zs.clone().requires_grad_(True)
         b = zs.double().requires_grad_(True)  # F.kl_div in float64: the reference without float32 rounding
-        ours, ref = balora.consistency_nlu(a, zt, T), kl_reference(b, zt.double(), T)
+        ours, ref = balora.consistency_nlu(a, zt, T), balora.kl_plain(b, zt.double(), T)
         (ours * 0.7).backward()
         (ref * 0.7).backward()
         assert torch.isfinite(ours) and abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-7, (ours, ref)
@@ -2927,20 +2920,7 @@ def test_teacher_logits_made_chunk_by_chunk_equal_the_dense_teacher():
     assert torch.allclose(balora._rows(balora.TeacherLogits(H, W), mask)[:], (H @ W.T)[mask], atol=1e-6)
 
 
-def svd_nlg_autograd(z, k=10, oversample=5, niter=2, generator=None):
-    # the previous implementation: the same range finder, autograd through Q^T Z, svdvals and the norm
-    M, V = z.shape
-    q = min(k + oversample, M, V)
-    with torch.no_grad():
-        omega = torch.randn(V, q, generator=generator)
-        Q = torch.linalg.qr(z @ omega).Q
-        for _ in range(niter):
-            Q = torch.linalg.qr(z @ (z.T @ Q)).Q
-    s = torch.linalg.svdvals(Q.T @ z)
-    return -s[:k].sum() / torch.linalg.vector_norm(z)
-
-
-def test_svd_nlg_closed_form_gradient_equals_autograd_and_sigma_error_is_bounded():
+def test_svd_nlg_closed_form_gradient_equals_autograd_and_sigma_error_is_bounded(monkeypatch):
     g = torch.Generator().manual_seed(0)
     # logits with a decaying spectrum, like real ones (a few strong directions over noise)
     U = torch.linalg.qr(torch.randn(300, 40, generator=g)).Q
@@ -2948,7 +2928,9 @@ def test_svd_nlg_closed_form_gradient_equals_autograd_and_sigma_error_is_bounded
     z0 = (U * (100.0 * 0.8 ** torch.arange(40.0))) @ Vt + 0.05 * torch.randn(300, 2000, generator=g)
     a, b = z0.clone().requires_grad_(True), z0.clone().requires_grad_(True)
     ours = balora.svd_nlg(a, generator=torch.Generator().manual_seed(1))
-    ref = svd_nlg_autograd(b, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(balora, "FUSED", False)  # the plain form: autograd through Q^T Z, svdvals and the norm
+    ref = balora.svd_nlg(b, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(balora, "FUSED", True)
     (2 * ours).backward()
     (2 * ref).backward()
     assert torch.allclose(ours, ref, rtol=1e-5) and torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-9)
