@@ -6,7 +6,7 @@
 #   python train_nlg.py --model LLAMA2_7B_DIR --train-file MetaMathQA-100K.jsonl --val-examples 500 --template alpaca \
 #     --rank 128 --alpha 128 --lr 2e-5 --batch-size 32 --grad-accum 8 --max-len 512 --epochs 1 --max-steps 0 \
 #     --base-dtype bf16 --eval-gsm8k gsm8k_test.jsonl --device cuda --threads 8
-# Several GPUs or machines: `torchrun --nproc_per_node N train_nlg.py ...` (data parallel, README).
+# Several GPUs or machines: `torchrun --nproc_per_node N train_nlg.py ...` (data parallel, docs/scale-out.md).
 
 import argparse
 import dataclasses

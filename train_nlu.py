@@ -4,8 +4,8 @@
 # bf16 autocast where the device runs it natively (else fp32), gradient accumulation, a teacher feature cache,
 # resumable safetensors checkpoints, metrics.json.
 # Run: `python train_nlu.py` (all-MiniLM-L6-v2 on human-rated movie-review sentiment, minutes on a CPU);
-# `--method lora|pissa|balora`; GLUE: `--model DIR --train F --validation F --text-fields a,b`. `--help` for all.
-# Several processes or GPUs: `torchrun --nproc_per_node N train_nlu.py ...` (data parallel, README).
+# `--method lora|pissa|balora`; GLUE: `--model DIR --train-file F --val-file F --text-fields a,b`. `--help` for all.
+# Several processes or GPUs: `torchrun --nproc_per_node N train_nlu.py ...` (data parallel, docs/scale-out.md).
 
 import argparse
 import json
