@@ -488,7 +488,7 @@ REPORT = [  # (condition, metric, claimed pairs better > worse, title[, lower is
     ("main", "accuracy", [("balora", "pissa"), ("pissa", "lora"), ("lora+reg", "lora")], "Main NLU ranking"),
     ("rare", "minority_recall", [("balora", "pissa"), ("pissa", "lora"), ("lora+reg", "lora")],
      "Table 12 here: the rare class, minority recall"),
-    ("rare", "silhouette_cosine", [("balora", "pissa")], "Table 12 here: silhouette of the final features"),
+    ("rare", "silhouette_cosine", [("balora", "pissa")], "Table 12 here: cosine silhouette of the logits by true class"),
     ("rare", "macro_f1", [("balora", "pissa"), ("pissa", "lora")], "Table 12 here: macro-F1"),
     ("rare", "mcc", [("balora", "pissa"), ("pissa", "lora")], "Table 12 here: MCC"),
     ("rare", "minority_recall", TERMS, "Table 12 here, each term alone: minority recall"),
