@@ -54,7 +54,10 @@ def cli(main, prog):
     except USER_ERRORS as e:
         if debug:
             traceback.print_exc()
-        print(f"{os.path.basename(prog)}: error: {e}", file=sys.stderr)
+        # one write of the whole line: under torchrun every rank writes to the same stderr, and print()'s two
+        # writes (text, newline) can interleave with the other rank's into one garbled line
+        sys.stderr.flush()
+        os.write(2, f"{os.path.basename(prog)}: error: {e}\n".encode("utf-8", "replace"))
         code = 1
     except SystemExit as e:  # argparse's errors and --help
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
