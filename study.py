@@ -48,13 +48,20 @@ class Condition:
     claim: str = ""
     budgets: list = field(default_factory=list)  # candidate budgets (flag lists), smallest first, for `budget`
     budget_of: str = ""          # use the budget chosen for that condition (the same task and intervention)
-    budget_rule: tuple = ("validation", "mcc", 0.2)  # PiSSA's (section, metric, threshold) a budget must reach
+    budget_rule: tuple = ("validation", "mcc", 0.2, math.inf)  # PiSSA's (section, metric, low, high) to fit in
 
 
 # The budgets below were chosen from PiSSA alone (`python study.py budget COND`, results/budget-COND.json): the
 # smallest candidate at which PiSSA's validation MCC is clearly above 0 (>= 0.2), then used for every method.
 IMBALANCE = ["--task", "three", "--imbalance", "100:1:10"]  # class order negative:neutral:positive, neutral rare
 DRIFT = ["--train-file", "runs/study/tweets.jsonl"]  # written by tweet_writing() below
+RARE = ["--dtype", "fp32"]  # fp32 on every machine, so that seeds run on different CPUs stay comparable
+TASKS = [["--imbalance", "10:1"], ["--imbalance", "20:1"], ["--imbalance", "50:1"], ["--task", "three"],
+         ["--task", "three", "--imbalance", "100:1:10"]]  # binary: positive rare; three-class: neutral rare
+TRAIN_SIZE = {"10:1": 4483, "20:1": 4279, "50:1": 4157, "three": 8485, "100:1:10": 4523}  # training sentences
+_size = lambda t: TRAIN_SIZE[t[-1]]
+RARE_CANDIDATES = ([t + ["--max-steps", "100"] for t in TASKS]  # 3 200 sentences each, then by epochs x size
+                   + [t + ["--max-steps", "0", "--epochs", str(e)] for e in (1, 3) for t in sorted(TASKS, key=_size)])
 CONDITIONS = {
     "main": Condition("nlu", [], ALL, 5, "BA-LoRA > PiSSA > LoRA (Table 2's ranking)"),
     "imbalance": Condition("nlu", IMBALANCE, ALL, 5, "minority recall BA-LoRA 61.7 >> PiSSA 26.4 >> LoRA 5.8 (Table 12, MNLI 100:10:1)",
@@ -81,11 +88,18 @@ CONDITIONS = {
                        "PiSSA 7.12 (Table 13, LLaMA-2-7B)",
                        budgets=[["--max-steps", "40"], ["--max-steps", "40", "--lr", "1e-3"],
                                 ["--max-steps", "120", "--lr", "1e-3"], ["--max-steps", "120", "--lr", "3e-3"]],
-                       budget_rule=("test", "drift_ppl_ratio", 1.05)),
+                       budget_rule=("test", "drift_ppl_ratio", 1.05, math.inf)),
     "drift-forms": Condition("nlg", DRIFT, ["balora", "balora-nlu-forms"], 3,
                              "each task's own forms are better (seed 004)", budget_of="drift"),
     "drift-lambda": Condition("nlg", DRIFT, ["pissa", "balora", "balora-l1x4", "balora-l1x10", "balora-l1x40"], 3,
                               "sensitivity to the consistency weight (Sec. 4.3.5)", budget_of="drift"),
+    # Table 12 made testable: a condition in which PiSSA (seed 0, validation) recalls some but not all of the rare
+    # class, searched over task x imbalance x budget, cheapest first (training examples seen), then every method there
+    "rare-search": Condition("nlu", RARE, ["pissa"], 1, budgets=RARE_CANDIDATES,
+                             budget_rule=("validation", "minority_recall", 0.10, 0.60)),
+    "rare": Condition("nlu", RARE, ["lora", "pissa", "balora", "lora+reg", "pissa+cr", "pissa+dr", "pissa+svd"], 5,
+                      "minority recall BA-LoRA 61.7 >> PiSSA 26.4 >> LoRA 5.8 (Table 12, MNLI 100:10:1)",
+                      budget_of="rare-search"),
     # stretch (App. D.6's noisy-pretraining argument, controlled): the same encoder with Gaussian noise in its
     # weights before fine-tuning; the trend table compares BA-LoRA's gain over PiSSA with the clean `main`
     **{f"wnoise-{s:g}": Condition("nlu", ["--model", f"runs/study/minilm-noise-{s:g}"], ["pissa", "balora"], 5,
@@ -177,10 +191,17 @@ def command(run, out, extra=()):
     return [sys.executable, str(HERE / script), *run.flags, *extra, "--threads", "1", "--out", str(out)]
 
 
+def code_version():
+    # the commit the runs come from, and whether the code differed from it (results/ and runs/ do not count)
+    git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--", ".", ":!results", ":!runs")
+    return {"commit": git("rev-parse", "HEAD") or None, "clean": not dirty}
+
+
 def compact(run, metrics, wall_s):
-    # what a run contributes to results/: flags, machine, final metrics, wall time (no adapters, no logs)
+    # what a run contributes to results/: flags, code, machine, final metrics, wall time (no adapters, no logs)
     rec = {"condition": run.condition, "method": run.method, "seed": run.seed, "script": run.script,
-           "flags": run.flags, "machine": metrics.get("machine"), "steps": metrics.get("steps"),
+           "flags": run.flags, "code": code_version(), "machine": metrics.get("machine"), "steps": metrics.get("steps"),
            "train_seconds": metrics.get("train_seconds", metrics.get("train_s")), "wall_s": round(wall_s, 1)}
     if run.script == "nlg":  # the tuned model's task, drift and diversity numbers (and the base model's)
         keep = ("val_ppl", "drift_ppl", "distinct_1", "distinct_2", "gsm8k_acc")
@@ -254,27 +275,38 @@ def reuse_identical(runs, results, dry_run=False):
     return reused
 
 
-def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=()):
-    # PiSSA alone, seed 0, candidate budgets smallest first: the first that reaches the condition's rule wins
-    # (NLU: validation MCC >= 0.2; drift: drift-perplexity ratio >= 1.05)
+def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=(), jobs=1):
+    # PiSSA alone, seed 0, candidate budgets cheapest first: the first whose value lies in the condition's range wins
+    # (NLU: validation MCC >= 0.2; drift: drift-perplexity ratio >= 1.05; rare: minority recall in [0.10, 0.60]).
+    # `jobs` candidates run side by side; they are still judged in order, so the choice does not depend on jobs.
     c, tried = CONDITIONS[cond], []
-    section, metric, threshold = c.budget_rule
-    for i, budget in enumerate(c.budgets):
-        r = Run(f"budget-{cond}", f"pissa-{i}", 0, c.script, c.flags + budget + METHODS["pissa"] + ["--seed", "0"])
-        run_grid([r], 1, results, workdir, extra)  # (skipped when its result is already there)
-        if not (Path(results) / f"{r.name}.json").exists():
-            raise SystemExit(f"study: the budget run {r.name} failed; see {Path(workdir) / r.name / 'stdout.log'}")
-        rec = json.loads((Path(results) / f"{r.name}.json").read_text())
-        value = rec[section][metric]
-        tried.append({"budget": budget, f"{section}_{metric}": value, **({"validation_minority_recall": rec[
-            "validation"].get("minority_recall")} if c.script == "nlu" else {"test": rec["test"]})})
-        print(f"study: budget {cond} {budget}: PiSSA {section} {metric} {value:.3f}", flush=True)
-        if value >= threshold:
+    section, metric, low, high = c.budget_rule
+    fits = lambda v: v is not None and low <= v <= high
+    runs = [Run(f"budget-{cond}", f"pissa-{i}", 0, c.script, c.flags + budget + METHODS["pissa"] + ["--seed", "0"])
+            for i, budget in enumerate(c.budgets)]
+    for start in range(0, len(runs), jobs):
+        run_grid(runs[start:start + jobs], jobs, results, workdir, extra)  # (skipped when their results are there)
+        for r, budget in zip(runs[start:start + jobs], c.budgets[start:start + jobs]):
+            if not (Path(results) / f"{r.name}.json").exists():
+                raise SystemExit(f"study: the budget run {r.name} failed; see {Path(workdir) / r.name / 'stdout.log'}")
+            rec = json.loads((Path(results) / f"{r.name}.json").read_text())
+            value = rec[section].get(metric)
+            tried.append({"budget": budget, f"{section}_{metric}": value, **({
+                "validation_minority_recall": rec["validation"].get("minority_recall"),
+                "validation_mcc": rec["validation"].get("mcc"), "steps": rec["steps"]} if c.script == "nlu"
+                else {"test": rec["test"]})})
+            print(f"study: budget {cond} {budget}: PiSSA {section} {metric} {fmt(value)}", flush=True)
+            if fits(value):
+                break
+        if tried and fits(tried[-1][f"{section}_{metric}"]):
             break
-    chosen = tried[-1]["budget"] if tried and tried[-1][f"{section}_{metric}"] >= threshold else None
-    out = {"condition": cond, "rule": f"smallest budget with PiSSA {section} {metric} >= {threshold} (seed 0)",
+    chosen = tried[-1]["budget"] if tried and fits(tried[-1][f"{section}_{metric}"]) else None
+    rule = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+    out = {"condition": cond, "rule": f"cheapest candidate with PiSSA {section} {metric} {rule} (seed 0)",
            "tried": tried, "chosen": chosen}
     (Path(results) / f"budget-{cond}.json").write_text(json.dumps(out, indent=1) + "\n")
+    if chosen is None:
+        print(f"study: no candidate of {cond} fits the rule ({out['rule']})", flush=True)
     return out
 
 
@@ -523,7 +555,7 @@ def main(argv=None):
     if args.action == "reproduce":
         sys.exit(0 if all([reproduce(n) for n in args.conditions]) else 1)
     if args.action == "budget":
-        return [choose_budget(c) for c in args.conditions]
+        return [choose_budget(c, jobs=args.jobs) for c in args.conditions]
     only = args.only.split(",") if args.only else None
     return run_grid(grid(only, chosen_budgets()), args.jobs, dry_run=args.dry_run, commit=args.commit)
 
