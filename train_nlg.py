@@ -35,7 +35,7 @@ LR, WARMUP = 2e-4, 0.03        # cosine to 0 after a linear warm-up over 3 % of 
 BATCH_SIZE, GRAD_ACCUM = 8, 2  # examples per optimizer step, split into micro-batches (paper: 32)
 MAX_LEN = 64                   # prompt + response tokens; longer responses are cut (and counted)
 MAX_STEPS = 40                 # optimizer steps (0: --epochs over the whole training set)
-DTYPE = "auto"                 # bf16 autocast where the device runs bf16 natively, else fp32 (model.resolve_dtype)
+DTYPE = "auto"                 # bf16 autocast where the device runs bf16 natively, else fp32 (runtime.resolve_dtype)
 TEMPLATE = "chatml"            # the default model is a ChatML instruct model; the paper's recipe uses alpaca
 # evaluation subsets (all flags): VAL_EXAMPLES validation examples balanced over the prompts (data.balanced_sample);
 # DRIFT_WINDOWS windows of DRIFT_LEN tokens of the drift text; GEN_PROMPTS held-out prompts sampled with
@@ -533,9 +533,9 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint,
 
 
 def finish(net, tok, d, args, run, base, history, train_s, tokens_done, init_s, t_start):
-    # the tuned model's evaluation (a non-finite one fails the run), adapters, merged checkpoint, metrics.json
+    # the tuned model's evaluation (a non-finite one fails the run, inside evaluate), adapters, merged checkpoint,
+    # metrics.json
     tuned = evaluate(net, tok, d, args, "tuned")
-    runtime.check_finite_metrics(tuned, "the tuned model's evaluation")
     balora.save_adapter(net, os.path.join(args.out, "adapter"))
     if args.init != "lora":  # the rank-2r LoRA that applies to the untouched base model
         balora.save_adapter(net, os.path.join(args.out, "adapter_lora"), convert_to_lora=True)

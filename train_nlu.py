@@ -37,7 +37,7 @@ EPOCHS = 1
 MAX_STEPS = 100            # budget cap (0 = none): 100 steps x 32 = 3 200 sentences, ~40 % of an epoch
 MAX_LEN = 128
 CLIP = 1.0
-DTYPE = "auto"             # bf16 autocast where the device runs bf16 natively, else fp32 (model.resolve_dtype);
+DTYPE = "auto"             # bf16 autocast where the device runs bf16 natively, else fp32 (runtime.resolve_dtype);
                            # master weights, adapters, task loss and regularisers stay float32
 SEED = 0
 SAVE_EVERY = 50            # optimizer steps between checkpoints (and at every epoch end)
@@ -213,7 +213,7 @@ def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dty
         w = len(b["labels"]) / n_step
         torch.manual_seed(runtime.step_seed(seed, step, micro0 + j))  # dropout: the same masks on any layout
         with runtime.sync_gradients(net, last=j == len(batches) - 1):
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            with runtime.autocast(device_type, dtype):
                 z = logits_of(net, b)
                 if not bool(torch.isfinite(z).all()):
                     raise NonFiniteLoss(f"step {step + 1}: the logits are non-finite")
@@ -364,7 +364,7 @@ def evaluate(net, examples, args, info):
     for i in range(0, len(order), args.eval_batch_size):
         b = to_device(data.collate_classification([examples[j] for j in order[i:i + args.eval_batch_size]],
                                                   info["pad_id"]), args.device)
-        with torch.autocast(b["input_ids"].device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+        with runtime.autocast(args.device, args.dtype):
             z = logits_of(net, b).float()
         loss += task_loss(z, b["labels"], args.regression).item() * len(z)
         zs.append(z.cpu())
