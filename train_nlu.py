@@ -8,6 +8,7 @@
 # Several processes or GPUs: `torchrun --nproc_per_node N train_nlu.py ...` (data parallel, docs/scale-out.md).
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -20,40 +21,42 @@ import torch.nn.functional as F
 import balora
 import data
 import model as modeling
-from plumbing import runtime
+from plumbing import assets, runtime
 
 # -------------------------------------------------------------------------------------------------------------
 # Defaults: the embedded job. BA-LoRA on all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters) for binary
 # sentiment of 8 073 Rotten Tomatoes sentences rated by >= 20 people each (VADER's ground truth, data.py).
-METHOD = "balora"          # lora | pissa | balora: the init and whether the regularisers are on
-TASK = "binary"            # built-in task when no --train is given: binary | three (with a ~5 % neutral class)
+# Each is a flag's default (`--help`); the λ, T and k defaults are balora.BALoRAConfig.nlu(), the paper's.
+METHOD = "balora"          # lora | pissa | balora: the init (lora / pissa), and whether the regularisers are on
+TASK = "binary"            # built-in task when no --train-file is given: binary | three (with a ~5 % neutral class)
 TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output.dense"  # every linear of a layer
-RANK = 8                   # r; alpha defaults to r (scale 1, PiSSA's convention)
-LR = 5e-4
+RANK = 8                   # r
+ALPHA = None               # None: alpha = r (scale 1, PiSSA's convention)
+LR = 5e-4                  # peak; linear warm-up, then linear decay (lr_at), as the paper's NLU runs
 WARMUP_RATIO = 0.1
 WEIGHT_DECAY = 0.01        # head matrices only; never adapters, biases
+CLIP = 1.0                 # max global gradient norm
 BATCH_SIZE = 32            # examples per optimizer step (split into --grad-accum micro-batches)
+GRAD_ACCUM = 1
 EPOCHS = 1
-MAX_STEPS = 100            # budget cap (0 = none): 100 steps x 32 = 3 200 sentences, ~40 % of an epoch
+MAX_STEPS = 100            # cap on the steps of EPOCHS: 100 steps x 32 = 3 200 sentences, ~40 % of an epoch
 MAX_LEN = 128
-CLIP = 1.0
 DTYPE = "auto"             # bf16 autocast where the device runs bf16 natively, else fp32 (runtime.resolve_dtype);
                            # master weights, adapters, task loss and regularisers stay float32
 SEED = 0
 SAVE_EVERY = 50            # optimizer steps between checkpoints (and at every epoch end)
+EVAL_BATCH_SIZE = 128
 HEAD = ("head.pooler", "head.classifier")  # trained in full; saved with the adapter (peft modules_to_save)
 # -------------------------------------------------------------------------------------------------------------
 
-METHODS = {  # method -> (init, regularisers on)
-    "lora": ("lora", False),
-    "pissa": ("pissa", False),
-    "balora": ("pissa", True),
-}
-RESUME_MAY_DIFFER = {"resume", "stop_after", "out", "threads", "device", "log_every", "save_every", "eval_batch_size", "debug",
-                     "teacher_cache", "grad_checkpoint"}
-DEFAULTS = dict(task="nlu", method=METHOD, init="lora for --method lora, else pissa", rank=RANK, targets=TARGETS,
-                lr=LR, warmup_ratio=WARMUP_RATIO, batch_size=BATCH_SIZE, grad_accum=1, max_len=MAX_LEN, epochs=EPOCHS,
-                max_steps=MAX_STEPS, save_every=SAVE_EVERY, eval_batch_size=128)
+INITS = {"lora": "lora", "pissa": "pissa", "balora": "pissa"}  # --method -> its init (--init overrides)
+# besides runtime.RESUME_MAY_CHANGE, what a --resume may change: logging, evaluation batching, the teacher cache
+# (the same features up to float rounding)
+RESUME_MAY_CHANGE = {"log_every", "eval_batch_size", "teacher_cache"}
+DEFAULTS = dict(task="nlu", method=METHOD, init="lora for --method lora, else pissa", rank=RANK, alpha=ALPHA,
+                targets=TARGETS, lr=LR, warmup_ratio=WARMUP_RATIO, clip=CLIP, batch_size=BATCH_SIZE,
+                grad_accum=GRAD_ACCUM, max_len=MAX_LEN, epochs=EPOCHS, max_steps=MAX_STEPS, seed=SEED, dtype=DTYPE,
+                save_every=SAVE_EVERY, eval_batch_size=EVAL_BATCH_SIZE)
 
 
 def parse_args(argv=None):
@@ -80,7 +83,10 @@ def parse_args(argv=None):
         p.error("--imbalance and --label-noise act on classes: they do not apply with --regression")
     if args.train_file and not args.val_file:
         p.error("--train-file needs --val-file")
-    return runtime.check_shared(p, args, "nlu")
+    args = runtime.check_shared(p, args, "nlu")
+    args.init = args.init or INITS[args.method]
+    args.alpha = float(args.rank if args.alpha is None else args.alpha)
+    return args
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -90,7 +96,7 @@ def parse_args(argv=None):
 def load_splits(args):
     # -> {"train", "validation", "test"}: data.TextData (test may be None)
     if args.train_file is None:
-        splits = data.movie_reviews(args.task)
+        splits = data.movie_reviews(assets.vader_dir(), args.task)
     else:
         fields = args.text_fields.split(",")
         train = data.read_table(args.train_file, fields, args.label_field, regression=args.regression)
@@ -115,8 +121,19 @@ def to_device(batch, device):
 # Model: adapters on the encoder, the head trained in full
 
 
-def build_model(args, num_labels, init, device):
-    path = args.model or data.minilm_dir()
+def setup(args):
+    # runtime.setup (threads, device, torchrun, dtype); the default model fetched once; a --model that names a
+    # file is one line before anything loads
+    dist = runtime.setup(args)
+    if args.model and not Path(args.model).is_dir():
+        raise runtime.InputError(f"--model {args.model}: not a model directory (config.json, model.safetensors, "
+                                 f"tokenizer.json)")
+    args.model = str(args.model or assets.minilm_dir())
+    return dist
+
+
+def build_model(args, num_labels):
+    path, init = args.model, args.init
     net = modeling.from_pretrained(path, num_labels=num_labels)  # float32 master weights; autocast does bf16
     for p in net.parameters():
         p.requires_grad_(False)
@@ -129,7 +146,7 @@ def build_model(args, num_labels, init, device):
     total = sum(p.numel() for p in net.parameters())
     print(f"model: {path}: {n} adapted linear layers (r={args.rank}, alpha={args.alpha}, init={init}); "
           f"trainable {trainable:,} of {total:,} parameters (adapters + head)")
-    return net.to(device)
+    return net.to(args.device)
 
 
 def logits_of(net, batch):
@@ -185,53 +202,50 @@ class TeacherCache:
         return self.feats[b["idx"]]
 
 
-def task_loss(z, labels, regression):
-    z = z.float()  # the loss in float32 whatever the autocast dtype
-    return F.mse_loss(z[:, 0], labels) if regression else F.cross_entropy(z, labels)
+def task_loss(z, labels):
+    # cross-entropy over the classes, or MSE for a regression head (float labels); in float32 whatever the autocast
+    z = z.float()
+    return F.mse_loss(z[:, 0], labels) if labels.is_floating_point() else F.cross_entropy(z, labels)
 
 
-class NonFiniteLoss(FloatingPointError):  # a step whose loss or gradient is NaN / inf: stop, keep the checkpoint
-    pass
+def micro_batch_loss(net, teacher, batch, cfg, step, total_steps, amp, generator=None):
+    # The method for one micro-batch, Eq. (8): L = L_task + λ1 L_cr + λ2 L_dr + λ3 L_svd on the batch's N×D logits.
+    # teacher(batch) -> Z_P (the pretrained encoder + the shared head, teacher_logits). The batch statistics
+    # (covariance, singular values) are over this micro-batch's rows. -> (task, Σ λ_i L_i, N, {term: value}), the
+    # task loss a mean over the N examples (train_nlg's is a token sum: each keeps its loss's own reduction)
+    with amp:
+        z = logits_of(net, batch)                                   # (N, D)
+        task = task_loss(z, batch["labels"])
+        l1, l2, l3 = cfg.lambdas(step, total_steps)
+        if l1 == l2 == l3 == 0:                                     # LoRA, PiSSA: the task loss alone
+            return task, 0.0, len(z), {}
+        z_teacher = teacher(batch) if l1 > 0 else None             # no teacher forward when λ1 is 0
+        reg, terms = balora.regularizers(cfg, z, z_teacher, None, step, total_steps, generator)
+    return task, reg, len(z), terms
 
 
-def accumulate(net, batches, cfg, regularise, step, total_steps, regression, dtype, cache=None, seed=0,
-               dist=runtime.Dist(), n_step=None, micro0=0):
-    # Forward + backward over the micro-batches of one optimizer step; .grad then holds the gradient of the
-    # step's loss. Each micro-batch loss is scaled by its share of the step's examples (1/grad_accum when
-    # they are equal): summing the scaled gradients gives the gradient of the mean over the whole batch, so
-    # --grad-accum changes memory, not the update. Diversity and SVD are batch statistics (the covariance and
-    # the singular values of the batch's logits): with accumulation they are computed per micro-batch, over
-    # its rows only. (The consistency KL is a per-example mean and accumulates exactly.)
-    # Under torchrun, `batches` are this rank's share of the step (n_step examples in all, micro0 the index of
-    # its first micro-batch): DDP averages the ranks' gradients, so each share is also scaled by the world size;
-    # the batch statistics stay per micro-batch, exactly as in one process with the same micro-batches.
-    n_step = n_step or sum(len(b["labels"]) for b in batches)
-    raw = getattr(net, "module", net)  # the teacher runs on the unwrapped model: no gradient, no DDP
-    device_type = batches[0]["input_ids"].device.type
-    log, lambdas = {}, {}
-    for j, b in enumerate(batches):
-        w = len(b["labels"]) / n_step
+def accumulate(net, teacher, micro_batches, cfg, step, total_steps, amp, seed=0, dist=runtime.Dist(), micro0=0):
+    # Forward + backward of one optimizer step (the harness around micro_batch_loss); .grad then holds the
+    # gradient of the step's loss. Each micro-batch's loss is weighted by its share of the step's examples, so the
+    # summed gradients are those of the mean over the whole batch: --grad-accum changes memory, not the update
+    # (the batch statistics, covariance and σ, are per micro-batch). Under torchrun `micro_batches` are this
+    # rank's share (micro0: the index of its first in the step); DDP averages the ranks' gradients, so each loss
+    # is also scaled by the world size. Returns the step's means {task, term: value} over all ranks' examples.
+    n_total = int(runtime.all_sum({"n": sum(len(b["labels"]) for b in micro_batches)}, dist)["n"])
+    sums = {}
+    for j, batch in enumerate(micro_batches):
         torch.manual_seed(runtime.step_seed(seed, step, micro0 + j))  # dropout: the same masks on any layout
-        with runtime.sync_gradients(net, last=j == len(batches) - 1):
-            with runtime.autocast(device_type, dtype):
-                z = logits_of(net, b)
-                if not bool(torch.isfinite(z).all()):
-                    raise NonFiniteLoss(f"step {step + 1}: the logits are non-finite")
-                terms = {"task": task_loss(z, b["labels"], regression)}
-                reg = 0.0
-                if regularise:
-                    l1, _, _ = cfg.lambdas(step, total_steps)
-                    zt = teacher_logits(raw, b, cache) if l1 > 0 else None
-                    reg, reg_log = balora.regularizers(cfg, z, zt, None, step, total_steps)
-                    terms.update({k: v for k, v in reg_log.items() if not k.startswith("lambda")})
-                    lambdas.update({k: v for k, v in reg_log.items() if k.startswith("lambda")})
-            for name, value in terms.items():
-                value = value.item() if torch.is_tensor(value) else float(value)
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(f"step {step + 1}: the {name} term is non-finite ({value})")
-                log[name] = log.get(name, 0.0) + w * value
-            ((terms["task"] + reg) * (w * dist.world)).backward()
-    return {**runtime.all_sum(log, dist), **lambdas}  # the step's means over all ranks' examples
+        with runtime.sync_gradients(net, last=j == len(micro_batches) - 1):
+            task, reg, n, terms = micro_batch_loss(net, teacher, batch, cfg, step, total_steps, amp)
+            w = n / n_total
+            values = {"task": task.item(), **{k: v.item() for k, v in terms.items()}}
+            bad = [f"{k} {v}" for k, v in values.items() if not math.isfinite(v)]
+            if bad:
+                raise runtime.NonFiniteLoss(f"step {step + 1}: non-finite {', '.join(bad)} (micro-batch {j})")
+            ((task + reg) * (w * dist.world)).backward()
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + w * v
+    return runtime.all_sum(sums, dist)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -366,7 +380,7 @@ def evaluate(net, examples, args, info):
                                                   info["pad_id"]), args.device)
         with runtime.autocast(args.device, args.dtype):
             z = logits_of(net, b).float()
-        loss += task_loss(z, b["labels"], args.regression).item() * len(z)
+        loss += task_loss(z, b["labels"]).item() * len(z)
         zs.append(z.cpu())
     net.train(was_training)
     z = torch.cat(zs)[torch.argsort(torch.tensor(order))].numpy()      # back to the data order
@@ -391,7 +405,7 @@ def summary(m):
 def prepare_data(args):
     # -> (tokenised splits, label info, training class counts); every data error before the model is loaded
     splits = load_splits(args)
-    model_dir = args.model or data.minilm_dir()
+    model_dir = args.model
     arch, mcfg = modeling.read_config(model_dir)
     if arch == "llama":
         raise runtime.InputError(f"{model_dir}: a {arch} decoder; train_nlu.py fine-tunes BERT / DeBERTa encoders "
@@ -412,9 +426,14 @@ def prepare_data(args):
     return encoded, info
 
 
-def reg_config(args, num_labels, regularise):
-    # the paper's NLU defaults (Sec. 4.1), λ 0 unless the method regularises; explicit flags always apply
-    cfg = runtime.reg_config(args, balora.BALoRAConfig.nlu(consistency="mse" if args.regression else "kl"), regularise)
+def reg_config(args, num_labels):
+    # the regularisers: the paper's NLU setting (Sec. 4.1) for balora, every λ 0 for lora and pissa; a flag given
+    # on the command line always applies (`--method pissa --lambda1 0.1`)
+    cfg = balora.BALoRAConfig.nlu(consistency="mse" if args.regression else "kl")
+    if args.method != "balora":
+        cfg = dataclasses.replace(cfg, lambda1=0.0, lambda2=0.0, lambda3=0.0)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg) if getattr(args, f.name) is not None}
+    cfg = dataclasses.replace(cfg, **given)
     if args.svd_k is None and num_labels - 1 < cfg.svd_k:
         # k = 5 of D <= 5 logit columns keeps every singular value: Eq. 7 would be the constant -1
         if cfg.lambda3 > 0:
@@ -424,16 +443,16 @@ def reg_config(args, num_labels, regularise):
     return cfg
 
 
-def resume_state(args, out, net, opt, config, cache):
-    # the state to continue from; the saved settings must equal this run's but for RESUME_MAY_DIFFER
-    state = runtime.checkpoint_state(out, config, RESUME_MAY_DIFFER)
+def resume_state(args, out, net, opt, cache):
+    # the state to continue from; every setting must equal the checkpoint's but those a resume may change
+    state = runtime.checkpoint_state(out, "train_nlu.py", args, RESUME_MAY_CHANGE)
     for key in ("epoch", "batch", "validation", "train_seconds", "examples"):
         if key not in state:
             raise runtime.InputError(f"{out / runtime.CHECKPOINT}: not a train_nlu.py checkpoint (no {key!r})")
-    extra = runtime.load_checkpoint(out, net, opt)
+    extra = runtime.load_checkpoint(out, net, opt, state["step"])
     if cache is not None:
         cache.load(extra, args.device, out / runtime.CHECKPOINT)
-    state["args"] = config
+    state["args"] = dict(vars(args))
     print(f"resume: {out / runtime.CHECKPOINT} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
     return state
 
@@ -443,7 +462,8 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log, cache, 
     # evaluates and writes under torchrun). Returns the training seconds, or None when --stop-after stopped it.
     out, train_set = Path(args.out), encoded["train"]
     student = runtime.data_parallel(net, dist)  # the training forward; `net` itself for the rest
-    regularise = any(x > 0 for x in (cfg.lambda1, cfg.lambda2, cfg.lambda3))
+    teacher = lambda batch: teacher_logits(net, batch, cache)  # the unwrapped model: no gradient, no DDP
+    amp = runtime.autocast(args.device, args.dtype)
     collate = lambda e: to_device({**data.collate_classification(e, info["pad_id"]),
                                    "idx": torch.tensor([x["idx"] for x in e])}, args.device)
     net.train()
@@ -468,36 +488,36 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log, cache, 
             if step >= total:
                 break
             t0 = time.time()
-            bs = data.micro_batches(data.shard(examples, dist.rank, dist.world), args.grad_accum, collate)
+            micro = data.micro_batches(data.shard(examples, dist.rank, dist.world), args.grad_accum, collate)
             lr = lr_at(step, total, warmup, args.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             try:
-                terms = accumulate(student, bs, cfg, regularise, step, total, args.regression, args.dtype, cache,
-                                   args.seed, dist, len(examples), dist.rank * args.grad_accum)
+                terms = accumulate(student, teacher, micro, cfg, step, total, amp, args.seed, dist,
+                                   dist.rank * args.grad_accum)
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for g in opt.param_groups for p in g["params"]], args.clip if args.clip > 0 else math.inf)
                 if not torch.isfinite(norm):
-                    raise NonFiniteLoss(f"step {step + 1}: the gradient norm is non-finite ({norm.item()})")
-            except FloatingPointError as e:
+                    raise runtime.NonFiniteLoss(f"step {step + 1}: the gradient norm is non-finite ({norm.item()})")
+            except runtime.NonFiniteLoss as e:
                 kept = f"the last checkpoint (step {last_saved})" if last_saved >= 0 else "no checkpoint yet"
                 msg = f"{e}; stopping without applying it. Kept: {out / 'log.jsonl'} and {kept} in {out}"
                 log({"event": "non-finite", "step": step + 1, "message": msg})
-                raise NonFiniteLoss(msg) from None
+                raise runtime.NonFiniteLoss(msg) from None
             opt.step()
+            lambdas = cfg.lambdas(step, total)
             step += 1
             state["examples"] += len(examples)
+            tokens = int(runtime.all_sum({"n": sum(int(b["attention_mask"].sum()) for b in micro)}, dist)["n"])
             dt, elapsed = time.time() - t0, time.time() - t_start
             eta = elapsed / (step - step_at_start) * (total - step)
             log({"step": step, "epoch": epoch, "lr": lr, "grad_norm": norm.item(), **terms,
-                 "examples_per_s": len(examples) / dt, "elapsed_s": seconds_before + elapsed, "eta_s": eta})
+                 **{f"lambda{i + 1}": x for i, x in enumerate(lambdas)}, "examples_per_s": len(examples) / dt,
+                 "tokens_per_s": tokens / dt, "elapsed_s": seconds_before + elapsed, "eta_s": eta})
             if step % args.log_every == 0 or step == total:
-                regs = " ".join(f"{k} {terms[k]:+.4g}" for k in ("consistency", "diversity", "svd") if k in terms)
-                lams = "/".join(f"{terms.get(f'lambda{j}', 0.0):.3g}" for j in (1, 2, 3))
-                print(f"step {step}/{total} | task {terms['task']:.4f} | {regs or 'no regularisers'} | λ {lams} | "
-                      f"lr {lr:.2e} | |g| {norm.item():.3f} | {len(examples) / dt:.1f} ex/s | "
-                      f"{runtime.fmt_time(seconds_before + elapsed)} elapsed, ETA {runtime.fmt_time(eta)}", flush=True)
+                print(runtime.step_line(step, total, terms, lambdas, lr, norm.item(), len(examples), tokens, dt,
+                                        seconds_before + elapsed, eta), flush=True)
             if args.stop_after and step == args.stop_after and step < total:
                 checkpoint(epoch, i + 1)
                 print(f"stop: --stop-after {args.stop_after} reached; continue with --resume --out {out}")
@@ -526,47 +546,47 @@ def finish(net, encoded, info, args, run, state, train_seconds, log):
     else:  # GLUE-style: no labelled test set, the last validation (at the final weights) is the result
         test = None
         print("test: no --test-file; the final metrics are the last validation's")
-    balora.save_adapter(net, out / "adapter", modules_to_save=HEAD)
+    form = balora.save_adapter(net, out / "adapter", modules_to_save=HEAD)  # see balora.save_adapter for the form
     counts = info["counts"]
     metrics = {**run, "steps": state["step"], "examples_seen": state["examples"], "train_seconds": train_seconds,
                "examples_per_s": state["examples"] / max(train_seconds, 1e-9),
                "train_class_counts": None if counts is None else dict(zip(info["label_names"], counts)),
                "validation": state["validation"], "test": test, "args": state["args"]}
     runtime.write_json(out / "metrics.json", metrics)
-    print(f"done: {state['step']} steps, {runtime.fmt_time(train_seconds)} training; adapter + head in "
-          f"{out / 'adapter'}, metrics in {out / 'metrics.json'}")
+    print(f"done: {state['step']} steps, {runtime.fmt_time(train_seconds)} training; adapter ({form} form) + head in "
+          f"{out / 'adapter'} (PeftModel.from_pretrained(base, {str(out / 'adapter')!r})), metrics in "
+          f"{out / 'metrics.json'}")
     return metrics
 
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = runtime.setup(args)
-    init, regularise = METHODS[args.method]
-    init = args.init or init
+    dist = setup(args)
     out = runtime.run_dir(args, dist)
     encoded, info = prepare_data(args)
-    cfg = reg_config(args, info["num_labels"], regularise)
+    cfg = reg_config(args, info["num_labels"])
     torch.manual_seed(args.seed)  # head init and LoRA init; a resumed run rebuilds the same, then loads
-    net = build_model(args, info["num_labels"], init, args.device)
+    net = build_model(args, info["num_labels"])
     opt = make_optimizer(net, args)
     steps_per_epoch = math.ceil(len(encoded["train"]) / args.batch_size)
     total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     warmup = max(1, round(args.warmup_ratio * total))
     runtime.check_world(len(encoded["train"]), args.batch_size, args.grad_accum, dist.world, total)
     config = dict(vars(args))
-    run = {"method": args.method, "init": init, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+    run = {"method": args.method, "init": args.init, "config": dataclasses.asdict(cfg),
            "total_steps": total, "machine": runtime.machine(args.device, args.dtype)}
     cache = TeacherCache(len(encoded["train"])) if cfg.lambda1 > 0 and args.teacher_cache else None
-    state = {"step": 0, "epoch": 0, "batch": 0, "validation": [], "args": config, "train_seconds": 0.0, "examples": 0}
+    state = {"script": "train_nlu.py", "step": 0, "epoch": 0, "batch": 0, "validation": [], "args": config,
+             "train_seconds": 0.0, "examples": 0}
     if args.resume:
-        state = resume_state(args, out, net, opt, config, cache)
+        state = resume_state(args, out, net, opt, cache)
     log_file = runtime.open_log(out, state["step"], args.resume, dist.main)
     try:
         def log(record):  # rank 0's log.jsonl
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-        desc = (f"{args.method} (init {init}; λ1/λ2/λ3 {cfg.lambda1}/{cfg.lambda2}/{cfg.lambda3}, k={cfg.svd_k}, "
+        desc = (f"{args.method} (init {args.init}; λ1/λ2/λ3 {cfg.lambda1}/{cfg.lambda2}/{cfg.lambda3}, k={cfg.svd_k}, "
                 f"T={cfg.temperature}, {cfg.consistency}/{cfg.diversity}/{cfg.svd})")
         print(f"train: {desc}; {len(encoded['train'])} examples, {total} steps of {args.batch_size} "
               f"({args.grad_accum} micro-batches{f' in each of {dist.world} processes' if dist.world > 1 else ''}), "

@@ -24,7 +24,7 @@ import balora
 import data
 import model as modellib
 import train_nlg
-from plumbing import runtime
+from plumbing import assets, runtime
 
 BATCH, SEQ, RANK, THREADS, REPEATS, WARMUP = 4, 256, 64, 2, 5, 1
 GRAD_CHECKPOINT = False  # --grad-checkpoint (with --seq 1024: the peak memory activation checkpointing saves)
@@ -43,7 +43,7 @@ def fixed_batch(model_dir):
         ids = torch.randint(3, 32000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     else:
         tok = modellib.load_tokenizer(model_dir)
-        ids = data.text_windows(tok, "\n".join(data.nyt_sentences()), SEQ)[:BATCH]
+        ids = data.text_windows(tok, "\n".join(data.nyt_sentences(assets.vader_dir())), SEQ)[:BATCH]
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 

@@ -115,11 +115,11 @@ def noisy_encoder(sigma, out=None, src=None):
     # original's. (torch here only: the report needs numpy alone.)
     import torch
     from safetensors.torch import load_file, save_file
-    import data
+    from plumbing import assets
     out = out or ROOT / "runs" / "study" / f"minilm-noise-{sigma:g}"
     if (out / "model.safetensors").exists():
         return out
-    src = Path(src or data.minilm_dir())
+    src = Path(src or assets.minilm_dir())
     tensors, gen = load_file(str(src / "model.safetensors")), torch.Generator().manual_seed(0)
     for name in sorted(tensors):
         w = tensors[name]
@@ -137,9 +137,10 @@ def tweet_writing(path=ROOT / "runs" / "study" / "tweets.jsonl"):
     # The drift condition's training file: VADER's 4 200 human-rated tweets as sentiment-conditioned writing
     # ("Write a positive tweet." -> the tweet), |rating| >= 0.5 as in the movie-review task; written once.
     import data
+    from plumbing import assets
     if path.exists():
         return path
-    rows = data.read_ground_truth(data.vader_dir() / "tweets_GroundTruth.txt")
+    rows = data.read_ground_truth(assets.vader_dir() / "tweets_GroundTruth.txt")
     recs = [{"instruction": f"Write a {'positive' if score > 0 else 'negative'} tweet.", "output": text}
             for _, score, text in rows if abs(score) >= data.NEUTRAL_BAND]
     path.parent.mkdir(parents=True, exist_ok=True)

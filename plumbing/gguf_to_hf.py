@@ -17,7 +17,7 @@ try:  # only this conversion needs it (requirements.txt says so)
 except ImportError:
     gguf = None
 
-from plumbing.runtime import InputError
+from model import ModelError
 
 
 def _meta(reader, path, key, default=KeyError):
@@ -26,7 +26,7 @@ def _meta(reader, path, key, default=KeyError):
     field = reader.fields.get(key)
     if field is None:
         if default is KeyError:
-            raise InputError(f"{path}: GGUF metadata key {key!r} is missing")
+            raise ModelError(f"{path}: GGUF metadata key {key!r} is missing")
         return default
     kind = field.types[0]
     if kind == gguf.GGUFValueType.ARRAY:
@@ -76,11 +76,11 @@ def build_tokenizer(tokens, token_types, merges, where="tokenizer"):
     # space (llama.cpp's "smollm" pre-type), ByteLevel decoder, no BOS added. Control tokens (type 3)
     # become special added tokens so "<|im_start|>" in text is one id and never merged into words.
     if len(tokens) != len(token_types):
-        raise InputError(f"{where}: {len(tokens)} tokens but {len(token_types)} token types")
+        raise ModelError(f"{where}: {len(tokens)} tokens but {len(token_types)} token types")
     vocab = {}
     for i, t in enumerate(tokens):
         if t in vocab:
-            raise InputError(f"{where}: token {t!r} appears twice (ids {vocab[t]} and {i})")
+            raise ModelError(f"{where}: token {t!r} appears twice (ids {vocab[t]} and {i})")
         vocab[t] = i
     # A byte-level vocabulary holds single-byte tokens. SmolLM2's lacks 21 of the 256 (0xC0, 0xC1,
     # 0xF5-0xFF never occur in UTF-8; 0xF1, 0xF2 start only unassigned planes; and six rare ASCII
@@ -90,12 +90,12 @@ def build_tokenizer(tokens, token_types, merges, where="tokenizer"):
     needed = [b2u[b] for b in [0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0xC0), *range(0xC2, 0xF1)]]
     missing = [c for c in needed if c not in vocab]
     if missing:
-        raise InputError(f"{where}: not a byte-level BPE vocabulary: lacks {len(missing)} byte tokens, e.g. {missing[:5]}")
+        raise ModelError(f"{where}: not a byte-level BPE vocabulary: lacks {len(missing)} byte tokens, e.g. {missing[:5]}")
     pairs = []
     for n, m in enumerate(merges):
         parts = m.split(" ")  # byte-level tokens never contain a literal space (it is written 'Ġ')
         if len(parts) != 2 or parts[0] + parts[1] not in vocab:
-            raise InputError(f"{where}: merge {n} {m!r} is not 'a b' with 'ab' in the vocabulary")
+            raise ModelError(f"{where}: merge {n} {m!r} is not 'a b' with 'ab' in the vocabulary")
         pairs.append((parts[0], parts[1]))
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -112,7 +112,7 @@ def build_tokenizer(tokens, token_types, merges, where="tokenizer"):
         elif kind == _USER_DEFINED:
             added.append(AddedToken(t, special=False, normalized=False))
         elif kind != _NORMAL:
-            raise InputError(f"{where}: token {i} {t!r} has type {kind}, not normal/control/user-defined")
+            raise ModelError(f"{where}: token {i} {t!r} has type {kind}, not normal/control/user-defined")
     tok.add_special_tokens(special)
     tok.add_tokens(added)
     for a in special + added:  # already in the vocab, so they must keep their ids
@@ -139,26 +139,26 @@ def _hf_name(name, path):
     parts = name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES and parts[3] == "weight":
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.weight"
-    raise InputError(f"{path}: unexpected GGUF tensor {name!r} (not a plain LLaMA tensor; rope_freqs etc. unsupported)")
+    raise ModelError(f"{path}: unexpected GGUF tensor {name!r} (not a plain LLaMA tensor; rope_freqs etc. unsupported)")
 
 
 def _read_config(reader, path):
     arch = _meta(reader, path, "general.architecture")
     if arch != "llama":
-        raise InputError(f"{path}: general.architecture is {arch!r}, only 'llama' is supported")
+        raise ModelError(f"{path}: general.architecture is {arch!r}, only 'llama' is supported")
     m = lambda key, default=KeyError: _meta(reader, path, f"llama.{key}", default)  # noqa: E731
     hidden, n_head = m("embedding_length"), m("attention.head_count")
     n_kv = m("attention.head_count_kv", n_head)  # llama.cpp omits it for plain multi-head attention
     head_dim = hidden // n_head
     if hidden % n_head or n_head % n_kv:
-        raise InputError(f"{path}: hidden {hidden}, {n_head} heads, {n_kv} kv heads do not divide")
+        raise ModelError(f"{path}: hidden {hidden}, {n_head} heads, {n_kv} kv heads do not divide")
     rope_dim = m("rope.dimension_count", head_dim)
     if rope_dim != head_dim:  # partial rotary would make the q/k un-permute wrong
-        raise InputError(f"{path}: llama.rope.dimension_count {rope_dim} != head dim {head_dim}")
+        raise ModelError(f"{path}: llama.rope.dimension_count {rope_dim} != head dim {head_dim}")
     tokens = _meta(reader, path, "tokenizer.ggml.tokens")
     vocab = m("vocab_size", len(tokens))  # older llama.cpp files omit vocab_size; the token list is authoritative
     if vocab != len(tokens):
-        raise InputError(f"{path}: llama.vocab_size {vocab} != {len(tokens)} tokens")
+        raise ModelError(f"{path}: llama.vocab_size {vocab} != {len(tokens)} tokens")
     tok = lambda key: _meta(reader, path, f"tokenizer.ggml.{key}")  # noqa: E731
     cfg = {
         "architectures": ["LlamaForCausalLM"],
@@ -186,7 +186,7 @@ def _read_config(reader, path):
         "torch_dtype": "float32",
     }
     if any(k.startswith("llama.rope.scaling") for k in reader.fields):
-        raise InputError(f"{path}: RoPE scaling metadata present; this converter writes plain RoPE only")
+        raise ModelError(f"{path}: RoPE scaling metadata present; this converter writes plain RoPE only")
     return cfg
 
 
@@ -195,9 +195,9 @@ def _read_tokenizer_files(reader, path, cfg):
     pre = _meta(reader, path, "tokenizer.ggml.pre", None)
     if model != "gpt2" or pre != "smollm":
         # the pre-tokenizer below is SmolLM's; another pre-type (llama3, qwen2, ...) needs another regex
-        raise InputError(f"{path}: tokenizer.ggml.model/pre = {model!r}/{pre!r}; only 'gpt2'/'smollm' is supported")
+        raise ModelError(f"{path}: tokenizer.ggml.model/pre = {model!r}/{pre!r}; only 'gpt2'/'smollm' is supported")
     if _meta(reader, path, "tokenizer.ggml.add_bos_token", False):
-        raise InputError(f"{path}: tokenizer.ggml.add_bos_token is true; SmolLM2 adds no BOS and neither does this tokenizer")
+        raise ModelError(f"{path}: tokenizer.ggml.add_bos_token is true; SmolLM2 adds no BOS and neither does this tokenizer")
     tokens = _meta(reader, path, "tokenizer.ggml.tokens")
     tok = build_tokenizer(tokens, _meta(reader, path, "tokenizer.ggml.token_type"),
                           _meta(reader, path, "tokenizer.ggml.merges"), where=path)
@@ -234,7 +234,7 @@ def _read_weights(reader, path, cfg):
         try:
             w = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type))
         except NotImplementedError as e:
-            raise InputError(f"{path}: tensor {t.name!r}: {e}") from None
+            raise ModelError(f"{path}: tensor {t.name!r}: {e}") from None
         w = np.asarray(w, dtype=np.float32).reshape(shape)
         if name.endswith("q_proj.weight"):
             w = unpermute_qk(w, n_head)
@@ -258,13 +258,13 @@ def _read_weights(reader, path, cfg):
                      p + "mlp.gate_proj.weight": (F, C), p + "mlp.up_proj.weight": (F, C),
                      p + "mlp.down_proj.weight": (C, F)})
     if set(out) != set(want):
-        raise InputError(f"{path}: tensors missing {sorted(set(want) - set(out))[:5]}, "
+        raise ModelError(f"{path}: tensors missing {sorted(set(want) - set(out))[:5]}, "
                          f"unexpected {sorted(set(out) - set(want))[:5]}")
     for k, s in want.items():
         if out[k].shape != s:
-            raise InputError(f"{path}: tensor {k} has shape {out[k].shape}, config implies {s}")
+            raise ModelError(f"{path}: tensor {k} has shape {out[k].shape}, config implies {s}")
         if not np.isfinite(out[k]).all():
-            raise InputError(f"{path}: tensor {k} has non-finite values after dequantization")
+            raise ModelError(f"{path}: tensor {k} has non-finite values after dequantization")
     return out
 
 

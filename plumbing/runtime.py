@@ -1,7 +1,8 @@
-# plumbing/runtime.py: what both training scripts need that is not the method, the models or the data.
-# Errors as one line (cli), the flags both scripts share, device and dtype choice and the machine record, several
-# processes under torchrun, atomic files and the one checkpoint format. A learner can skip this file: nothing
-# here changes a number. Imports flow one way: the scripts, model.py and data.py import this; it imports balora.py.
+# plumbing/runtime.py: what both training scripts need besides the method, the models and the data: errors as one
+# line (cli), the flags both scripts share (their defaults come from each script's defaults block), the one step
+# line, device and dtype choice and the machine record, several processes under torchrun (and the per-micro-batch
+# seed that makes them equal one process), atomic files, the run directory and the one checkpoint format with its
+# resume rule. The scripts import it; it imports balora.py, model.py and data.py for their error classes only.
 
 import argparse
 import datetime
@@ -22,7 +23,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import balora
+import data
+import model
 from balora import atomic_write  # the one atomic writer (balora.py stays standalone, so it lives there)
+from data import decode_utf8
+from plumbing.assets import AssetError
 
 # ---- errors --------------------------------------------------------------------------------------------------
 
@@ -33,15 +38,15 @@ class InputError(ValueError):
     pass
 
 
-class AssetError(RuntimeError):
-    # the pinned asset cache (data.py) could not fetch or verify a file
+class NonFiniteLoss(FloatingPointError):
+    # a step whose loss or gradient is NaN / inf: the run stops without applying it and keeps its last checkpoint
     pass
 
 
 # A user error or a non-finite stop is one line on stderr, `train_nlu.py: error: <file>:<line>: <what>`, exit
 # status 1, no traceback (`--debug` or BALORA_DEBUG=1 shows it). Anything else is a bug and shows its traceback.
-USER_ERRORS = (InputError, AssetError, balora.AdapterError, FloatingPointError, FileNotFoundError, FileExistsError,
-               IsADirectoryError, NotADirectoryError, PermissionError)
+USER_ERRORS = (InputError, AssetError, data.DataError, model.ModelError, balora.AdapterError, FloatingPointError,
+               FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def cli(main, prog):
@@ -98,14 +103,10 @@ def arg_range(kind, low, high=math.inf, low_open=False, high_open=False):
 
 # ---- the flags both scripts share: one name, one meaning -------------------------------------------------------
 
-REG_KEYS = ["lambda1", "lambda2", "lambda3", "temperature", "svd_k", "top_k", "consistency", "diversity", "svd",
-            "lambda1_schedule", "focus_schedule"]
-
-
 def shared_args(p, d):
-    # d: the script's defaults (method, init, rank, targets, lr, warmup_ratio, batch_size, grad_accum, max_len,
-    # epochs, max_steps, save_every, eval_batch_size, task: "nlu" | "nlg"). Returns the argument groups, so that
-    # each script adds its own flags beside the shared ones.
+    # d: the script's defaults block (method, init, rank, alpha, targets, lr, warmup_ratio, clip, batch_size,
+    # grad_accum, max_len, epochs, max_steps, seed, dtype, save_every, eval_batch_size, task: "nlu" | "nlg").
+    # Returns the argument groups, so that each script adds its own flags beside the shared ones.
     R = arg_range
     m = p.add_argument_group("method")
     m.add_argument("--method", choices=("balora", "lora", "pissa"), default=d["method"],
@@ -118,13 +119,14 @@ def shared_args(p, d):
     m.add_argument("--temperature", type=R(float, 0, low_open=True), default=None, help="T of Eqs. 4 / 9")
     m.add_argument("--svd-k", type=R(int, 1), default=None, help="k of Eqs. 7 / 12")
     m.add_argument("--top-k", type=R(int, 1), default=None, help="K of the top-K-entropy diversity (Eq. 10)")
-    m.add_argument("--consistency", choices=balora.CONSISTENCY, default=None)
+    m.add_argument("--consistency", choices=balora.CONSISTENCY, default=None)  # the forms: each NLU / NLG term
     m.add_argument("--diversity", choices=balora.DIVERSITY, default=None)
     m.add_argument("--svd", choices=balora.SVD, default=None)
     m.add_argument("--lambda1-schedule", choices=("constant", "cosine"), default=None)
     m.add_argument("--focus-schedule", choices=("constant", "two_phase"), default=None)
     m.add_argument("--rank", type=R(int, 1), default=d["rank"])
-    m.add_argument("--alpha", type=R(float, 0, low_open=True), default=None, help="scale = alpha / rank (default: rank)")
+    m.add_argument("--alpha", type=R(float, 0, low_open=True), default=d["alpha"],
+                   help="scale = alpha / rank (default: rank, scale 1)")
     m.add_argument("--targets", default=d["targets"], help="comma-separated suffixes of nn.Linear names")
     g = p.add_argument_group("data")
     g.add_argument("--model", default=None, help="HF model directory (default: the task's model, fetched once)")
@@ -135,15 +137,16 @@ def shared_args(p, d):
     o.add_argument("--lr", type=R(float, 0, low_open=True), default=d["lr"])
     o.add_argument("--warmup-ratio", type=R(float, 0, 1, high_open=True), default=d["warmup_ratio"],
                    help="fraction of the steps with a linear warm-up")
-    o.add_argument("--clip", type=R(float, 0), default=1.0, help="max global gradient norm (0: no clipping)")
+    o.add_argument("--clip", type=R(float, 0), default=d["clip"], help="max global gradient norm (0: no clipping)")
     o.add_argument("--batch-size", type=R(int, 1), default=d["batch_size"], help="examples per optimizer step")
     o.add_argument("--grad-accum", type=R(int, 1), default=d["grad_accum"],
                    help="micro-batches per optimizer step (must divide --batch-size)")
-    o.add_argument("--epochs", type=R(int, 1), default=d["epochs"])
-    o.add_argument("--max-steps", type=R(int, 0), default=d["max_steps"], help="cap on optimizer steps (0: epochs only)")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--epochs", type=R(int, 1), default=d["epochs"], help="passes over the training set")
+    o.add_argument("--max-steps", type=R(int, 0), default=d["max_steps"],
+                   help="cap on the optimizer steps of --epochs (0: no cap)")
+    o.add_argument("--seed", type=int, default=d["seed"])
     r = p.add_argument_group("run")
-    r.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+    r.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d["dtype"],
                    help="autocast dtype; auto: bf16 where the device runs it natively, else fp32")
     r.add_argument("--device", default=None, help="cpu | cuda[:N] | mps (default: cuda when available, else cpu)")
     r.add_argument("--threads", type=R(int, 0), default=0, help="torch CPU threads (0: torch's default)")
@@ -167,17 +170,18 @@ def check_shared(p, args, task):
         p.error(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size} (examples per step)")
     if args.resume and not args.out:
         p.error("--resume needs the --out of the run to continue")
-    args.alpha = float(args.rank if args.alpha is None else args.alpha)
     args.out = str(Path(args.out)) if args.out else f"runs/{task}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     return args
 
 
-def reg_config(args, base, regularise):
-    # the BA-LoRA config: the task's paper defaults (base: BALoRAConfig.nlu() or .nlg()), all λ 0 when the
-    # method does not regularise; an explicit flag always applies (`--method pissa --lambda1 0.1`)
-    off = {} if regularise else dict(lambda1=0.0, lambda2=0.0, lambda3=0.0)
-    given = {k: getattr(args, k) for k in REG_KEYS if getattr(args, k) is not None}
-    return type(base)(**{**{k: getattr(base, k) for k in base.__dataclass_fields__}, **off, **given})
+def step_line(step, total, terms, lambdas, lr, grad_norm, examples, tokens, seconds, elapsed, eta):
+    # the one line per optimizer step, the same in both scripts: task loss, each regulariser, λ, lr, gradient
+    # norm, throughput, time
+    regs = " ".join(f"{k} {terms[k]:+.4f}" for k in ("consistency", "diversity", "svd") if k in terms)
+    return (f"step {step}/{total} | task {terms['task']:.4f} | {regs or 'no regularisers'} | "
+            f"λ {'/'.join(f'{x:.3g}' for x in lambdas)} | lr {lr:.2e} | |g| {grad_norm:.3f} | "
+            f"{examples / seconds:.1f} ex/s, {tokens / seconds:.0f} tok/s | {fmt_time(elapsed)} elapsed, "
+            f"ETA {fmt_time(eta)}")
 
 
 def fmt_time(s):
@@ -392,24 +396,33 @@ def check_world(n: int, batch_size: int, grad_accum: int, world: int, steps: int
 # ---- files: JSON, tensors, the run directory, the one checkpoint format ----------------------------------------
 
 
-def decode_utf8(raw: bytes, path) -> str:
+def _unique_keys(pairs):
+    # object_pairs_hook: a key written twice is an error (json.loads would keep the last one silently)
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise InputError(f"the key {dup!r} appears twice")
+    return dict(pairs)
+
+
+def loads_strict(text, path, what="JSON"):
+    # JSON text -> object; invalid JSON or a duplicate key is one line naming the file
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid {what} (truncated or edited? {e})") from None
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
 
 
 def read_json(path, what="JSON") -> dict:
     path = Path(path)
     try:
-        obj = json.loads(decode_utf8(path.read_bytes(), path))
+        obj = loads_strict(decode_utf8(path.read_bytes(), path), path, what)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found") from None
     except IsADirectoryError:
         raise InputError(f"{path}: a directory, not a {what} file") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid {what} (truncated or edited? {e})") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
     return obj
@@ -501,31 +514,39 @@ def save_checkpoint(out, net, opt, state, extra=None):
     atomic_write(Path(out) / CHECKPOINT, lambda p: save_file(tensors, p, metadata={"train_state": json.dumps(state)}))
 
 
-def checkpoint_state(out, settings, may_differ=()):
-    # the JSON state of OUT's checkpoint, its settings checked against this run's before anything is loaded
+# What may change between a run and its --resume: where and how fast it runs, and when it saves. Every other
+# setting (each script adds the few of its own that cannot change a number) is refused by name.
+RESUME_MAY_CHANGE = {"resume", "stop_after", "out", "threads", "device", "save_every", "debug", "grad_checkpoint"}
+
+
+def checkpoint_state(out, script, args, may_change=()):
+    # the JSON state of OUT's checkpoint, written by `script`, its settings checked against this run's before
+    # anything is loaded: every flag must be equal but those in RESUME_MAY_CHANGE and may_change
     path = Path(out) / CHECKPOINT
     with open_safetensors(path) as f:
         meta = f.metadata() or {}
-    try:
-        state = json.loads(meta["train_state"])
-        saved = state["args"]
-        step = state["step"]
-    except (KeyError, json.JSONDecodeError, TypeError):
-        raise InputError(f"{path}: not a checkpoint of these scripts (no readable 'train_state' metadata with "
-                         f"'step' and 'args')") from None
-    if not isinstance(step, int) or not isinstance(saved, dict) or step < 0:
+    if "train_state" not in meta:
+        raise InputError(f"{path}: not a checkpoint of these scripts (no 'train_state' metadata)")
+    state = loads_strict(meta["train_state"], f"{path} (train_state)")
+    step, saved = state.get("step"), state.get("args")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(saved, dict):
         raise InputError(f"{path}: 'step' = {step!r} should be an integer >= 0 and 'args' an object")
-    differ = [k for k in settings if k not in may_differ and saved.get(k) != settings[k]]
+    if state.get("script", script) != script:
+        raise InputError(f"{path}: a {state['script']} checkpoint; resume it with {state['script']}, not {script}")
+    allowed, now, missing = RESUME_MAY_CHANGE | set(may_change), vars(args), object()
+    differ = sorted(k for k in set(saved) | set(now) if k not in allowed and saved.get(k, missing) != now.get(k, missing))
     if differ:
         k = differ[0]
-        raise InputError(f"{path}: was written with --{k.replace('_', '-')} {saved.get(k)!r}, this run has "
-                         f"{settings[k]!r}; resume with the same settings" + (f" ({len(differ)} differ)"
-                                                                               if len(differ) > 1 else ""))
+        was = repr(saved[k]) if k in saved else "no such setting"
+        raise InputError(f"{path}: was written with --{k.replace('_', '-')} {was}, this run has "
+                         f"{now.get(k, 'no such setting')!r}; resume with the same settings"
+                         + (f" ({len(differ)} differ: {', '.join(differ)})" if len(differ) > 1 else ""))
     return state
 
 
-def load_checkpoint(out, net, opt):
-    # the trained tensors, AdamW's state and the RNG back in place; returns the extra tensors
+def load_checkpoint(out, net, opt, step):
+    # the trained tensors, AdamW's state (complete, and at the run's `step`) and the RNG back in place; returns the
+    # extra tensors
     path = Path(out) / CHECKPOINT
     tensors = load_tensors(path)
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
@@ -542,7 +563,7 @@ def load_checkpoint(out, net, opt):
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
-    opt.load_state_dict(optimizer_state(opt, tensors, "opt.", path))
+    opt.load_state_dict(optimizer_state(opt, tensors, "opt.", path, step))
     if "rng.cpu" not in tensors or tensors["rng.cpu"].dtype != torch.uint8:
         raise InputError(f"{path}: no rng.cpu tensor of bytes")
     torch.set_rng_state(tensors["rng.cpu"])
@@ -552,9 +573,10 @@ def load_checkpoint(out, net, opt):
     return {k[len("extra."):]: t for k, t in tensors.items() if k.startswith("extra.")}
 
 
-def optimizer_state(opt, tensors: dict, prefix: str, path) -> dict:
-    # {f"{prefix}{i}.{name}": tensor} -> a state_dict for opt, every tensor checked against its parameter:
-    # torch's load_state_dict does not compare shapes, and a wrong one would only fail inside opt.step()
+def optimizer_state(opt, tensors: dict, prefix: str, path, step) -> dict:
+    # {f"{prefix}{i}.{name}": tensor} -> a state_dict for opt, every tensor checked against its parameter (torch's
+    # load_state_dict does not compare shapes; a wrong one would only fail inside opt.step()), and complete: every
+    # parameter has its exp_avg, exp_avg_sq and a step equal to the run's (a fresh AdamW would resume silently)
     sd = opt.state_dict()
     params = [p for g in opt.param_groups for p in g["params"]]
     state = {}
@@ -568,6 +590,13 @@ def optimizer_state(opt, tensors: dict, prefix: str, path) -> dict:
         if name in ("exp_avg", "exp_avg_sq") and t.shape != p.shape:
             raise InputError(f"{path}: {key} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
         state.setdefault(int(idx), {})[name] = t.to(p.device) if name != "step" else t
+    want = {"step", "exp_avg", "exp_avg_sq"}
+    for i in range(len(params) if step > 0 else 0):
+        if set(state.get(i, {})) != want:
+            raise InputError(f"{path}: the optimizer state of parameter {i} has {sorted(state.get(i, {}))}, it needs "
+                             f"{sorted(want)}")
+        if state[i]["step"].numel() != 1 or float(state[i]["step"]) != step:
+            raise InputError(f"{path}: {prefix}{i}.step is {state[i]['step'].tolist()}, the run is at step {step}")
     return {**sd, "state": state}
 
 

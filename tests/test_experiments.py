@@ -1,0 +1,197 @@
+# tests/test_experiments.py: experiments/: the evidence study (runner, resume, report, statistics), the bench,
+# the log plot.
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model as M
+import train_nlu
+
+torch.set_num_threads(2)
+from helpers import *  # noqa: F401,F403  the shared tiny models, files and runners
+
+
+@slow
+def test_bench_times_every_method_and_the_balora_parts(tiny_llama, tmp_path):
+    from experiments import bench
+    res = bench.main(["--model", str(tiny_llama / "model"), "--rank", "4", "--repeats", "1", "--warmup", "0",
+                      "--dtypes", "fp32", "--no-peer", "--no-init", "--no-mem", "--out", str(tmp_path / "b.json")])
+    assert set(res["steps_s"]["fp32"]) == {"lora", "pissa", "balora", "teacher_forward", "regularisers"}
+    assert all(v > 0 for v in res["steps_s"]["fp32"].values())
+    assert json.loads((tmp_path / "b.json").read_text())["steps_s"] == res["steps_s"]
+
+
+@slow
+def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path, monkeypatch):
+    from experiments import study
+    code = {"commit": "a" * 40, "clean": True}
+    monkeypatch.setattr(study, "code_version", lambda: code)  # the runs below come from one (clean) commit
+    extra = ["--model", str(encoders["plain"]), "--train-file", str(files["train"]), "--val-file", str(files["validation"]),
+             "--test-file", str(files["test"]), "--max-steps", "1", "--batch-size", "8", "--rank", "2", "--targets",
+             NLU_TARGETS, "--dtype", "fp32", "--save-every", "0"]
+    runs = [study.Run("tiny", m, 0, "nlu", study.METHODS[m] + ["--seed", "0"]) for m in ("pissa", "balora")]
+    res, work = tmp_path / "results", tmp_path / "runs"
+    done = study.run_grid(runs, jobs=2, results=res, workdir=work, extra=extra)
+    assert sorted(r["method"] for r in done) == ["balora", "pissa"]
+    rec = json.loads((res / "tiny__balora__0.json").read_text())
+    assert rec["flags"][:2] == ["--method", "balora"] and rec["machine"]["threads"] == 1 and 0 <= rec["test"]["accuracy"] <= 1
+    assert rec["code"] == code  # every result names the code it came from
+    # the stored flags reproduce the run: same metrics on the same machine; a changed metric is caught
+    assert study.reproduce("tiny__balora__0", res, tmp_path / "again", extra)
+    (res / "tiny__balora__0.json").write_text(json.dumps({**rec, "test": {**rec["test"], "mcc": 2.0}}))
+    assert not study.reproduce("tiny__balora__0", res, tmp_path / "again", extra)
+    (res / "tiny__balora__0.json").write_text(json.dumps(rec))
+    # resume: finished runs are skipped; an interrupted one (no result) restarts
+    (res / "tiny__pissa__0.json").unlink()
+    (work / "tiny__pissa__0" / "metrics.json").unlink()
+    done = study.run_grid(runs, jobs=1, results=res, workdir=work, extra=extra)
+    assert [r["method"] for r in done] == ["pissa"]
+    assert study.run_grid(runs, jobs=1, results=res, workdir=work, extra=extra) == []
+    # a run of another condition with the same flags is not run again: its result is copied and names its source
+    twin = study.Run("tiny2", "pissa", 0, "nlu", runs[0].flags)
+    assert study.run_grid([twin], jobs=1, results=res, workdir=work, extra=extra) == []
+    rec = json.loads((res / "tiny2__pissa__0.json").read_text())
+    assert rec["same_as"] == "tiny__pissa__0" and rec["condition"] == "tiny2" and not (work / "tiny2__pissa__0").exists()
+    assert rec["test"] == json.loads((res / "tiny__pissa__0.json").read_text())["test"]
+    # ... but only from the same code: after a commit the twin runs again
+    code = {"commit": "b" * 40, "clean": True}
+    twin3 = study.Run("tiny3", "pissa", 0, "nlu", runs[0].flags)
+    assert [r["condition"] for r in study.run_grid([twin3], jobs=1, results=res, workdir=work, extra=extra)] == ["tiny3"]
+    # a failed run makes `run` fail (exit status not 0), naming it
+    bad = study.Run("tiny4", "pissa", 0, "nlu", runs[0].flags + ["--lr", "-1"])
+    with pytest.raises(SystemExit, match="1 run\\(s\\) failed: tiny4__pissa__0"):
+        study.run_grid([bad], jobs=1, results=res, workdir=work, extra=extra)
+
+
+def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
+    from experiments import study
+    for cond in ("main", "noise-0.2", "noise-0.4"):
+        monkeypatch.setattr(study.CONDITIONS[cond], "seeds", 3)  # the fixtures below have 3 seeds
+    machine = {"cpu": "Some CPU", "cpu_capability": "AVX2", "dtype": "fp32"}
+
+    def put(cond, m, seed, test, **more):
+        (tmp_path / f"{cond}__{m}__{seed}.json").write_text(json.dumps(
+            {"condition": cond, "method": m, "seed": seed, "test": test, "machine": machine, "wall_s": 100.0, **more}))
+    acc = {"lora": [0.70, 0.72, 0.71], "pissa": [0.75, 0.76, 0.74], "balora": [0.76, 0.75, 0.745],
+           "lora+reg": [0.71, 0.73, 0.71]}
+    for m, vals in acc.items():
+        for seed, a in enumerate(vals):
+            put("main", m, seed, {"accuracy": a})
+    put("terms", "pissa", 0, {"accuracy": acc["pissa"][0]}, same_as="main__pissa__0")  # a copy costs nothing
+    text = study.report(tmp_path)
+    assert text.startswith("**Compute:** 12 runs made (1 more copied from a run with the same flags), 0.3 h of "
+                           "one-thread wall time in all, on Some CPU (AVX2, fp32).")
+    d = np.array(acc["pissa"]) - np.array(acc["lora"])
+    half = 4.303 * d.std(ddof=1) / math.sqrt(3)
+    row = f"| pissa > lora | {d.mean():.4f} ({d.mean() - half:.4f}, {d.mean() + half:.4f}) | 3 | "
+    assert row in text and "| **holds** |" in text.split(row)[1].splitlines()[0]
+    assert "| balora > pissa |" in text and "**inconclusive** |" in text.split("| balora > pissa |")[1].splitlines()[0]
+    assert "| pissa | 0.750 ± 0.010 | 3 |" in text
+    assert study.verdict(-0.3, -0.1) == "contradicted" and study.verdict(-0.1, 0.2) == "inconclusive"
+    assert study.report(tmp_path) == text  # deterministic: the README tables regenerate byte for byte
+    monkeypatch.setattr(study.CONDITIONS["main"], "seeds", 4)  # a grid of 4 seeds: 3 pairs are not a verdict yet
+    assert "| pending (3 of 4 seeds) |" in study.report(tmp_path).split("| pissa > lora |")[1].splitlines()[0]
+    monkeypatch.setattr(study.CONDITIONS["main"], "seeds", 3)
+    # a lower-is-better claim (drift): BA-LoRA's ratio below PiSSA's on every seed holds, not "contradicted"
+    for m, vals in {"pissa": [1.20, 1.25, 1.22], "balora": [1.10, 1.12, 1.13]}.items():
+        for seed, r in enumerate(vals):
+            put("drift", m, seed, {"drift_ppl_ratio": r, "val_ppl": 9.0})
+    line = study.report(tmp_path).split("| balora < pissa | -0.1067")[1].splitlines()[0]
+    assert "| 3 |" in line and "| **holds** |" in line, line
+    # the noise trend: BA-LoRA's gain over PiSSA, 0.005 / 0.015 / 0.03 at noise 0 / 0.2 / 0.4 (+- 0.005 by seed)
+    for cond, gain in (("noise-0.2", 0.015), ("noise-0.4", 0.03)):
+        for seed, jitter in enumerate((0.0, 0.005, -0.005)):
+            for m, a in (("pissa", 0.70), ("balora", 0.70 + gain + jitter)):
+                put(cond, m, seed, {"accuracy": a})
+    text = study.report(tmp_path)
+    base = np.array(acc["balora"]) - np.array(acc["pissa"])  # the main condition's gains: 0.01, -0.01, 0.005
+    d = 0.03 + np.array([0.0, 0.005, -0.005]) - base
+    half = 4.303 * d.std(ddof=1) / math.sqrt(3)
+    assert "| noise-0.4 | 0.700 ± 0.000 | 0.730 ± 0.005 | 0.0300 (" in text  # each method's accuracy beside the gain
+    assert f"| gain at noise-0.4 > gain at main | {d.mean():.4f} ({d.mean() - half:.4f}, {d.mean() + half:.4f}) | 3 |" in text
+
+
+def test_study_p_values_holm_and_claims_on_the_same_data():
+    from experiments import study
+    # df = 2 has a closed form: p = 1 - t / sqrt(2 + t^2); d = 1, 2, 3 gives t = 2 / (1 / sqrt 3)
+    t = 2 * math.sqrt(3)
+    assert study.t_pvalue([1.0, 2.0, 3.0]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-6)
+    assert study.t_pvalue([0.5, 0.5]) == 0.0 and study.t_pvalue([0.0, 0.0]) == 1.0
+    mk = lambda p, mean=1.0: {"status": "holds" if mean > 0 else "contradicted", "p": p, "mean": mean, "direction": 1}
+    cs = [mk(0.01), mk(0.02), mk(0.04, -1.0)]
+    assert study.holm(cs) == 3 and [c["holm"] for c in cs] == ["holds", "holds", "contradicted"]
+    cs = [mk(0.01), mk(0.04), mk(0.03), {"status": "untestable (every run recalls 0 of the rare class)", "p": 1.0}]
+    assert study.holm(cs) == 3 and [c.get("holm") for c in cs] == ["holds", "inconclusive", "inconclusive", None]
+
+
+def test_study_report_says_same_as_untestable_and_how_many_claims(tmp_path):
+    from experiments import study
+    def put(cond, m, seed, test):
+        (tmp_path / f"{cond}__{m}__{seed}.json").write_text(json.dumps({"condition": cond, "method": m, "seed": seed,
+            "test": test, "machine": {"cpu": "c", "cpu_capability": "x", "dtype": "fp32"}, "wall_s": 1.0}))
+    for seed in range(5):
+        for m, f1 in (("pissa", 0.5 + seed / 100), ("balora", 0.4 + seed / 90), ("lora", 0.3), ("lora+reg", 0.3)):
+            put("imbalance", m, seed, {"minority_recall": 0.0, "macro_f1": f1})
+        put("lambda", "balora-x0", seed, {"minority_recall": 0.0, "macro_f1": 0.5 + seed / 100})  # = imbalance pissa
+        put("lambda", "balora", seed, {"minority_recall": 0.0, "macro_f1": 0.4 + seed / 90})      # = imbalance balora
+    text = study.report(tmp_path)
+    line = lambda title, claim: text.split(title)[1].split(f"| {claim} |")[1].splitlines()[0]
+    assert "untestable (every run recalls 0" in line("Imbalance 100:1:10, minority (neutral) recall", "balora > pissa")
+    assert "same as balora > pissa" in line("on the imbalance condition: macro-F1", "balora > balora-x0")
+    assert "**contradicted**" in line("Imbalance 100:1:10, macro-F1", "balora > pissa")
+    n = int(text.split("**")[3].split()[0])  # "**N claims tested**"
+    assert n == 2  # imbalance macro-F1 balora > pissa and pissa > lora; the rest untestable, the same data or n/a
+
+
+def test_study_noisy_encoder_adds_noise_to_the_layer_matrices_only(encoders, tmp_path):
+    from experiments import study
+    out = study.noisy_encoder(0.5, tmp_path / "noisy", encoders["plain"])
+    a, b = load_file(str(encoders["plain"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert changed and all(k.startswith("encoder.layer.") and a[k].ndim == 2 for k in changed)
+    assert all(not (k.startswith("encoder.layer.") and k.endswith(".weight") and a[k].ndim == 2) for k in a if k not in changed)
+    k = changed[0]
+    assert abs(float((b[k] - a[k]).std() / a[k].std()) - 0.5) < 0.1  # noise std = sigma x the matrix's std
+    M.from_pretrained(out, num_labels=2)  # still a loadable model directory (config, tokenizer copied)
+    assert study.noisy_encoder(0.5, tmp_path / "noisy", encoders["plain"]) == out  # written once
+
+
+def test_study_figures_are_written_when_matplotlib_is_installed(tmp_path, monkeypatch):
+    from experiments import study
+    recs = {"imbalance": {"minority_recall": 0.1, "macro_f1": 0.5}, "drift": {"val_ppl": 70.0, "drift_ppl_ratio": 1.1}}
+    for cond, test in recs.items():
+        for m in ("pissa", "balora"):
+            (tmp_path / f"{cond}__{m}__0.json").write_text(json.dumps(
+                {"condition": cond, "method": m, "seed": 0, "test": test}))
+    table = study.load_results(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: no figure, no error
+    assert study.figures(table, tmp_path) == []
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    written = study.figures(table, tmp_path)
+    assert [f.name for f in written] == ["imbalance.png", "drift.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in written)
+
+
+def test_evidence_tables_are_the_report_of_the_committed_results():
+    from experiments import study
+    doc = study.EVIDENCE.read_text(encoding="utf-8")
+    tables = doc.split(study.REPORT_BEGIN + "\n")[1].split(study.REPORT_END)[0]
+    assert tables == study.report(), "docs/evidence.md out of date: run `python experiments/study.py report`"
+
+
+def test_plot_log_draws_every_term_of_a_run(encoders, files, tmp_path):
+    pytest.importorskip("matplotlib")
+    from experiments import plot_log
+    train_nlu.main(argv(encoders["plain"], files, tmp_path / "r", "--max-steps", "3", "--method", "balora"))
+    rows = plot_log.read_steps(tmp_path / "r" / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and {"task", "consistency", "diversity", "svd"} <= set(rows[0])
+    out = plot_log.plot(tmp_path / "r")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

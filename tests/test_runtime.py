@@ -1,0 +1,367 @@
+# tests/test_runtime.py: plumbing/runtime.py through both scripts: dtype and device choice, errors as one line,
+# the run directory, checkpoints and resume, torchrun equal to one process, non-finite stops.
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers  # the reference the hand-written models are checked against; test-only
+from safetensors.torch import load_file, save_file
+
+import data
+import model as M
+import train_nlg
+import train_nlu
+from plumbing import runtime
+
+torch.set_num_threads(2)
+from helpers import *  # noqa: F401,F403  the shared tiny models, files and runners
+from helpers import _copy_dir
+
+
+def test_dtype_auto_is_fp32_on_an_avx2_cpu_and_bf16_where_native():
+    # torch under the AVX2 emulation has no fast bf16 matmul: auto must pick fp32 there
+    assert resolved_dtype_in_subprocess(EMULATE_AVX2) == "fp32"
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if not ({"amx_bf16", "avx512_bf16"} & set(flags)):
+        pytest.skip("this CPU has no native bf16 (no amx_bf16 / avx512_bf16 flag): only the fp32 half applies")
+    assert resolved_dtype_in_subprocess({}) == "bf16"
+
+
+def test_dtype_resolution_says_why_and_warns_when_forcing_bf16(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: (False, "no native bf16 (AVX2)"))
+    assert runtime.resolve_dtype("auto", "cpu") == ("fp32", "dtype auto -> fp32: no native bf16 (AVX2); --dtype bf16 forces it")
+    dtype, why = runtime.resolve_dtype("bf16", "cpu")
+    assert dtype == "bf16" and why.startswith("warning:") and "slower" in why
+    assert runtime.resolve_dtype("fp32", "cpu")[0] == "fp32"
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: (True, "AMX"))
+    assert runtime.resolve_dtype("auto", "cpu")[0] == "bf16"
+
+
+def test_both_scripts_record_the_machine_and_leave_threads_to_torch(encoders, files, tiny_llama, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a user's torch default would be; no --threads: the scripts must keep it
+    try:
+        m_nlu = train_nlu.main(drop_flag(argv(encoders["plain"], files, tmp_path / "nlu", "--max-steps", "1"), "--threads"))
+        assert torch.get_num_threads() == 1
+        m_nlg = train_nlg.main(cli(tiny_llama, tmp_path / "nlg", "--max-steps", "1", "--dtype", "auto"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    for m, out in ((m_nlu, tmp_path / "nlu"), (m_nlg, tmp_path / "nlg")):
+        rec = m["machine"]
+        assert rec["threads"] == 1 and rec["cpu"] and rec["torch"] == torch.__version__ and rec["device"] == "cpu"
+        assert rec["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert rec["cpu_bf16_native"] == runtime.cpu_bf16_native()[0]
+        first = json.loads(open(out / "log.jsonl").readline())
+        assert first["machine"] == rec
+    assert m_nlg["machine"]["dtype"] == runtime.resolve_dtype("auto", "cpu")[0]
+
+
+def test_empty_training_set_is_a_clear_error_not_a_hang(tiny_llama, tmp_path):
+    # every prompt longer than --max-len: nothing to train on. The old loop waited forever for a batch.
+    code = ("import sys, train_nlg\n"
+            "try:\n    train_nlg.main(sys.argv[1:])\nexcept ValueError as e:\n    print('ERR', e)\n")
+    args = drop_flag(cli(tiny_llama, tmp_path / "o", "--max-len", "4", "--val-examples", "0"), "--val-file")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert "ERR" in proc.stdout, proc.stdout + proc.stderr
+    msg = proc.stdout.split("ERR", 1)[1]
+    assert "train.jsonl" in msg and "no training examples" in msg and "24 records" in msg and "24 dropped" in msg
+    assert not (tmp_path / "o" / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("nlg", "--max-steps", "-1"), ("nlg", "--batch-size", "0"), ("nlg", "--grad-accum", "0"), ("nlg", "--rank", "0"),
+    ("nlg", "--lr", "0"), ("nlg", "--lr", "inf"), ("nlu", "--max-steps", "-1"), ("nlu", "--batch-size", "-8"),
+    ("nlu", "--rank", "0"), ("nlu", "--lr", "-1e-3"), ("nlu", "--max-len", "0"), ("nlg", "--batch-size", "5")])
+def test_out_of_range_flags_are_argparse_errors(script, flag, value, capsys):
+    module = train_nlg if script == "nlg" else train_nlu
+    with pytest.raises(SystemExit) as e:
+        module.parse_args([flag, value] + (["--grad-accum", "2"] if flag == "--batch-size" and script == "nlg" else []))
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_batch_size_means_examples_per_step_in_both_scripts_and_accumulation_does_not_change_it(
+        encoders, files, tiny_llama, tmp_path):
+    # 40 NLU / 24 NLG training examples, --batch-size 8, one epoch: 5 / 3 optimizer steps in both scripts,
+    # and --grad-accum 1 vs 2 (same examples per step, split in two) gives the same adapters
+    adapters = {}
+    for script, n in (("nlu", 40), ("nlg", 24)):
+        for accum in ("1", "2"):
+            out = tmp_path / f"{script}{accum}"
+            if script == "nlu":
+                m = train_nlu.main(argv(encoders["plain"], files, out, "--batch-size", "8", "--grad-accum", accum,
+                                        "--method", "pissa", "--epochs", "1"))
+            else:
+                m = train_nlg.main(cli(tiny_llama, out, "--batch-size", "8", "--grad-accum", accum, "--method",
+                                       "pissa", "--max-steps", "0", "--epochs", "1", "--lr", "1e-3"))
+            assert m["steps"] == math.ceil(n / 8)
+            adapters[script, accum] = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        a, b = adapters[script, "1"], adapters[script, "2"]
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{script}: {k}")
+
+
+@pytest.mark.parametrize("script", ["nlu", "nlg"])
+@slow
+def test_two_processes_under_torchrun_equal_one_process_with_two_micro_batches(encoders, files, tiny_llama, tmp_path,
+                                                                                script):
+    # 2 ranks x (batch 8, grad-accum 1) against 1 process x (batch 8, grad-accum 2): the same global batches,
+    # the same micro-batches (rank r's share = micro-batch r), the same dropout masks and range-finder draws,
+    # so the same adapters after 3 BA-LoRA steps and the same logged losses. The NLU encoder has dropout 0.1.
+    common = ["--method", "balora", "--batch-size", "8", "--max-steps", "3", "--threads", "1"]
+    if script == "nlu":
+        make = lambda out, accum: argv(encoders["dropout"], files, out, *common, "--grad-accum", accum)
+        single = train_nlu.main(make(tmp_path / "one", "2"))
+    else:
+        make = lambda out, accum: cli(tiny_llama, out, *common, "--grad-accum", accum, "--lr", "1e-3")
+        single = train_nlg.main(make(tmp_path / "one", "2"))
+    r = torchrun(f"train_{script}.py", make(tmp_path / "two", "1"))
+    assert r.stdout.count("step 3/3") == 1  # one console: rank 1 prints nothing
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    one, two = step_records(tmp_path / "one"), step_records(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    terms = {"task", "consistency", "diversity", "svd", "loss", "lambda1", "lambda2", "lambda3", "grad_norm"}
+    assert {"task", "consistency", "svd", "grad_norm"} <= set(one[-1])
+    for r1, r2 in zip(one, two):
+        assert terms & set(r1) == terms & set(r2)
+        for t in terms & set(r1):
+            assert r2[t] == pytest.approx(r1[t], rel=1e-5, abs=1e-6), (r1["step"], t)
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["machine"]["world_size"] == 2
+    # every rank resumes from rank 0's checkpoint: stopped after step 2 and resumed = uninterrupted
+    stop, resume = (["--stop-after", "2"], ["--resume"]) if script == "nlu" else \
+        (["--stop-after", "2"], ["--resume"])
+    torchrun(f"train_{script}.py", make(tmp_path / "three", "1") + stop)
+    torchrun(f"train_{script}.py", make(tmp_path / "three", "1") + resume)
+    c = load_file(str(tmp_path / "three" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(c[k], b[k]) for k in b)
+    if script == "nlu":
+        assert m2["test"]["accuracy"] == single["test"]["accuracy"]
+        assert m2["test"]["loss"] == pytest.approx(single["test"]["loss"], rel=1e-5)
+    else:
+        assert m2["tuned"]["val_ppl"] == pytest.approx(single["tuned"]["val_ppl"], rel=1e-5)
+
+
+def test_torchrun_refuses_a_batch_it_cannot_share_evenly(encoders, files, tmp_path):
+    with pytest.raises(ValueError, match="not divisible by 2 processes"):
+        runtime.check_world(40, 6, 2, 2, 10)
+    with pytest.raises(ValueError, match="last step has 1 of the 41"):
+        runtime.check_world(41, 8, 1, 2, 10)
+    runtime.check_world(41, 8, 1, 2, 5)  # --max-steps ends before the short step: fine
+    runtime.check_world(41, 8, 1, 1, 10)  # one process: anything goes
+    assert data.shard(list(range(8)), 1, 2) == [4, 5, 6, 7] and data.shard([1, 2], 0, 1) == [1, 2]
+
+
+def test_cli_user_error_is_one_line_without_traceback_and_debug_shows_it(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"sentence": "fine", "label": "a"}\n{"sentence": "caf\xe9", "label": "b"}\n')
+    for script, args in (("train_nlu.py", ["--train-file", bad, "--val-file", bad, "--out", tmp_path / "u"]),
+                         ("train_nlg.py", ["--train-file", tmp_path / "missing.jsonl", "--model", tmp_path,
+                                           "--out", tmp_path / "g"])):
+        proc = run_script(script, *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), proc.stderr
+        debug = run_script(script, *args, "--debug")
+        assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert "bad.jsonl:2: not UTF-8" in run_script("train_nlu.py", "--train-file", bad, "--val-file", bad,
+                                                   "--out", tmp_path / "u2").stderr
+
+
+def test_scripts_refuse_the_wrong_architecture_and_a_tokenizer_larger_than_the_model(
+        encoders, files, tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="train_nlu.py takes encoders"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "g", "--model", str(encoders["plain"])))
+    with pytest.raises(ValueError, match="train_nlg.py takes decoders"):
+        train_nlu.main(argv(tiny_llama / "model", files, tmp_path / "u"))
+    small = _copy_dir(encoders["plain"], tmp_path / "small", vocab_size=8)
+    with pytest.raises(ValueError, match=r"tokenizer\.json has \d+ tokens, the model's embedding table 8"):
+        train_nlu.main(argv(small, files, tmp_path / "u2"))
+
+
+def test_checkpoint_files_are_checked_before_anything_is_trained(encoders, files, tmp_path):
+    common = ("--epochs", "2", "--save-every", "2", "--method", "pissa")
+    out = tmp_path / "r"
+    assert train_nlu.main(argv(encoders["plain"], files, out, *common, "--stop-after", "3")) is None
+    ck = out / runtime.CHECKPOINT
+    raw = ck.read_bytes()
+    t = load_file(str(ck))
+    from safetensors import safe_open
+    with safe_open(str(ck), "pt") as f:
+        meta = f.metadata()
+    key = next(k for k in t if k.endswith("exp_avg"))
+    save_file({**t, key: torch.zeros(3, 3)}, str(ck), metadata=meta)
+    with pytest.raises(ValueError, match=rf"{re.escape(key)} has shape \(3, 3\)"):
+        train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+    state = json.loads(meta["train_state"])
+    state.pop("step")
+    save_file(t, str(ck), metadata={"train_state": json.dumps(state)})
+    with pytest.raises(ValueError, match="'step'"):
+        train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+    ck.write_bytes(raw[:100])
+    with pytest.raises(ValueError, match="checkpoint.safetensors: not a readable safetensors"):
+        train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+
+
+def test_resume_after_a_crash_cleans_leftovers_and_the_log_equals_an_uninterrupted_one(
+        encoders, files, tiny_llama, tmp_path):
+    # NLU: a run killed after step 5 with its last checkpoint at step 4 (and a half-written save beside it)
+    common = ("--epochs", "2", "--save-every", "2", "--method", "balora")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_nlu.main(argv(encoders["plain"], files, a, *common))
+    train_nlu.main(argv(encoders["plain"], files, b, *common, "--stop-after", "4"))
+    with open(b / "log.jsonl", "a") as f:  # the step the crash lost after the checkpoint
+        f.write(json.dumps({"step": 5, "task": 0.1}) + "\n")
+    (b / ".tmp-checkpoint-xyz").write_bytes(b"half")
+    (b / ".tmp-abc").write_text("half")
+    train_nlu.main(argv(encoders["plain"], files, b, *common, "--resume"))
+    la, lb = ([UNTIMED(json.loads(l)) for l in open(d / "log.jsonl")] for d in (a, b))
+    la[0].pop("args"), lb[0].pop("args")  # --stop-after differs
+    assert la == lb
+    assert not list(b.glob(".tmp-*"))
+    # NLG: the same with --save-every
+    a, b = tmp_path / "ga", tmp_path / "gb"
+    train_nlg.main(cli(tiny_llama, a, "--save-every", "2"))
+    train_nlg.main(cli(tiny_llama, b, "--save-every", "2", "--stop-after", "2"))
+    with open(b / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    (b / ".tmp-checkpoint-zzz").write_bytes(b"half")
+    train_nlg.main(cli(tiny_llama, b, "--save-every", "2", "--resume"))
+    la, lb = ([UNTIMED(json.loads(l)) for l in open(d / "log.jsonl")] for d in (a, b))
+    for log in (la, lb):
+        log[0]["args"].pop("stop_after"), log[0]["args"].pop("out"), log[0]["args"].pop("resume")
+    assert la == lb and not list(b.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("name, capability, want", [("Tesla T4", (7, 5), "fp32"), ("Tesla V100", (7, 0), "fp32"),
+                                                    ("NVIDIA A100", (8, 0), "bf16"), ("NVIDIA H100", (9, 0), "bf16")])
+def test_auto_dtype_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch, name, capability, want):
+    monkeypatch.setattr(torch, "cuda", FakeCuda(name, capability))
+    dtype, why = runtime.resolve_dtype("auto", "cuda")
+    assert dtype == want and name in why and f"{capability[0]}.{capability[1]}" in why
+    assert runtime.pick_device("cuda") == "cuda" and runtime.pick_device(None) == "cuda"
+
+
+def test_mps_and_unavailable_devices_are_one_line_before_anything_loads(monkeypatch, tmp_path):
+    dtype, why = runtime.resolve_dtype("auto", "mps")
+    assert dtype == "fp32" and why.startswith("dtype auto -> fp32: MPS")
+    with pytest.raises(runtime.InputError, match="--device cuda: this torch is built without CUDA|no CUDA GPU"):
+        runtime.pick_device("cuda")
+    with pytest.raises(runtime.InputError, match="--device tpu"):
+        runtime.pick_device("tpu")
+    if not torch.cuda.is_available():
+        r = run_script("train_nlu.py", "--device", "cuda", "--out", tmp_path / "x")
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("train_nlu.py: error: --device cuda:")
+        assert not (tmp_path / "x").exists()  # nothing loaded, nothing written
+
+
+def test_private_cpu_probes_are_guarded(monkeypatch):
+    def boom():
+        raise RuntimeError("no such probe on this build")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", boom)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    native, why = runtime.cpu_bf16_native()
+    assert native is False and "no AVX512-BF16 or AMX" in why
+
+
+def test_grad_accum_must_divide_batch_size_in_both_scripts(encoders, files, tiny_llama, tmp_path):
+    for parse, args in ((train_nlu.parse_args, argv(encoders["plain"], files, tmp_path / "a", "--batch-size", "4",
+                                                      "--grad-accum", "8")),
+                        (train_nlg.parse_args, cli(tiny_llama, tmp_path / "b", "--batch-size", "4", "--grad-accum", "3"))):
+        with pytest.raises(SystemExit):
+            parse(args)
+
+
+def test_a_non_finite_evaluation_fails_the_run_and_writes_no_final_adapter(encoders, files, tiny_llama, tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train_nlu.main(argv(encoders["plain"], files, tmp_path / "u", "--lr", "1e30", "--max-steps", "1"))
+    assert not (tmp_path / "u" / "adapter").exists() and not (tmp_path / "u" / "metrics.json").exists()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "g", "--lr", "1e30", "--max-steps", "1"))
+    assert not (tmp_path / "g" / "adapter").exists() and not (tmp_path / "g" / "metrics.json").exists()
+
+
+def test_bad_inputs_are_one_line_naming_what_and_where(encoders, files, tiny_llama, tmp_path):
+    # an integer weight names the file and the tensor; a huge finite one is a warning naming it
+    src = encoders["plain"]
+    for kind, value in (("int", None), ("huge", 3.5e36)):
+        d = tmp_path / kind
+        shutil.copytree(src, d)
+        t = load_file(str(d / "model.safetensors"))
+        key = next(k for k in t if k.endswith("query.weight"))
+        if value is None:
+            t[key] = t[key].long()
+        else:
+            t[key] = t[key].clone()
+            t[key][0, 0] = value
+        save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"int/model.safetensors: tensor '.*query.weight' is int64"):
+        M.from_pretrained(tmp_path / "int", num_labels=2)
+    with pytest.warns(UserWarning, match=r"huge/model.safetensors: tensor '.*query.weight' holds a value of magnitude 3.5e\+36"):
+        M.from_pretrained(tmp_path / "huge", num_labels=2)
+    # --out naming a file, or a directory that cannot be written
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="a file, not a directory"):
+        train_nlu.main(argv(src, files, tmp_path / "afile"))
+    # an empty --eval-text, a GSM8K reference without '#### n', --model naming a file
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"empty.txt: 0 tokens, fewer than one window"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "e", "--eval-text", str(tmp_path / "empty.txt")))
+    (tmp_path / "g.jsonl").write_text('{"question": "q", "answer": "#### 3"}\n{"question": "q", "answer": "none"}\n')
+    with pytest.raises(ValueError, match=r"g.jsonl:2: GSM8K reference has no"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "f", "--eval-gsm8k", str(tmp_path / "g.jsonl")))
+    with pytest.raises(ValueError, match="not a model directory"):
+        train_nlg.main(cli(tiny_llama, tmp_path / "h", "--model", str(tiny_llama / "model" / "config.json")))
+    # a resume with a trailing slash on --out works like without it
+    out = tmp_path / "r"
+    train_nlg.main(cli(tiny_llama, out, "--stop-after", "2"))
+    assert train_nlg.main(cli(tiny_llama, str(out) + "/", "--resume"))["steps"] == 4
+
+
+def test_out_on_a_read_only_filesystem_is_one_line(encoders, files, tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):  # what a read-only filesystem answers (root included)
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(runtime.tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(ValueError, match="--out .*run: cannot write there \\(Read-only file system\\)"):
+        train_nlu.main(argv(encoders["plain"], files, tmp_path / "run"))
+
+
+def test_main_returns_and_the_process_ends_only_at_the_top_level():
+    for script in ("train_nlu.py", "train_nlg.py"):
+        src = (HERE / script).read_text()
+        main_src = src[src.index("def main("):src.index('if __name__ == "__main__":')]
+        assert "os._exit" not in main_src and "sys.exit" not in main_src and "close_distributed" not in src
+        assert src.rstrip().endswith("runtime.cli(main, __file__)")
+
+
+@slow
+def test_a_user_error_under_torchrun_is_one_line_on_every_rank_five_times(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"sentence": "fine", "label": "a"}\n{"sentence": "caf\xe9", "label": "b"}\n')
+    for i in range(5):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HERE / "train_nlu.py"), "--train-file", str(bad), "--val-file", str(bad), "--threads", "1",
+               "--out", str(tmp_path / f"o{i}")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode != 0
+        errors = [l for l in r.stderr.splitlines() if l.startswith("train_nlu.py: error:")]
+        assert len(errors) == 2 and all("bad.jsonl:2: not UTF-8" in l for l in errors), r.stderr[-2000:]
+        # both ranks exit 1 (not a signal: no abort at shutdown), and no traceback comes from the script itself
+        # (torchrun's launcher prints its own ChildFailedError report whenever a rank fails)
+        assert r.stderr.count("exitcode  : 1 ") == 2, r.stderr[-2000:]
+        assert "terminate called" not in r.stderr and "core dumped" not in r.stderr
+        assert f'File "{HERE / "train_nlu.py"}"' not in r.stderr
