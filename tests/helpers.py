@@ -252,7 +252,7 @@ def drop_flag(args, flag):
 def torchrun(script, args, nproc=2):
     # the script under torchrun on CPU (gloo): nproc processes of one thread each, a free port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(Path(__file__).parent / script), *args]
+           str(HERE / script), *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

@@ -365,3 +365,43 @@ def test_a_user_error_under_torchrun_is_one_line_on_every_rank_five_times(tmp_pa
         assert r.stderr.count("exitcode  : 1 ") == 2, r.stderr[-2000:]
         assert "terminate called" not in r.stderr and "core dumped" not in r.stderr
         assert f'File "{HERE / "train_nlu.py"}"' not in r.stderr
+
+
+# ---- on a real GPU (skipped without one; run where one is lent) -------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_both_scripts_run_on_cuda_and_agree_with_the_cpu(encoders, files, tiny_llama, tmp_path, dtype):
+    # the same tiny runs on the GPU and the CPU: fp32 metrics agree to float rounding; bf16 runs finish with finite
+    # metrics near fp32's, and the machine record names the GPU
+    cpu_nlu = train_nlu.main(argv(encoders["plain"], files, tmp_path / "nlu-cpu", "--device", "cpu"))
+    gpu_nlu = train_nlu.main(argv(encoders["plain"], files, tmp_path / "nlu-gpu", "--device", "cuda",
+                                  "--dtype", dtype))
+    # the exact-SVD init: pissa_niter_N draws its Gaussian from the device's own generator, so a CPU run and a GPU
+    # run start from different (equally valid) residuals
+    cpu_nlg = train_nlg.main(cli(tiny_llama, tmp_path / "nlg-cpu", "--device", "cpu", "--init", "pissa"))
+    gpu_nlg = train_nlg.main(cli(tiny_llama, tmp_path / "nlg-gpu", "--device", "cuda", "--dtype", dtype,
+                                 "--init", "pissa"))
+    assert gpu_nlu["machine"]["gpu"] and gpu_nlg["machine"]["dtype"] == dtype
+    tol = 1e-4 if dtype == "fp32" else 5e-2
+    assert gpu_nlu["test"]["loss"] == pytest.approx(cpu_nlu["test"]["loss"], rel=tol)
+    assert gpu_nlg["tuned"]["val_ppl"] == pytest.approx(cpu_nlg["tuned"]["val_ppl"], rel=tol)
+    assert gpu_nlg["tuned"]["drift_ppl"] == pytest.approx(cpu_nlg["tuned"]["drift_ppl"], rel=tol)
+
+
+@cuda
+def test_fast_paths_equal_the_plain_forms_on_cuda(monkeypatch):
+    # the GPU's own KL chunk size (64 MB blocks) and the closed-form energy-ratio gradient, against the plain forms
+    g = torch.Generator(device="cuda").manual_seed(0)
+    zs, zt = (torch.randn(300, 50_000, generator=g, device="cuda") * 4 for _ in range(2))
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(balora, "FUSED", fused)
+        a = zs.clone().requires_grad_(True)
+        value = balora.consistency_nlu(a, zt) + balora.svd_nlg(a, generator=torch.Generator("cuda").manual_seed(1))
+        value.backward()
+        runs[fused] = (value.detach(), a.grad)
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-8)
