@@ -52,11 +52,11 @@ VAL_EXAMPLES, DRIFT_WINDOWS, DRIFT_LEN, GEN_PROMPTS, GEN_TOKENS = 128, 32, 64, 3
 GSM8K_TOKENS = 200             # greedy tokens per GSM8K problem (--eval-gsm8k default: the 100 problems)
 # -------------------------------------------------------------------------------------------------------------
 
-INITS = {"lora": "lora", "pissa": PISSA_INIT, "balora": PISSA_INIT}  # --method -> its init (--init overrides)
 # besides runtime.RESUME_MAY_CHANGE, what a --resume may change: outputs and evaluations that train nothing (the
 # base model's metrics come from the checkpoint)
 RESUME_MAY_CHANGE = {"merge", "base_from", "eval_every", "dry_run"}
-DEFAULTS = dict(task="nlg", method=METHOD, init=f"lora for --method lora, else {PISSA_INIT}", rank=RANK, alpha=ALPHA,
+def defaults():  # read at parse time, so that an edited constant above is the flag's default
+    return dict(task="nlg", method=METHOD, init=f"lora for --method lora, else {PISSA_INIT}", rank=RANK, alpha=ALPHA,
                 targets=TARGETS, lr=LR, warmup_ratio=WARMUP, clip=CLIP, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM,
                 max_len=MAX_LEN, epochs=EPOCHS, max_steps=MAX_STEPS, seed=SEED, dtype=DTYPE, save_every=SAVE_EVERY,
                 eval_batch_size=EVAL_BATCH_SIZE)
@@ -75,7 +75,7 @@ def parse_args(argv):
                                 "prompt/response); without --val-file, --val-examples of it are held out.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     R = runtime.arg_range
-    _, g, _, r = runtime.shared_args(p, DEFAULTS)
+    _, g, _, r = runtime.shared_args(p, defaults())
     g.add_argument("--template", default=TEMPLATE, choices=["alpaca", "chatml"])
     g.add_argument("--base-dtype", default="fp32", choices=["bf16", "fp32"],
                    help="storage of the frozen weights (bf16 halves memory on a GPU for 7B models)")
@@ -100,7 +100,7 @@ def parse_args(argv):
     r.add_argument("--dry-run", action="store_true", help="print the memory plan for one device (from config.json "
                    "alone) and exit")
     args = runtime.check_shared(p, p.parse_args(argv), "nlg")
-    args.init = args.init or INITS[args.method]
+    args.init = args.init or ("lora" if args.method == "lora" else PISSA_INIT)  # --method's init; --init overrides
     args.alpha = float(args.rank if args.alpha is None else args.alpha)
     return args
 

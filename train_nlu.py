@@ -49,11 +49,11 @@ EVAL_BATCH_SIZE = 128
 HEAD = ("head.pooler", "head.classifier")  # trained in full; saved with the adapter (peft modules_to_save)
 # -------------------------------------------------------------------------------------------------------------
 
-INITS = {"lora": "lora", "pissa": "pissa", "balora": "pissa"}  # --method -> its init (--init overrides)
 # besides runtime.RESUME_MAY_CHANGE, what a --resume may change: logging, evaluation batching, the teacher cache
 # (the same features up to float rounding)
 RESUME_MAY_CHANGE = {"log_every", "eval_batch_size", "teacher_cache"}
-DEFAULTS = dict(task="nlu", method=METHOD, init="lora for --method lora, else pissa", rank=RANK, alpha=ALPHA,
+def defaults():  # read at parse time, so that an edited constant above is the flag's default
+    return dict(task="nlu", method=METHOD, init="lora for --method lora, else pissa", rank=RANK, alpha=ALPHA,
                 targets=TARGETS, lr=LR, warmup_ratio=WARMUP_RATIO, clip=CLIP, batch_size=BATCH_SIZE,
                 grad_accum=GRAD_ACCUM, max_len=MAX_LEN, epochs=EPOCHS, max_steps=MAX_STEPS, seed=SEED, dtype=DTYPE,
                 save_every=SAVE_EVERY, eval_batch_size=EVAL_BATCH_SIZE)
@@ -64,7 +64,7 @@ def parse_args(argv=None):
                                 "classification or regression; the defaults run the embedded movie-review job. "
                                 "λ defaults: the paper's NLU 0.15/0.03/0.03, k 5, T 2 for balora, else 0.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _, g, o, r = runtime.shared_args(p, DEFAULTS)
+    _, g, o, r = runtime.shared_args(p, defaults())
     g.add_argument("--task", choices=("binary", "three"), default=TASK, help="built-in movie-review task")
     g.add_argument("--test-file", default=None, help="test file (optional; without it the final metrics are validation's)")
     g.add_argument("--text-fields", default="sentence", help="one column, or two for pairs: sentence1,sentence2")
@@ -84,7 +84,7 @@ def parse_args(argv=None):
     if args.train_file and not args.val_file:
         p.error("--train-file needs --val-file")
     args = runtime.check_shared(p, args, "nlu")
-    args.init = args.init or INITS[args.method]
+    args.init = args.init or ("lora" if args.method == "lora" else "pissa")  # --method's init; --init overrides
     args.alpha = float(args.rank if args.alpha is None else args.alpha)
     return args
 

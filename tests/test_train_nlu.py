@@ -2,6 +2,8 @@
 # teacher and its cache, gradient accumulation, resume, data options, every metric by hand, the real default job.
 
 import json
+from pathlib import Path
+import re
 import math
 import random
 import subprocess
@@ -27,7 +29,7 @@ from helpers import *  # noqa: F401,F403  the shared tiny models, files and runn
 @pytest.mark.parametrize("method", ["lora", "pissa", "balora"])
 def test_one_step_changes_only_adapters_and_head(encoders, files, tmp_path, method):
     args = train_nlu.parse_args(argv(encoders["dropout"], files, tmp_path, "--method", method))
-    init, regularise = train_nlu.INITS[method], method == "balora"
+    init, regularise = ("lora" if method == "lora" else "pissa"), method == "balora"
     torch.manual_seed(0)
     net = nlu_build(args, 2, init)
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -82,7 +84,7 @@ def test_grad_accumulation_equals_one_big_batch(encoders, files, tmp_path, metho
     # computed per micro-batch (documented), hence off here.
     enc = encoders["plain"]
     args = train_nlu.parse_args(argv(enc, files, tmp_path, "--method", method))
-    init, regularise = train_nlu.INITS[method], method == "balora"
+    init, regularise = ("lora" if method == "lora" else "pissa"), method == "balora"
     cfg = balora.BALoRAConfig.nlu(svd_k=1, **extra)
     examples = batch_of(files, enc, 14)
     grads = []
@@ -369,3 +371,36 @@ def test_resumed_nlu_run_with_the_teacher_cache_is_bit_identical(encoders, files
     la = [UNTIMED(r) for r in step_records(tmp_path / "a")]
     lb = [UNTIMED(r) for r in step_records(tmp_path / "b")]
     assert la == lb
+
+
+# every constant of each script's defaults block is read: patched, it becomes the flag's default
+DEFAULTS_BLOCK = {
+    train_nlu: {"METHOD": ("method", "pissa"), "TASK": ("task", "three"), "TARGETS": ("targets", "query"),
+                "RANK": ("rank", 3), "ALPHA": ("alpha", 6.0), "LR": ("lr", 1e-3), "WARMUP_RATIO": ("warmup_ratio", 0.2),
+                "WEIGHT_DECAY": ("weight_decay", 0.5), "CLIP": ("clip", 2.0), "BATCH_SIZE": ("batch_size", 16),
+                "GRAD_ACCUM": ("grad_accum", 4), "EPOCHS": ("epochs", 3), "MAX_STEPS": ("max_steps", 7),
+                "MAX_LEN": ("max_len", 64), "DTYPE": ("dtype", "fp32"), "SEED": ("seed", 5),
+                "SAVE_EVERY": ("save_every", 9), "EVAL_BATCH_SIZE": ("eval_batch_size", 4)},
+    train_nlg: {"METHOD": ("method", "pissa"), "TARGETS": ("targets", "q_proj"), "RANK": ("rank", 3),
+                "ALPHA": ("alpha", 6.0), "PISSA_INIT": ("init", "pissa_niter_2"), "LR": ("lr", 1e-3),
+                "WARMUP": ("warmup_ratio", 0.2), "CLIP": ("clip", 2.0), "BATCH_SIZE": ("batch_size", 16),
+                "GRAD_ACCUM": ("grad_accum", 4), "EPOCHS": ("epochs", 3), "MAX_STEPS": ("max_steps", 7),
+                "MAX_LEN": ("max_len", 32), "DTYPE": ("dtype", "fp32"), "SEED": ("seed", 5),
+                "SAVE_EVERY": ("save_every", 9), "EVAL_BATCH_SIZE": ("eval_batch_size", 4),
+                "TEMPLATE": ("template", "alpaca"), "VAL_EXAMPLES": ("val_examples", 3),
+                "DRIFT_WINDOWS": ("drift_windows", 3), "DRIFT_LEN": ("drift_len", 5), "GEN_PROMPTS": ("gen_prompts", 3),
+                "GEN_TOKENS": ("gen_tokens", 3), "GSM8K_TOKENS": ("gsm8k_tokens", 3)},
+}
+
+
+@pytest.mark.parametrize("script", [train_nlu, train_nlg], ids=["nlu", "nlg"])
+def test_every_constant_of_the_defaults_block_is_the_flags_default(script, monkeypatch):
+    src = Path(script.__file__).read_text(encoding="utf-8")
+    block = src.split("# Defaults")[1].split("# ----")[0]
+    names = set(re.findall(r"^([A-Z_0-9]+(?:, [A-Z_0-9]+)*) *=", block, re.M))
+    names = {n for group in names for n in group.split(", ")} - {"HEAD"}  # HEAD: saved modules, not a flag
+    assert names == set(DEFAULTS_BLOCK[script]), names ^ set(DEFAULTS_BLOCK[script])
+    for const, (arg, value) in DEFAULTS_BLOCK[script].items():
+        with monkeypatch.context() as m:
+            m.setattr(script, const, value)
+            assert getattr(script.parse_args([]), arg) == value, const
