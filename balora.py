@@ -199,26 +199,6 @@ def _fp32(fn):
     return wrapped
 
 
-def _zero(z):
-    # a differentiable exact 0 with zero gradient, for a term that is undefined on this input
-    return z.sum() * 0.0
-
-
-_warned = set()
-
-
-def _warn_once(reason):
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(reason, stacklevel=4)  # points at the caller of the term
-
-
-def _safe_ratio(num, den, ok):
-    # num/den where `ok`, else exactly 0 with zero gradient (all-zero logits: the ratio is undefined). The
-    # where() alone is not enough: the unused branch must be finite too, or 0·NaN poisons backward.
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
-
-
 @_fp32
 def consistency_nlu(z_student, z_teacher, T: float = 2.0):
     """Eq. (4): L_cr = T²·KL(softmax(Z_P/T) ‖ softmax(Z_F/T)), averaged over the rows.
@@ -274,8 +254,6 @@ def svd_nlu(z, k: int = 5):
 
 # Eq. (9), NLG consistency, is Eq. (4) with one row per target token: consistency_nlu on the M rows that carry
 # task loss, averaged over them. `regularizers(mask=...)` selects those rows for every term at once.
-
-
 @_fp32
 def diversity_nlg(z, K: int = 20):
     """Eqs. (10)-(11): per row, p' = the softmax renormalised over the top-K logits; L_dr = mean_rows Σ p' log p'
@@ -419,6 +397,12 @@ def regularizers(cfg: BALoRAConfig, z_student, z_teacher, mask=None, step=0, tot
     return total, {name: t.detach() for name, t in terms.items()}
 
 
+# =============================================================================================================
+# Part 3. What the equations call: the row selection and the guards for undefined inputs, then the fast paths.
+# Each fast path computes a Part-2 function's value and gradient with fewer passes over the M×V logits;
+# FUSED = False switches them all off, and test_balora.py checks each pair equal.
+
+
 def _rows(z, mask=None):
     # [..., V] logits (+ a mask over ...) -> the selected rows [M, V] in float32; a lazy TeacherLogits stays lazy
     if isinstance(z, TeacherLogits):
@@ -429,9 +413,24 @@ def _rows(z, mask=None):
     return (z.reshape(-1, z.shape[-1]) if mask is None else z[mask]).float()
 
 
-# =============================================================================================================
-# Part 3. The fast paths. Each computes a Part-2 function's value and gradient with fewer passes over the
-# M×V logits; FUSED = False switches them all off, and test_balora.py checks each pair equal.
+def _zero(z):
+    # a differentiable exact 0 with zero gradient, for a term that is undefined on this input
+    return z.sum() * 0.0
+
+
+_warned = set()
+
+
+def _warn_once(reason):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(reason, stacklevel=4)  # points at the caller of the term
+
+
+def _safe_ratio(num, den, ok):
+    # num/den where `ok`, else exactly 0 with zero gradient (all-zero logits: the ratio is undefined). The
+    # where() alone is not enough: the unused branch must be finite too, or 0·NaN poisons backward.
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 class TeacherLogits:
