@@ -254,6 +254,7 @@ def svd_nlu(z, k: int = 5):
 
 # Eq. (9), NLG consistency, is Eq. (4) with one row per target token: consistency_nlu on the M rows that carry
 # task loss, averaged over them. `regularizers(mask=...)` selects those rows for every term at once.
+
 @_fp32
 def diversity_nlg(z, K: int = 20):
     """Eqs. (10)-(11): per row, p' = the softmax renormalised over the top-K logits; L_dr = mean_rows Σ p' log p'

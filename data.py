@@ -20,7 +20,6 @@ import torch
 from tokenizers import Tokenizer
 
 
-
 class DataError(ValueError):
     """A data file that cannot be read as asked: the message names the file and, where it can, the line."""
 
@@ -32,7 +31,9 @@ def decode_utf8(raw: bytes, path) -> str:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
+
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding); the value torch's CE skips
+
 
 def gsm8k_problems(directory) -> list[tuple[str, str]]:
     # The 100 original GSM8K test problems in a directory of TOML files (plumbing/assets.gsm8k_dir), as

@@ -494,6 +494,7 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint,
     for _ in range(start):
         next(groups)
     t_train, tokens_done = time.time(), 0
+    last_saved = start if args.resume else -1  # the step of the newest checkpoint in --out
     for step in range(start, total_steps):
         t = time.time()
         lr = lr_at(step, total_steps, warmup, args.lr)
@@ -507,7 +508,7 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint,
             if not math.isfinite(grad_norm):
                 raise runtime.NonFiniteLoss(f"step {step + 1}: the gradient norm is non-finite ({grad_norm})")
         except runtime.NonFiniteLoss as e:
-            kept = f"the last checkpoint (step {start})" if args.resume else "no checkpoint yet"
+            kept = f"the last checkpoint (step {last_saved})" if last_saved >= 0 else "no checkpoint yet"
             raise runtime.NonFiniteLoss(f"{e}; stopping without applying it. Kept: {Path(args.out) / 'log.jsonl'} "
                                         f"and {kept} in {args.out}") from None
         opt.step()
@@ -534,6 +535,7 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint,
         logf.flush()
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.stop_after:
             checkpoint(step + 1)
+            last_saved = step + 1
         if step + 1 == args.stop_after and step + 1 < total_steps:
             print(f"stop: --stop-after {args.stop_after} reached; continue with --resume --out {args.out}", flush=True)
             return None
@@ -573,16 +575,6 @@ def finish(net, tok, d, args, run, base, history, train_s, tokens_done, init_s, 
     return metrics
 
 
-def setup(args):
-    # runtime.setup, and a --model that names a file is one line before anything loads
-    dist = runtime.setup(args)
-    if args.model and not Path(args.model).is_dir():
-        raise runtime.InputError(f"--model {args.model}: not a model directory (config.json, model.safetensors, "
-                                 f"tokenizer.json)")
-    args.model = str(args.model or default_model_dir())
-    return dist
-
-
 def load_model(args):
     # the base model, and the adapter settings checked against it before any evaluation spends minutes
     net = modellib.from_pretrained(args.model, dtype=torch.bfloat16 if args.base_dtype == "bf16" else None)
@@ -601,7 +593,7 @@ def main(argv=None):
         print(f"memory plan for one {args.device} device, {args.dtype} autocast:")
         print("\n".join(f"{k:60s} {v:8.2f} GiB" for k, v in plan.items()))
         return plan
-    dist = setup(args)
+    dist = runtime.setup(args, default_model_dir)  # threads, device, torchrun, dtype, args.model
     runtime.run_dir(args, dist)
     state = resume_state(args) if args.resume else None
     tok = modellib.load_tokenizer(args.model)

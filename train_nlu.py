@@ -121,17 +121,6 @@ def to_device(batch, device):
 # Model: adapters on the encoder, the head trained in full
 
 
-def setup(args):
-    # runtime.setup (threads, device, torchrun, dtype); the default model fetched once; a --model that names a
-    # file is one line before anything loads
-    dist = runtime.setup(args)
-    if args.model and not Path(args.model).is_dir():
-        raise runtime.InputError(f"--model {args.model}: not a model directory (config.json, model.safetensors, "
-                                 f"tokenizer.json)")
-    args.model = str(args.model or assets.minilm_dir())
-    return dist
-
-
 def build_model(args, num_labels):
     path, init = args.model, args.init
     net = modeling.from_pretrained(path, num_labels=num_labels)  # float32 master weights; autocast does bf16
@@ -561,7 +550,7 @@ def finish(net, encoded, info, args, run, state, train_seconds, log):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = setup(args)
+    dist = runtime.setup(args, assets.minilm_dir)  # threads, device, torchrun, dtype, args.model
     out = runtime.run_dir(args, dist)
     encoded, info = prepare_data(args)
     cfg = reg_config(args, info["num_labels"])

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 import balora
 import data
 import model
-from balora import atomic_write  # the one atomic writer (balora.py stays standalone, so it lives there)
+from balora import _no_duplicate_keys, atomic_write  # balora.py stays standalone, so these live there
 from data import decode_utf8
 from plumbing.assets import AssetError
 
@@ -268,15 +268,20 @@ def resolve_dtype(requested, device):
     return requested, f"dtype {requested} (as asked; {reason})"
 
 
-def setup(args):
+def setup(args, default_model):
     # threads, device (one line if it cannot be used), torchrun, the autocast dtype (its reason is the first log
-    # line); before anything is loaded. Returns this process's Dist.
+    # line), and args.model: a --model that names a file is one line, none is the script's default model
+    # (default_model() fetches it once); before anything is loaded. Returns this process's Dist.
     if args.threads:
         torch.set_num_threads(args.threads)
     dist = distributed(pick_device(args.device))  # torchrun: this rank's device; else one process
     args.device = dist.device
     args.dtype, why = resolve_dtype(args.dtype, args.device)
     print(why, flush=True)
+    if args.model and not Path(args.model).is_dir():
+        raise InputError(f"--model {args.model}: not a model directory (config.json, model.safetensors, "
+                         f"tokenizer.json)")
+    args.model = str(args.model or default_model())
     return dist
 
 
@@ -396,23 +401,14 @@ def check_world(n: int, batch_size: int, grad_accum: int, world: int, steps: int
 # ---- files: JSON, tensors, the run directory, the one checkpoint format ----------------------------------------
 
 
-def _unique_keys(pairs):
-    # object_pairs_hook: a key written twice is an error (json.loads would keep the last one silently)
-    keys = [k for k, _ in pairs]
-    dup = next((k for k in keys if keys.count(k) > 1), None)
-    if dup is not None:
-        raise InputError(f"the key {dup!r} appears twice")
-    return dict(pairs)
-
-
 def loads_strict(text, path, what="JSON"):
     # JSON text -> object; invalid JSON or a duplicate key is one line naming the file
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)  # balora's: json.loads keeps the last silently
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid {what} (truncated or edited? {e})") from None
-    except InputError as e:
-        raise InputError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise InputError(f"{path}: the key {e.args[0]!r} appears twice") from None
 
 
 def read_json(path, what="JSON") -> dict:
