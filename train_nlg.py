@@ -133,6 +133,14 @@ def load_records(args):
     return train, val, None
 
 
+def input_files(args):
+    # what the run reads (the model directory, the data, the evaluation texts), fingerprinted into its
+    # checkpoint: a resume refuses a changed one
+    gsm8k = assets.gsm8k_dir() if args.eval_gsm8k == "default" else args.eval_gsm8k
+    return [args.model, args.train_file or assets.vader_dir(), args.val_file, args.eval_text or assets.vader_dir(),
+            gsm8k]
+
+
 def special_ids(model_dir, tok, template):
     # (eos, pad) from config.json, read before the weights so that a data error costs no model load; the
     # architecture and the tokenizer's size are checked against it here too
@@ -415,10 +423,10 @@ def base_metrics(path, eval_key):
     return prev["base"]
 
 
-def resume_state(args):
+def resume_state(args, inputs):
     # the checkpoint's state (step, base metrics, history); every setting must equal the checkpoint's but those a
-    # resume may change, checked before anything is loaded
-    state = runtime.checkpoint_state(args.out, "train_nlg.py", args, RESUME_MAY_CHANGE)
+    # resume may change, and every input file its fingerprint, checked before anything is loaded
+    state = runtime.checkpoint_state(args.out, "train_nlg.py", args, RESUME_MAY_CHANGE, inputs)
     if not isinstance(state.get("base"), dict) or not isinstance(state.get("history"), list):
         raise runtime.InputError(f"{Path(args.out) / runtime.CHECKPOINT}: not a train_nlg.py checkpoint "
                                  f"(no 'base' metrics or 'history')")
@@ -495,50 +503,53 @@ def train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint,
         next(groups)
     t_train, tokens_done = time.time(), 0
     last_saved = start if args.resume else -1  # the step of the newest checkpoint in --out
-    for step in range(start, total_steps):
-        t = time.time()
-        lr = lr_at(step, total_steps, warmup, args.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        group = next(groups)
-        try:
-            terms = accumulate(student, teacher, group, cfg, step, total_steps, amp, args.seed, dist,
-                               dist.rank * args.grad_accum)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else math.inf).item()
-            if not math.isfinite(grad_norm):
-                raise runtime.NonFiniteLoss(f"step {step + 1}: the gradient norm is non-finite ({grad_norm})")
-        except runtime.NonFiniteLoss as e:
-            kept = f"the last checkpoint (step {last_saved})" if last_saved >= 0 else "no checkpoint yet"
-            raise runtime.NonFiniteLoss(f"{e}; stopping without applying it. Kept: {Path(args.out) / 'log.jsonl'} "
-                                        f"and {kept} in {args.out}") from None
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        lambdas = cfg.lambdas(step, total_steps)
-        dt = time.time() - t
-        counts = runtime.all_sum({"ex": sum(len(b["input_ids"]) for b in group),
-                                  "tok": sum(int(b["attention_mask"].sum()) for b in group)}, dist)
-        examples, tokens = int(counts["ex"]), int(counts["tok"])
-        tokens_done += tokens
-        elapsed = time.time() - t_train
-        eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
-        rec = {"step": step + 1, **terms, **{f"lambda{i + 1}": x for i, x in enumerate(lambdas)}, "lr": lr,
-               "grad_norm": grad_norm, "examples_per_s": examples / dt, "tokens_per_s": tokens / dt,
-               "elapsed_s": round(elapsed, 1), "eta_s": round(eta, 1)}
-        print(runtime.step_line(step + 1, total_steps, terms, lambdas, lr, grad_norm, examples, tokens, dt, elapsed,
-                                eta), flush=True)
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps and dist.main:
-            rec["val_ppl"] = response_ppl(net, d.val, args, d.pad_id)
-            rec["drift_ppl"] = text_ppl(net, d.windows, args)
-            print(f"eval step {step + 1}: val_ppl {rec['val_ppl']} | drift_ppl {rec['drift_ppl']:.4f}", flush=True)
-        history.append(rec)
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.stop_after:
-            checkpoint(step + 1)
-            last_saved = step + 1
-        if step + 1 == args.stop_after and step + 1 < total_steps:
-            print(f"stop: --stop-after {args.stop_after} reached; continue with --resume --out {args.out}", flush=True)
-            return None
+    try:
+        for step in range(start, total_steps):
+            t = time.time()
+            lr = lr_at(step, total_steps, warmup, args.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            group = next(groups)
+            try:
+                terms = accumulate(student, teacher, group, cfg, step, total_steps, amp, args.seed, dist,
+                                   dist.rank * args.grad_accum)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else math.inf).item()
+                if not math.isfinite(grad_norm):
+                    raise runtime.NonFiniteLoss(f"step {step + 1}: the gradient norm is non-finite ({grad_norm})")
+            except runtime.NonFiniteLoss as e:
+                kept = f"the last checkpoint (step {last_saved})" if last_saved >= 0 else "no checkpoint yet"
+                raise runtime.NonFiniteLoss(f"{e}; stopping without applying it. Kept: {Path(args.out) / 'log.jsonl'} "
+                                            f"and {kept} in {args.out}") from None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            lambdas = cfg.lambdas(step, total_steps)
+            dt = time.time() - t
+            counts = runtime.all_sum({"ex": sum(len(b["input_ids"]) for b in group),
+                                      "tok": sum(int(b["attention_mask"].sum()) for b in group)}, dist)
+            examples, tokens = int(counts["ex"]), int(counts["tok"])
+            tokens_done += tokens
+            elapsed = time.time() - t_train
+            eta = elapsed / (step + 1 - start) * (total_steps - step - 1)
+            rec = {"step": step + 1, **terms, **{f"lambda{i + 1}": x for i, x in enumerate(lambdas)}, "lr": lr,
+                   "grad_norm": grad_norm, "examples_per_s": examples / dt, "tokens_per_s": tokens / dt,
+                   "elapsed_s": round(elapsed, 1), "eta_s": round(eta, 1)}
+            print(runtime.step_line(step + 1, total_steps, terms, lambdas, lr, grad_norm, examples, tokens, dt, elapsed,
+                                    eta), flush=True)
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps and dist.main:
+                rec["val_ppl"] = response_ppl(net, d.val, args, d.pad_id)
+                rec["drift_ppl"] = text_ppl(net, d.windows, args)
+                print(f"eval step {step + 1}: val_ppl {rec['val_ppl']} | drift_ppl {rec['drift_ppl']:.4f}", flush=True)
+            history.append(rec)
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.stop_after:
+                checkpoint(step + 1)
+                last_saved = step + 1
+            if step + 1 == args.stop_after and step + 1 < total_steps:
+                print(f"stop: --stop-after {args.stop_after} reached; continue with --resume --out {args.out}", flush=True)
+                return None
+    except KeyboardInterrupt:  # Ctrl-C: one line naming the step and the checkpoint a --resume continues from
+        raise runtime.Interrupted(step, args.out) from None
     if start < total_steps:
         checkpoint(total_steps)
     return time.time() - t_train, tokens_done
@@ -594,8 +605,9 @@ def main(argv=None):
         print("\n".join(f"{k:60s} {v:8.2f} GiB" for k, v in plan.items()))
         return plan
     dist = runtime.setup(args, default_model_dir)  # threads, device, torchrun, dtype, args.model
-    runtime.run_dir(args, dist)
-    state = resume_state(args) if args.resume else None
+    runtime.run_dir(args, dist, "nlg")
+    inputs = runtime.fingerprints(input_files(args))
+    state = resume_state(args, inputs) if args.resume else None
     tok = modellib.load_tokenizer(args.model)
     d = prepare_data(args, tok)  # every data error before the model is loaded
     cfg = reg_config(args)
@@ -630,12 +642,13 @@ def main(argv=None):
         def checkpoint(step):
             if dist.main:
                 runtime.save_checkpoint(args.out, net, opt, {"script": "train_nlg.py", "step": step, "args": vars(args),
-                                                             "base": base, "history": history})
+                                                             "base": base, "history": history, "inputs": inputs})
 
         done = train(net, opt, cfg, d, args, total_steps, start, history, logf, checkpoint, dist)
+        return finish(net, tok, d, args, run, base, history, *done, init_s, t_start) if done and dist.main else None
     finally:
         logf.close()
-    return finish(net, tok, d, args, run, base, history, *done, init_s, t_start) if done and dist.main else None
+        runtime.unlock_run_dir(args.out)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,12 @@ def load_splits(args):
     return splits
 
 
+def input_files(args):
+    # what the run reads (the model directory, the data), fingerprinted into its checkpoint: a resume refuses a
+    # changed one
+    return [args.model, args.train_file or assets.vader_dir(), args.val_file, args.test_file]
+
+
 def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -432,9 +438,10 @@ def reg_config(args, num_labels):
     return cfg
 
 
-def resume_state(args, out, net, opt, cache):
-    # the state to continue from; every setting must equal the checkpoint's but those a resume may change
-    state = runtime.checkpoint_state(out, "train_nlu.py", args, RESUME_MAY_CHANGE)
+def resume_state(args, out, net, opt, cache, inputs):
+    # the state to continue from; every setting must equal the checkpoint's but those a resume may change, and
+    # every input file its fingerprint
+    state = runtime.checkpoint_state(out, "train_nlu.py", args, RESUME_MAY_CHANGE, inputs)
     for key in ("epoch", "batch", "validation", "train_seconds", "examples"):
         if key not in state:
             raise runtime.InputError(f"{out / runtime.CHECKPOINT}: not a train_nlu.py checkpoint (no {key!r})")
@@ -467,59 +474,62 @@ def train(net, opt, cfg, encoded, info, args, state, total, warmup, log, cache, 
             runtime.save_checkpoint(out, net, opt, state, cache.tensors() if cache else None)
         last_saved = step
 
-    for epoch in range(state["epoch"], args.epochs):
-        if step >= total:
-            break
-        skip = state["batch"] if epoch == state["epoch"] else 0
-        for i, examples in enumerate(data.batches(train_set, args.batch_size, list, seed=args.seed, epoch=epoch)):
-            if i < skip:
-                continue
+    try:
+        for epoch in range(state["epoch"], args.epochs):
             if step >= total:
                 break
-            t0 = time.time()
-            micro = data.micro_batches(data.shard(examples, dist.rank, dist.world), args.grad_accum, collate)
-            lr = lr_at(step, total, warmup, args.lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            try:
-                terms = accumulate(student, teacher, micro, cfg, step, total, amp, args.seed, dist,
-                                   dist.rank * args.grad_accum)
-                norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in opt.param_groups for p in g["params"]], args.clip if args.clip > 0 else math.inf)
-                if not torch.isfinite(norm):
-                    raise runtime.NonFiniteLoss(f"step {step + 1}: the gradient norm is non-finite ({norm.item()})")
-            except runtime.NonFiniteLoss as e:
-                kept = f"the last checkpoint (step {last_saved})" if last_saved >= 0 else "no checkpoint yet"
-                msg = f"{e}; stopping without applying it. Kept: {out / 'log.jsonl'} and {kept} in {out}"
-                log({"event": "non-finite", "step": step + 1, "message": msg})
-                raise runtime.NonFiniteLoss(msg) from None
-            opt.step()
-            lambdas = cfg.lambdas(step, total)
-            step += 1
-            state["examples"] += len(examples)
-            tokens = int(runtime.all_sum({"n": sum(int(b["attention_mask"].sum()) for b in micro)}, dist)["n"])
-            dt, elapsed = time.time() - t0, time.time() - t_start
-            eta = elapsed / (step - step_at_start) * (total - step)
-            log({"step": step, "epoch": epoch, "lr": lr, "grad_norm": norm.item(), **terms,
-                 **{f"lambda{i + 1}": x for i, x in enumerate(lambdas)}, "examples_per_s": len(examples) / dt,
-                 "tokens_per_s": tokens / dt, "elapsed_s": seconds_before + elapsed, "eta_s": eta})
-            if step % args.log_every == 0 or step == total:
-                print(runtime.step_line(step, total, terms, lambdas, lr, norm.item(), len(examples), tokens, dt,
-                                        seconds_before + elapsed, eta), flush=True)
-            if args.stop_after and step == args.stop_after and step < total:
-                checkpoint(epoch, i + 1)
-                print(f"stop: --stop-after {args.stop_after} reached; continue with --resume --out {out}")
-                return None
-            if args.save_every and step % args.save_every == 0 and step < total:
-                checkpoint(epoch, i + 1)
-        # epoch end (or budget reached): validation, then a checkpoint that starts the next epoch
-        if dist.main:
-            m = evaluate(net, encoded["validation"], args, info)
-            state["validation"].append({"epoch": epoch, "step": step, **m})
-            log({"event": "validation", "epoch": epoch, "step": step, **m})
-            print(f"validation (epoch {epoch}, step {step}): {summary(m)}", flush=True)
-        checkpoint(epoch + 1, 0)
+            skip = state["batch"] if epoch == state["epoch"] else 0
+            for i, examples in enumerate(data.batches(train_set, args.batch_size, list, seed=args.seed, epoch=epoch)):
+                if i < skip:
+                    continue
+                if step >= total:
+                    break
+                t0 = time.time()
+                micro = data.micro_batches(data.shard(examples, dist.rank, dist.world), args.grad_accum, collate)
+                lr = lr_at(step, total, warmup, args.lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                try:
+                    terms = accumulate(student, teacher, micro, cfg, step, total, amp, args.seed, dist,
+                                       dist.rank * args.grad_accum)
+                    norm = torch.nn.utils.clip_grad_norm_(
+                        [p for g in opt.param_groups for p in g["params"]], args.clip if args.clip > 0 else math.inf)
+                    if not torch.isfinite(norm):
+                        raise runtime.NonFiniteLoss(f"step {step + 1}: the gradient norm is non-finite ({norm.item()})")
+                except runtime.NonFiniteLoss as e:
+                    kept = f"the last checkpoint (step {last_saved})" if last_saved >= 0 else "no checkpoint yet"
+                    msg = f"{e}; stopping without applying it. Kept: {out / 'log.jsonl'} and {kept} in {out}"
+                    log({"event": "non-finite", "step": step + 1, "message": msg})
+                    raise runtime.NonFiniteLoss(msg) from None
+                opt.step()
+                lambdas = cfg.lambdas(step, total)
+                step += 1
+                state["examples"] += len(examples)
+                tokens = int(runtime.all_sum({"n": sum(int(b["attention_mask"].sum()) for b in micro)}, dist)["n"])
+                dt, elapsed = time.time() - t0, time.time() - t_start
+                eta = elapsed / (step - step_at_start) * (total - step)
+                log({"step": step, "epoch": epoch, "lr": lr, "grad_norm": norm.item(), **terms,
+                     **{f"lambda{i + 1}": x for i, x in enumerate(lambdas)}, "examples_per_s": len(examples) / dt,
+                     "tokens_per_s": tokens / dt, "elapsed_s": seconds_before + elapsed, "eta_s": eta})
+                if step % args.log_every == 0 or step == total:
+                    print(runtime.step_line(step, total, terms, lambdas, lr, norm.item(), len(examples), tokens, dt,
+                                            seconds_before + elapsed, eta), flush=True)
+                if args.stop_after and step == args.stop_after and step < total:
+                    checkpoint(epoch, i + 1)
+                    print(f"stop: --stop-after {args.stop_after} reached; continue with --resume --out {out}")
+                    return None
+                if args.save_every and step % args.save_every == 0 and step < total:
+                    checkpoint(epoch, i + 1)
+            # epoch end (or budget reached): validation, then a checkpoint that starts the next epoch
+            if dist.main:
+                m = evaluate(net, encoded["validation"], args, info)
+                state["validation"].append({"epoch": epoch, "step": step, **m})
+                log({"event": "validation", "epoch": epoch, "step": step, **m})
+                print(f"validation (epoch {epoch}, step {step}): {summary(m)}", flush=True)
+            checkpoint(epoch + 1, 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line naming the step and the checkpoint a --resume continues from
+        raise runtime.Interrupted(step, out) from None
     return state["train_seconds"] if step == step_at_start else seconds_before + time.time() - t_start
 
 
@@ -551,7 +561,8 @@ def finish(net, encoded, info, args, run, state, train_seconds, log):
 def main(argv=None):
     args = parse_args(argv)
     dist = runtime.setup(args, assets.minilm_dir)  # threads, device, torchrun, dtype, args.model
-    out = runtime.run_dir(args, dist)
+    out = runtime.run_dir(args, dist, "nlu")
+    inputs = runtime.fingerprints(input_files(args))
     encoded, info = prepare_data(args)
     cfg = reg_config(args, info["num_labels"])
     torch.manual_seed(args.seed)  # head init and LoRA init; a resumed run rebuilds the same, then loads
@@ -566,9 +577,9 @@ def main(argv=None):
            "total_steps": total, "machine": runtime.machine(args.device, args.dtype)}
     cache = TeacherCache(len(encoded["train"])) if cfg.lambda1 > 0 and args.teacher_cache else None
     state = {"script": "train_nlu.py", "step": 0, "epoch": 0, "batch": 0, "validation": [], "args": config,
-             "train_seconds": 0.0, "examples": 0}
+             "train_seconds": 0.0, "examples": 0, "inputs": inputs}
     if args.resume:
-        state = resume_state(args, out, net, opt, cache)
+        state = resume_state(args, out, net, opt, cache, inputs)
     log_file = runtime.open_log(out, state["step"], args.resume, dist.main)
     try:
         def log(record):  # rank 0's log.jsonl
@@ -589,6 +600,7 @@ def main(argv=None):
         return finish(net, encoded, info, args, run, state, train_seconds, log)
     finally:
         log_file.close()
+        runtime.unlock_run_dir(out)
 
 
 if __name__ == "__main__":

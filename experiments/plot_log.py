@@ -14,18 +14,22 @@ LAMBDA = {"consistency": "lambda1", "diversity": "lambda2", "svd": "lambda3"}
 
 def read_steps(log):
     # the per-step records of log.jsonl (event records such as start, validation and test are skipped)
-    rows = []
-    for n, line in enumerate(Path(log).read_text(encoding="utf-8").splitlines(), 1):
+    log, rows = Path(log), []
+    if not log.parent.is_dir():
+        raise SystemExit(f"plot_log.py: error: {log.parent}: not a run directory")
+    if not log.is_file():
+        raise SystemExit(f"plot_log.py: error: {log}: not found (is {log.parent} the --out of a run?)")
+    for n, line in enumerate(log.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"{log}:{n}: not a JSON record ({e})")
-        if "event" not in rec and "step" in rec:
+            raise SystemExit(f"plot_log.py: error: {log}:{n}: not a JSON record ({e})")
+        if isinstance(rec, dict) and "event" not in rec and "step" in rec:
             rows.append(rec)
     if not rows:
-        raise SystemExit(f"{log}: no step records")
+        raise SystemExit(f"plot_log.py: error: {log}: no step records")
     return rows
 
 
@@ -57,7 +61,10 @@ def main(argv=None):
     p.add_argument("--out", help="figure file (default: RUN_DIR/terms.png)")
     p.add_argument("--title")
     args = p.parse_args(argv)
-    print(f"plot_log: wrote {plot(args.run_dir, args.out, args.title)}")
+    try:
+        print(f"plot_log: wrote {plot(args.run_dir, args.out, args.title)}")
+    except OSError as e:  # e.g. a figure path that cannot be written: one line (SystemExit: exit status 1)
+        raise SystemExit(f"plot_log.py: error: {e}") from None
 
 
 if __name__ == "__main__":

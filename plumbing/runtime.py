@@ -5,7 +5,9 @@
 # resume rule. The scripts import it; it imports balora.py, model.py and data.py for their error classes only.
 
 import argparse
+import atexit
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -43,6 +45,16 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
+class Interrupted(KeyboardInterrupt):
+    # Ctrl-C inside a training loop: `interrupted at step N; ...` with the step of the checkpoint on disk (it is
+    # whole: every file is written atomically), exit status 130
+    def __init__(self, step, out):
+        saved = checkpoint_step(out)
+        super().__init__(f"interrupted at step {step}; " + (
+            f"`--resume --out {out}` (and the same flags) continues from its checkpoint at step {saved}"
+            if saved is not None else "no checkpoint was written yet: nothing to resume"))
+
+
 # A user error or a non-finite stop is one line on stderr, `train_nlu.py: error: <file>:<line>: <what>`, exit
 # status 1, no traceback (`--debug` or BALORA_DEBUG=1 shows it). Anything else is a bug and shows its traceback.
 USER_ERRORS = (InputError, AssetError, data.DataError, model.ModelError, balora.AdapterError, FloatingPointError,
@@ -64,6 +76,10 @@ def cli(main, prog):
         sys.stderr.flush()
         os.write(2, f"{os.path.basename(prog)}: error: {e}\n".encode("utf-8", "replace"))
         code = 1
+    except KeyboardInterrupt as e:  # Ctrl-C: one line; every file on disk is whole (each is written atomically)
+        sys.stderr.flush()
+        os.write(2, f"{os.path.basename(prog)}: {e if str(e) else 'interrupted'}\n".encode("utf-8", "replace"))
+        code = 130
     except SystemExit as e:  # argparse's errors and --help
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:
@@ -151,8 +167,8 @@ def shared_args(p, d):
     r.add_argument("--device", default=None, help="cpu | cuda[:N] | mps (default: cuda when available, else cpu)")
     r.add_argument("--threads", type=R(int, 0), default=0, help="torch CPU threads (0: torch's default)")
     r.add_argument("--eval-batch-size", type=R(int, 1), default=d["eval_batch_size"])
-    r.add_argument("--out", default=None, help=f"run directory (default: a new runs/{d['task']}-METHOD-TIME); "
-                   "one that already holds a run needs --resume")
+    r.add_argument("--out", default=None, help=f"run directory (default: a new runs/{d['task']}-METHOD-TIME[-N]); "
+                   "one that already holds a run needs --resume; one another process is writing is refused")
     r.add_argument("--save-every", type=R(int, 0), default=d["save_every"],
                    help="checkpoint every N optimizer steps (0: only where the script always does)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -170,7 +186,7 @@ def check_shared(p, args, task):
         p.error(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size} (examples per step)")
     if args.resume and not args.out:
         p.error("--resume needs the --out of the run to continue")
-    args.out = str(Path(args.out)) if args.out else f"runs/{task}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    args.out = str(Path(args.out)) if args.out else None  # None: run_dir makes a new one
     return args
 
 
@@ -448,25 +464,100 @@ def open_safetensors(file):
         raise InputError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def run_dir(args, dist):
-    # the run directory: a new one, or (--resume) the one holding the run to continue; never a file, never a
-    # finished or started run overwritten without --resume
+def run_dir(args, dist, task):
+    # The run directory, locked by this process until it exits (rank 0 under torchrun). The default is a new
+    # runs/TASK-METHOD-TIME, made by one mkdir, which fails for all but one of two processes started in the same
+    # second (the other takes TIME-2). A given --out is a new directory or, with --resume, the run to continue:
+    # never a file, never a run overwritten without --resume, never a run that another live process writes.
+    if args.out is None:
+        args.out = str(new_run_dir(f"runs/{task}-{args.method}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+                       if dist.main else None)
+        if dist.world > 1:  # every rank uses rank 0's directory
+            name = [args.out]
+            torch.distributed.broadcast_object_list(name, src=0)
+            args.out = name[0]
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: a file, not a directory")
-    started = [n for n in (CHECKPOINT, "log.jsonl", "metrics.json") if (out / n).exists()]
     if args.resume and not (out / CHECKPOINT).exists():
         raise InputError(f"--resume: {out / CHECKPOINT} not found: no checkpoint to continue in {out}")
-    if started and not args.resume and dist.main:
-        raise InputError(f"{out} already holds a run ({', '.join(started)}): pass --resume to continue it, "
-                         f"or another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".tmp-probe-")
         probe.close()
     except OSError as e:
         raise InputError(f"--out {out}: cannot write there ({e.strerror})") from None
+    if dist.main:
+        lock_run_dir(out)  # before the check below: two runs given one new --out cannot both pass it
+        started = [n for n in (CHECKPOINT, "log.jsonl", "metrics.json") if (out / n).exists()]
+        if started and not args.resume:
+            raise InputError(f"{out} already holds a run ({', '.join(started)}): pass --resume to continue it, "
+                             f"or another --out")
     return out
+
+
+def new_run_dir(stem):
+    # stem, or stem-2, stem-3, ...: the first that this process creates itself (mkdir is atomic)
+    for n in range(1, 1000):
+        path = Path(stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise InputError(f"{path}: cannot create the run directory ({e.strerror}); pass --out") from None
+    raise InputError(f"{stem}: 999 run directories of this name exist; pass --out")
+
+
+# OUT/.lock names the pid of the process writing OUT. The lock itself is an flock on that file, which the OS
+# releases when the process ends however it ends (a crash, SIGKILL): a live owner refuses a second run; a lock
+# file a dead process left behind is taken over. The file is removed when the owner exits normally.
+LOCK = ".lock"
+_locks = {}  # path -> open lock file of this process (a second main() in one process reuses it)
+
+
+def lock_run_dir(out):
+    path = (Path(out) / LOCK).resolve()
+    if path in _locks:
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        print(f"note: no run-directory lock on this system (no fcntl); do not start two runs in {out}")
+        return
+    for _ in range(10):
+        f = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise InputError(f"--out {out}: process {owner} is writing this run ({path} is locked); wait for it to "
+                             f"end, or pass another --out") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # the owner removed the file between our open and our lock: lock the new one
+    else:
+        raise InputError(f"--out {out}: could not lock {path}")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _locks[path] = f
+
+
+def unlock_run_dir(out):
+    # the lock released (the scripts' main() on its way out; at exit for any still held): the file is removed
+    # while still locked, so that no other process can hold a lock on a removed file
+    f = _locks.pop((Path(out) / LOCK).resolve(), None)
+    if f is not None:
+        Path(f.name).unlink(missing_ok=True)
+        f.close()
+
+
+atexit.register(lambda: [unlock_run_dir(Path(p).parent) for p in list(_locks)])
 
 
 def open_log(out, step, resume, main=True):
@@ -515,9 +606,47 @@ def save_checkpoint(out, net, opt, state, extra=None):
 RESUME_MAY_CHANGE = {"resume", "stop_after", "out", "threads", "device", "save_every", "debug", "grad_checkpoint"}
 
 
-def checkpoint_state(out, script, args, may_change=()):
+def fingerprints(paths) -> dict:
+    # {file: {"size", "sha256"}} of every input (a directory: its top-level files; hidden ones skipped), recorded in
+    # the checkpoint so that --resume refuses an input that changed. A *.safetensors file's hash covers its header
+    # (names, dtypes, shapes, offsets) only: with the size it catches a swapped weights file without reading
+    # gigabytes at every start.
+    out = {}
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p).resolve()
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+        for f in files:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                if f.suffix == ".safetensors":
+                    head = fh.read(8)
+                    h.update(head + fh.read(int.from_bytes(head, "little") if len(head) == 8 else 0))
+                else:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+            out[str(f)] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def check_inputs(path, saved, now):
+    # the checkpoint's input fingerprints against this run's: any file added, gone or changed is refused by name
+    for f in sorted(set(saved) | set(now)):
+        was, new = saved.get(f), now.get(f)
+        if was == new:
+            continue
+        what = ("is not an input of this run" if new is None else "is a new input" if was is None else
+                f"changed (size {was['size']} -> {new['size']} bytes)" if was["size"] != new["size"] else
+                f"changed (same size, sha256 {was['sha256'][:12]}… -> {new['sha256'][:12]}…)")
+        raise InputError(f"{path}: {f} {what} since the checkpoint was written; a resume trains on the inputs "
+                         f"it started with")
+
+
+def checkpoint_state(out, script, args, may_change=(), inputs=None):
     # the JSON state of OUT's checkpoint, written by `script`, its settings checked against this run's before
-    # anything is loaded: every flag must be equal but those in RESUME_MAY_CHANGE and may_change
+    # anything is loaded: every flag must be equal but those in RESUME_MAY_CHANGE and may_change, and every input
+    # file's fingerprint (`inputs`, from fingerprints()) equal to the one recorded
     path = Path(out) / CHECKPOINT
     with open_safetensors(path) as f:
         meta = f.metadata() or {}
@@ -537,7 +666,20 @@ def checkpoint_state(out, script, args, may_change=()):
         raise InputError(f"{path}: was written with --{k.replace('_', '-')} {was}, this run has "
                          f"{now.get(k, 'no such setting')!r}; resume with the same settings"
                          + (f" ({len(differ)} differ: {', '.join(differ)})" if len(differ) > 1 else ""))
+    if inputs is not None:
+        if not isinstance(state.get("inputs"), dict):
+            raise InputError(f"{path}: no input fingerprints ('inputs'): written by an older version of {script}")
+        check_inputs(path, state["inputs"], inputs)
     return state
+
+
+def checkpoint_step(out):
+    # the step of OUT's checkpoint, or None when there is none (or it cannot be read)
+    try:
+        with safe_open(str(Path(out) / CHECKPOINT), framework="pt") as f:
+            return json.loads((f.metadata() or {})["train_state"])["step"]
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError):
+        return None
 
 
 def load_checkpoint(out, net, opt, step):

@@ -3,6 +3,7 @@
 
 import json
 import math
+import re
 import sys
 
 import numpy as np
@@ -195,3 +196,54 @@ def test_plot_log_draws_every_term_of_a_run(encoders, files, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and {"task", "consistency", "diversity", "svd"} <= set(rows[0])
     out = plot_log.plot(tmp_path / "r")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_entry_points_outside_the_scripts_say_one_line_for_a_user_error(tmp_path):
+    import subprocess
+    from experiments import study
+    (tmp_path / "x.gguf").write_text("not a gguf")
+    (tmp_path / "empty").mkdir()
+    cases = [(["experiments/plot_log.py", tmp_path / "none"], "plot_log.py: error: ", "none: not a run directory"),
+             (["experiments/plot_log.py", tmp_path / "empty"], "plot_log.py: error: ", "log.jsonl: not found"),
+             (["experiments/study.py", "reproduce", "no-such-run"], "study.py: error: ",
+              "no-such-run.json: no such results file"),
+             (["experiments/study.py", "budget", "no-such"], "study.py: error: ", "unknown condition 'no-such'"),
+             (["-m", "plumbing.gguf_to_hf", tmp_path / "x.gguf", tmp_path / "o"], "gguf_to_hf.py: error: ",
+              "x.gguf: not a readable GGUF file"),
+             (["-m", "plumbing.gguf_to_hf", tmp_path / "no.gguf", tmp_path / "o"], "gguf_to_hf.py: error: ",
+              "GGUF file not found")]
+    for args, prefix, what in cases:
+        proc = subprocess.run([sys.executable, *map(str, args)], cwd=HERE, capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, (args, proc.stderr)
+        assert lines[0].startswith(prefix) and what in lines[0], (args, lines[0])
+    # a truncated results file among many is named, in report and in reproduce
+    results = tmp_path / "results"
+    results.mkdir()
+    for f in sorted(study.RESULTS.glob("main__*.json"))[:3]:
+        (results / f.name).write_text(f.read_text())
+    bad = sorted(results.iterdir())[1]
+    bad.write_text(bad.read_text()[:50])
+    with pytest.raises(study.StudyError, match=re.escape(f"{bad}: not a valid results file (truncated or edited?")):
+        study.load_results(results)
+    with pytest.raises(study.StudyError, match=re.escape(f"{bad}: not a valid results file")):
+        study.reproduce(bad.stem, results=results, workdir=tmp_path / "runs")
+
+
+def test_study_counts_only_tracked_changes_as_dirty(tmp_path, monkeypatch):
+    import subprocess
+    from experiments import study
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=repo, check=True,
+                                    capture_output=True)
+    git("init", "-q")
+    (repo / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "c")
+    monkeypatch.setattr(study, "ROOT", repo)
+    (repo / ".venv").mkdir()
+    (repo / ".venv" / "lib.py").write_text("")  # an untracked virtual environment: still clean
+    assert study.code_version()["clean"] is True
+    (repo / "code.py").write_text("x = 2\n")  # a tracked file changed: dirty
+    assert study.code_version()["clean"] is False

@@ -214,6 +214,110 @@ def test_checkpoint_files_are_checked_before_anything_is_trained(encoders, files
     ck.write_bytes(raw[:100])
     with pytest.raises(ValueError, match="checkpoint.safetensors: not a readable safetensors"):
         train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+    # a second "step" in the JSON state (json.loads would keep the later one and skip steps silently)
+    text = meta["train_state"]
+    save_file(t, str(ck), metadata={"train_state": text[:-1] + ', "step": 1}'})
+    with pytest.raises(ValueError, match="the key 'step' appears twice"):
+        train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+    # every optimizer tensor removed (a fresh AdamW would resume with exit 0), and AdamW's step not the run's
+    save_file({k: v for k, v in t.items() if not k.startswith("opt.")}, str(ck), metadata=meta)
+    with pytest.raises(ValueError, match=r"the optimizer state of parameter 0 has \[\], it needs"):
+        train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+    save_file({k: (v + 1 if k.endswith(".step") else v) for k, v in t.items()}, str(ck), metadata=meta)
+    with pytest.raises(ValueError, match=r"opt\.0\.step is 4\.0, the run is at step 3"):
+        train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+    save_file(t, str(ck), metadata=meta)  # the untouched checkpoint resumes
+    assert train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))["steps"] == 10
+
+
+def test_resume_refuses_a_changed_input_file_by_name(encoders, files, tmp_path):
+    # every label of the training file flipped between a stop and its --resume: one line naming the file, exit 1
+    train = tmp_path / "train.jsonl"
+    shutil.copy(files["train"], train)
+    own = {**files, "train": train}
+    common = ("--epochs", "2", "--method", "pissa", "--save-every", "2")
+    assert train_nlu.main(argv(encoders["plain"], own, tmp_path / "r", *common, "--stop-after", "3")) is None
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    write_jsonl(train, [{**r, "label": {"pos": "neg", "neg": "pos"}[r["label"]]} for r in rows])
+    proc = run_script("train_nlu.py", *argv(encoders["plain"], own, tmp_path / "r", *common, "--resume"))
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"{train} changed (same size, sha256" in proc.stderr and "since the checkpoint" in proc.stderr
+    # the model's weights are fingerprinted too (size + header): a swapped model.safetensors is refused
+    write_jsonl(train, rows)
+    model = _copy_dir(encoders["plain"], tmp_path / "m")
+    assert train_nlu.main(argv(model, own, tmp_path / "s", *common, "--stop-after", "3")) is None
+    w = load_file(str(model / "model.safetensors"))
+    save_file({k: v.double() if v.is_floating_point() else v for k, v in w.items()}, str(model / "model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(f"{(model / 'model.safetensors').resolve()} changed (size")):
+        train_nlu.main(argv(model, own, tmp_path / "s", *common, "--resume"))
+
+
+def test_two_processes_started_together_with_the_default_out_make_two_complete_runs(encoders, files, tmp_path):
+    # both name runs/nlu-pissa-TIME in the same second (or neighbouring ones): mkdir gives one of them TIME-2
+    args = [a for a in argv(encoders["plain"], files, "unused", "--method", "pissa", "--epochs", "2")]
+    i = args.index("--out")
+    del args[i:i + 2]
+    env = {k: v for k, v in os.environ.items() if k != "BALORA_DEBUG"}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "train_nlu.py"), *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2, runs
+    for run in runs:
+        log = read_log(run)
+        assert [r["event"] for r in log if "event" in r].count("start") == 1
+        assert [r["step"] for r in log if "event" not in r] == list(range(1, 11))
+        assert json.loads((run / "metrics.json").read_text())["steps"] == 10
+        assert not (run / runtime.LOCK).exists()  # released at exit
+    # the same second, forced: the one mkdir that fails takes the next name
+    stem = tmp_path / "same" / "nlu-pissa-20260101-000000"
+    assert [runtime.new_run_dir(stem), runtime.new_run_dir(stem)] == [stem, Path(f"{stem}-2")]
+
+
+def test_an_out_that_a_live_process_writes_is_refused_and_a_stale_lock_is_taken_over(encoders, files, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"f = open({str(out / runtime.LOCK)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        proc = run_script("train_nlu.py", *argv(encoders["plain"], files, out, "--method", "pissa"))
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"process {holder.pid} is writing this run" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / runtime.LOCK).exists()  # left behind by a killed owner: stale, taken over
+    proc = run_script("train_nlu.py", *argv(encoders["plain"], files, out, "--method", "pissa"))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "metrics.json").exists() and not (out / runtime.LOCK).exists()
+
+
+def test_ctrl_c_is_one_line_with_exit_130_and_the_checkpoint_resumes(encoders, files, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "r"
+    args = argv(encoders["plain"], files, out, "--method", "pissa", "--epochs", "40", "--save-every", "1")
+    env = {k: v for k, v in os.environ.items() if k != "BALORA_DEBUG"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "train_nlu.py"), *args], cwd=HERE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (out / "log.jsonl").exists()
+                                      or (out / "log.jsonl").read_text().count("\n") < 8):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    m = re.fullmatch(rf"train_nlu\.py: interrupted at step (\d+); `--resume --out {re.escape(str(out))}` \(and the "
+                     r"same flags\) continues from its checkpoint at step (\d+)", lines[0])
+    assert m and 0 <= int(m[1]) - int(m[2]) <= 1, lines[0]  # --save-every 1: at most the step in progress lost
+    assert ckpt_step(out) == int(m[2])
+    assert train_nlu.main(args + ["--resume"])["steps"] == 200
 
 
 def test_resume_after_a_crash_cleans_leftovers_and_the_log_equals_an_uninterrupted_one(
