@@ -145,10 +145,10 @@ def test_nlg_resume_equals_uninterrupted(tiny_llama, tmp_path):
     assert untimed(ma["tuned"]) == untimed(mb["tuned"]) and untimed(ma["base"]) == untimed(mb["base"])
 
 
-@pytest.mark.parametrize("method", ["lora", "pissa", "balora"])
-def test_end_to_end_outputs_and_merge(tiny_llama, tmp_path, method):
+@pytest.mark.parametrize("method, init", [("lora", "lora"), ("pissa", "pissa"), ("balora", "pissa_niter_4")])
+def test_end_to_end_outputs_and_merge(tiny_llama, tmp_path, method, init):
     out = tmp_path / method
-    m = train_nlg.main(cli(tiny_llama, out, "--method", method, "--merge", "--eval-every", "2"))
+    m = train_nlg.main(cli(tiny_llama, out, "--method", method, "--init", init, "--merge", "--eval-every", "2"))
     for tag in ("base", "tuned"):
         assert all(math.isfinite(m[tag][k]) for k in ("val_ppl", "drift_ppl", "distinct_1", "distinct_2"))
     assert m["tuned"]["val_ppl"] < m["base"]["val_ppl"]  # it learned the task
@@ -158,10 +158,12 @@ def test_end_to_end_outputs_and_merge(tiny_llama, tmp_path, method):
     assert start["event"] == "start" and start["machine"]["dtype"] == "fp32" and start["machine"]["cpu"]
     assert len(log) == 4 and "val_ppl" in log[1] and all(r["tokens_per_s"] > 0 for r in log)
     assert (method == "balora") == ("consistency" in log[0])
-    assert not (out / "adapter_lora").exists()  # written beside a PiSSA-form adapter/ only (exact-SVD init)
+    # adapter_lora/ is written beside a PiSSA-form adapter/ only (the exact-SVD init); the randomized init is
+    # written as the rank-2r LoRA itself: peft cannot rebuild its W_res
+    assert (out / "adapter_lora").exists() == (init == "pissa")
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    # the randomized default init is written as the rank-2r LoRA: peft cannot rebuild its W_res
-    assert (cfg["r"], cfg["init_lora_weights"]) == ((4, True) if method == "lora" else (8, True))
+    assert (cfg["r"], cfg["init_lora_weights"]) == {"lora": (4, True), "pissa": (4, "pissa"),
+                                                    "pissa_niter_4": (8, True)}[init]
     # adapter/ applied by peft to the untouched transformers model and the merged checkpoint read by model.py
     # compute the same function
     from peft import PeftModel
@@ -174,6 +176,10 @@ def test_end_to_end_outputs_and_merge(tiny_llama, tmp_path, method):
     with torch.no_grad():
         assert (merged(ids) - base(ids)).abs().max() > 1e-3
         assert torch.allclose(peft_model(ids).logits, merged(ids), atol=1e-4)
+        if init == "pissa":  # and adapter_lora/, the rank-2r form for tools without PiSSA
+            lora = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_llama / "model"),
+                                             out / "adapter_lora").eval()
+            assert torch.allclose(lora(ids).logits, merged(ids), atol=1e-4)
 
 
 def test_base_from_reuses_the_base_evaluation_only_with_equal_settings(tiny_llama, tmp_path):

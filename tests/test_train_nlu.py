@@ -132,6 +132,29 @@ def test_end_to_end_then_saved_adapter_reproduces_test_metrics(encoders, files, 
     assert again == m["test"]
 
 
+@pytest.mark.parametrize("init", ["lora", "pissa", "pissa_niter_2"])
+def test_the_adapter_loads_in_peft_on_the_untouched_transformers_model(encoders, files, tmp_path, init):
+    # OUT/adapter (adapters + head as modules_to_save) on transformers' BertForSequenceClassification gives the
+    # trained model's logits, for every init (a randomized one is written as the rank-2r LoRA)
+    from peft import PeftModel
+    from transformers import BertForSequenceClassification
+    enc, run = encoders["plain"], tmp_path / "run"
+    train_nlu.main(argv(enc, files, run, "--init", init, "--epochs", "1", "--lr", "5e-3"))
+    args = train_nlu.parse_args(argv(enc, files, tmp_path / "x"))
+    torch.manual_seed(args.seed)  # as main() does: a randomized init's A0, B0 are the run's
+    net = nlu_build(args, 2, init).eval()
+    balora.load_adapter(net, run / "adapter")
+    hf = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(enc, num_labels=2), run / "adapter")
+    b = data.collate_classification(batch_of(files, enc, 6), 0)
+    with torch.no_grad():
+        ours = train_nlu.logits_of(net, b)
+        theirs = hf.eval()(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                           token_type_ids=b["token_type_ids"]).logits
+    assert (ours - theirs).abs().max() <= 1e-4 * max(1.0, ours.abs().max().item())
+    fresh = train_nlu.logits_of(nlu_build(args, 2, init).eval(), b)  # the check can fail: training moved them
+    assert (ours - fresh).abs().max() > 1e-3
+
+
 def test_resume_equals_uninterrupted(encoders, files, tmp_path):
     # balora with dropout on: the teacher, the regularisers, the optimizer moments, the RNG and the data
     # order must all come back. Interrupted twice: mid-epoch 0 and mid-epoch 1 (after an epoch-end checkpoint).
