@@ -184,8 +184,9 @@ def teacher(model: nn.Module):
 # Every term takes logits, one row per example (NLU, Z ∈ R^{N×D}) or per target token (NLG, Z ∈ R^{M×V}),
 # and returns a scalar. They run in float32 with autocast off (_fp32): the SVDs, the covariance and the
 # softmaxes are precision-sensitive, and under bf16 autocast a plain matmul would silently drop to bf16.
-# Each has one fast path (Part 3) behind the switch FUSED, a single line `if FUSED: ...`; FUSED = False runs
-# the equation exactly as written here.
+# Each is the equation as written. `regularizers` (Eqs. 8, 13), which sums them, has one fast path (Part 3)
+# behind the switch FUSED: the same values and gradient with one M×V gradient buffer for all three terms and
+# fewer passes over Z; FUSED = False runs the functions below exactly as written.
 
 FUSED = True
 
@@ -211,8 +212,6 @@ def consistency_nlu(z_student, z_teacher, T: float = 2.0):
     if zs.shape[1] == 1:
         _warn_once("consistency (KL) on D=1 logits is the constant 0: softmax over one class is 1; "
                    "use consistency='mse' for regression")
-    if FUSED:
-        return _KLDiv.apply(zs, zt, T)                # the same value and gradient in one sweep (Part 3)
     log_ps = F.log_softmax(zs / T, dim=-1)             # log p_s, the student (fine-tuned)
     log_pt = F.log_softmax(zt[:] / T, dim=-1)          # log p_t, the teacher (zt[:] makes lazy rows dense)
     return T * T * F.kl_div(log_ps, log_pt, log_target=True, reduction="sum") / zs.shape[0]
@@ -291,8 +290,6 @@ def svd_nlg(z, k: int = 10, oversample: int = 5, niter: int = 2, generator=None)
     Q = range_finder(z, min(k + oversample, M, V), niter, generator)
     if not bool(torch.isfinite(Q).all()):  # non-finite logits: a NaN term for the caller to report, never a
         return z.sum() * float("nan")      # LinAlgError from the SVD below (an M×q check, not M×V)
-    if FUSED:
-        return _EnergyRatio.apply(z, Q, k)  # the same value, a closed-form gradient (Part 3)
     s, frob = torch.linalg.svdvals(Q.T @ z), torch.linalg.vector_norm(z)
     return -_safe_ratio(s[:k].sum(), frob, frob > 1e-12)
 
@@ -380,22 +377,24 @@ def regularizers(cfg: BALoRAConfig, z_student, z_teacher, mask=None, step=0, tot
     0 is skipped; z_teacher may be None when λ1 is 0. Returns (total, {term: its value, detached})."""
     l1, l2, l3 = cfg.lambdas(step, total_steps)
     z = _rows(z_student, mask)  # the M rows, gathered once for all three terms
-    total, terms = torch.zeros((), device=z.device), {}
-    if l1 > 0:
-        if z_teacher is None:
-            raise ValueError(f"lambda1={l1} at step {step} needs teacher logits")
-        zt = _rows(z_teacher, mask)
+    if l1 > 0 and z_teacher is None:
+        raise ValueError(f"lambda1={l1} at step {step} needs teacher logits")
+    zt = _rows(z_teacher, mask) if l1 > 0 else None
+    # the token-level forms together, one gradient buffer (Part 3); {} when FUSED is off or nothing is fused
+    terms = _fused_terms(cfg, z, zt, (l1, l2, l3), generator) if FUSED else {}
+    if l1 > 0 and "consistency" not in terms:
         terms["consistency"] = consistency_nlu(z, zt, cfg.temperature) if cfg.consistency == "kl" \
             else consistency_mse(z, zt)
-        total = total + l1 * terms["consistency"]
-    if l2 > 0:
+    if l2 > 0 and "diversity" not in terms:
         terms["diversity"] = diversity_nlu(z) if cfg.diversity == "covariance" else diversity_nlg(z, cfg.top_k)
-        total = total + l2 * terms["diversity"]
-    if l3 > 0:
+    if l3 > 0 and "svd" not in terms:
         terms["svd"] = svd_nlu(z, cfg.svd_k) if cfg.svd == "exact_ratio" else \
             svd_nlg(z, cfg.svd_k, generator=generator)
-        total = total + l3 * terms["svd"]
-    return total, {name: t.detach() for name, t in terms.items()}
+    total, out = torch.zeros((), device=z.device), {}
+    for name, lam in (("consistency", l1), ("diversity", l2), ("svd", l3)):  # Eq. (8) / (13), in the paper's order
+        if name in terms:
+            total, out[name] = total + lam * terms[name], terms[name].detach()
+    return total, out
 
 
 # =============================================================================================================
@@ -450,68 +449,152 @@ class TeacherLogits:
         return (self.hidden[rows] @ self.weight.T).float()
 
 
-# Elements of one row chunk of the fused KL: 0.5 MB on a CPU (stays in cache), 64 MB elsewhere (few kernel
-# launches); either way the KL's temporaries are a bounded block, never M×V.
+# Elements of one row chunk of the fused sweep: 0.5 MB on a CPU (stays in cache), 64 MB elsewhere (few kernel
+# launches); either way the sweep's temporaries are a bounded block, never M×V.
 KL_CHUNK_ELEMENTS = {"cpu": 1 << 17}
 KL_CHUNK_ELEMENTS_DEFAULT = 1 << 24
+BLOCK_ROWS = 16  # rows of Z per block of the range finder and the backward on a CPU: 3 MB at V = 49 152, in cache
 
 
 def kl_chunk_rows(V, device_type):
-    """Rows of one chunk of the fused KL for a vocabulary of V on this kind of device (at least 1)."""
+    """Rows of one chunk of the fused KL sweep for a vocabulary of V on this kind of device (at least 1)."""
     return max(1, KL_CHUNK_ELEMENTS.get(device_type, KL_CHUNK_ELEMENTS_DEFAULT) // V)
 
 
-class _KLDiv(torch.autograd.Function):
-    # consistency_nlu (Eqs. 4 / 9) with its closed-form gradient ∂/∂z_s = T·(p_s − p_t) / M, in one sweep over
-    # row chunks: value and gradient come out of the same softmaxes, with no M×V temporary besides the gradient
-    # (F.kl_div + autograd make ~8 passes over M×V and hold several M×V tensors).
-    @staticmethod
-    def forward(ctx, zs, zt, T):
-        M, V = zs.shape
-        chunk = kl_chunk_rows(V, zs.device.type)
-        # lazy teacher rows come in blocks of >= 128 rows: the output embedding is read once per block
-        block = max(chunk, 128) if isinstance(zt, TeacherLogits) else chunk
-        grad, total = torch.empty_like(zs), torch.zeros((), dtype=torch.float64, device=zs.device)
-        for b in range(0, M, block):
-            zt_b = zt[b:b + block]
-            for i in range(b, min(b + block, M), chunk):
-                log_ps = F.log_softmax(zs[i:i + chunk] / T, dim=-1)
-                log_pt = F.log_softmax(zt_b[i - b:i - b + chunk] / T, dim=-1)
-                p_t = log_pt.exp()
-                total += (p_t * (log_pt - log_ps)).sum().double()  # float64 across chunks
-                torch.sub(log_ps.exp_(), p_t, out=grad[i:i + chunk])
-        ctx.grad = grad.mul_(T / M)  # not save_for_backward: backward hands this very buffer over
-        return (total * (T * T / M)).float()
-
-    @staticmethod
-    def backward(ctx, g):
-        # scaled in place and handed over with no other reference left, so that autograd adds the other terms'
-        # gradients into it in place instead of allocating M×V sums
-        if ctx.grad is None:
-            raise RuntimeError("consistency: backward through the KL twice (retain_graph) is not supported")
-        grad, ctx.grad = ctx.grad, None
-        return grad.mul_(g), None, None
+def _block_rows(V, device_type):
+    return BLOCK_ROWS if device_type == "cpu" else max(1, KL_CHUNK_ELEMENTS_DEFAULT // V)
 
 
-class _EnergyRatio(torch.autograd.Function):
-    # svd_nlg's −Σ_{i≤k} σ̃_i / ‖Z‖_F for a fixed orthonormal Q [M, q], with its closed-form gradient
-    #     ∂/∂Z = −Q U_k V_kᵀ / ‖Z‖_F + (Σ_{i≤k} σ̃_i / ‖Z‖_F³)·Z,      QᵀZ = U S Vᵀ,
-    # one addmm that reads Z once and writes the gradient (autograd through matmul, svdvals and the norm makes
-    # ~6 passes over M×V); the same gradient as svdvals' (U diag(1) Vᵀ, stable where σ repeat).
+def _wide(x, q):
+    # x [n, q] in the first q columns of zeros [n, q rounded up to 16]: products with 16 columns run the fast
+    # matmul kernels (a q = 15 product takes twice as long on a CPU), and the zero columns stay zero in them
+    out = x.new_zeros(x.shape[0], -(-q // 16) * 16)
+    out[:, :q] = x
+    return out
+
+
+def range_finder_streamed(z, q: int, niter: int = 2, generator=None):
+    """range_finder's subspace with niter + 1 passes over z [M, V] instead of 2·niter + 1: range((Z Zᵀ)^n Z Ω) =
+    range(Z (ZᵀZ)^n Ω), so each power iteration applies ZᵀZ to a V×q basis W in one sweep over row blocks
+    (Z_b W, then Z_bᵀ(Z_b W) while Z_b is in cache), re-orthonormalised; then Q = qr(Z W). Ω is the same draw."""
+    with torch.no_grad():
+        M, V = z.shape
+        W = _wide(torch.randn(V, q, device=z.device, generator=generator), q)
+        rows = _block_rows(V, z.device.type)
+        for _ in range(niter):
+            Y = torch.zeros_like(W)
+            for i in range(0, M, rows):
+                zb = z[i:i + rows]
+                Y.addmm_(zb.T, zb @ W)           # Σ_b Z_bᵀ Z_b W = ZᵀZ W
+            W[:, :q] = torch.linalg.qr(Y[:, :q]).Q
+        return torch.linalg.qr((z @ W)[:, :q]).Q
+
+
+def _project(Q, z):
+    # QᵀZ [q, V], accumulated over row blocks (on a CPU twice as fast as one q×M by M×V product)
+    q, rows = Q.shape[1], _block_rows(z.shape[1], z.device.type)
+    Qw, B = _wide(Q, q), z.new_zeros(-(-q // 16) * 16, z.shape[1])
+    for i in range(0, z.shape[0], rows):
+        B.addmm_(Qw[i:i + rows].T, z[i:i + rows])
+    return B[:q]
+
+
+def _fused_terms(cfg, z, zt, lambdas, generator):
+    # regularizers' fast path: the token-level forms that are on (KL, top-K entropy, randomized SVD) through one
+    # _SharedGradient, with svd_nlg's q = k + 5 and 2 power iterations. {} leaves every term to Part 2: nothing to
+    # fuse, or an edge case (no rows, V = 1, K = 1) whose warning lives there.
+    l1, l2, l3 = lambdas
+    M, V = z.shape
+    kl = l1 > 0 and cfg.consistency == "kl"
+    K = min(cfg.top_k, V) if l2 > 0 and cfg.diversity == "topk_entropy" else 0
+    Q = range_finder_streamed(z, min(cfg.svd_k + 5, M, V), 2, generator) \
+        if l3 > 0 and cfg.svd == "randomized_frobenius" and M > 0 else None
+    if Q is not None and not bool(torch.isfinite(Q).all()):
+        return {"svd": z.sum() * float("nan")}  # non-finite logits: a NaN term to report (svd_nlg's guard)
+    if M == 0 or V == 1 or K == 1 or not (kl or K or Q is not None):
+        return {}
+    cr, dr, sv = _SharedGradient.apply(z, zt if kl else None, cfg.temperature, K, Q, cfg.svd_k)
+    return {name: v for name, v, on in (("consistency", cr, kl), ("diversity", dr, K > 0), ("svd", sv, Q is not None))
+            if on}
+
+
+class _SharedGradient(torch.autograd.Function):
+    # The token-level terms at once, each equal to its Part-2 function, with the closed-form gradients
+    #   consistency_nlu (Eqs. 4/9):  T·(p_s − p_t) / M
+    #   diversity_nlg (Eqs. 10-11):  p'·(log p' − Σ p' log p') / M, at the K entries of each row only
+    #   svd_nlg (Eq. 12), fixed Q:   −Q U_k V_kᵀ / ‖Z‖_F + (Σ_{i≤k} σ̃_i / ‖Z‖_F³)·Z,   QᵀZ = U S Vᵀ
+    # Forward: the KL in one sweep over row chunks (each stays in cache; the teacher's rows made block by block),
+    # which writes p_s − p_t into the gradient buffer; the top-K of each row; QᵀZ and ‖Z‖_F. Backward: all three
+    # gradients land in that ONE M×V buffer: scaled and given the energy term block by block (one pass over the
+    # buffer and Z), then the top-K entropy's M×K entries added in place. Autograd then adds the task loss's
+    # gradient into it: the buffer is handed over with no other reference.
     @staticmethod
-    def forward(ctx, z, Q, k):
-        U, S, Vh = torch.linalg.svd(Q.T @ z, full_matrices=False)     # [q, q], [q], [q, V]
-        frob, top = torch.linalg.vector_norm(z), S[:k].sum()
-        ctx.ok = bool(frob > 1e-12)  # all-zero logits: the ratio is undefined, the term is 0 with zero gradient
-        ctx.save_for_backward(z, Q, U[:, :k] @ Vh[:k], top, frob)
-        return -top / frob if ctx.ok else top * 0.0
+    def forward(ctx, z, zt, T, K, Q, k):
+        M, V = z.shape
+        values = [torch.zeros((), device=z.device) for _ in range(3)]
+        grad = idx = w = G = ctx.energy = None
+        if zt is not None:  # Eq. (4): T²/M Σ p_t (log p_t − log p_s), and p_s − p_t into the buffer
+            grad = torch.empty_like(z)
+            chunk = kl_chunk_rows(V, z.device.type)
+            # lazy teacher rows come in blocks of >= 128 rows (whole chunks): the output embedding is read once per
+            # block
+            block = chunk * -(-128 // chunk) if isinstance(zt, TeacherLogits) else chunk
+            total = torch.zeros((), dtype=torch.float64, device=z.device)
+            for b in range(0, M, block):
+                zt_b = zt[b:b + block]
+                for i in range(b, min(b + block, M), chunk):
+                    log_ps = F.log_softmax(z[i:i + chunk] / T, dim=-1)
+                    log_pt = F.log_softmax(zt_b[i - b:i - b + chunk] / T, dim=-1)
+                    p_t = log_pt.exp()
+                    total += (p_t * (log_pt - log_ps)).sum().double()  # float64 across chunks
+                    torch.sub(log_ps.exp_(), p_t, out=grad[i:i + chunk])
+            values[0] = (total * (T * T / M)).float()
+        if K:  # Eqs. (10)-(11): h = Σ p' log p' over each row's top K; ∂h/∂(top-K logits) = p'(log p' − h)
+            top, idx = z.topk(K, dim=-1)                                  # [M, K]
+            log_p = F.log_softmax(top, dim=-1)
+            p = log_p.exp()
+            h = (p * log_p).sum(-1, keepdim=True)
+            values[1], w = h.mean(), p * (log_p - h)
+        if Q is not None:  # Eq. (12)
+            U, S, Vh = torch.linalg.svd(_project(Q, z), full_matrices=False)  # [q, q], [q], [q, V]
+            frob, top_k = torch.linalg.vector_norm(z), S[:k].sum()
+            if frob > 1e-12:  # all-zero logits: the ratio is undefined, the term is 0 with zero gradient
+                values[2], G = -top_k / frob, U[:, :k] @ Vh[:k]
+                ctx.energy = (float(top_k), float(frob))
+            else:
+                values[2] = top_k * 0.0
+        ctx.grad, ctx.kl, ctx.T, ctx.K, ctx.shape, ctx.device, ctx.used = grad, zt is not None, T, K, (M, V), z.device, False
+        ctx.save_for_backward(z if G is not None else None, Q if G is not None else None, G, idx, w)
+        return tuple(values)
 
     @staticmethod
-    def backward(ctx, g):
-        z, Q, G, top, frob = ctx.saved_tensors
-        if not ctx.ok:
-            return torch.zeros_like(z), None, None
-        return torch.addmm(z, Q, G, beta=float(g * top / frob ** 3), alpha=float(-g / frob)), None, None
+    def backward(ctx, g1, g2, g3):
+        if ctx.used:
+            raise RuntimeError("regularizers: backward through the fused terms twice (retain_graph) is not supported")
+        ctx.used = True
+        z, Q, G, idx, w = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None  # the KL's buffer (None without the KL): no reference to it stays here
+        M, V = ctx.shape
+        if grad is None:  # no KL: the one buffer is made here; zeros only when the top-K alone writes into it
+            grad = (torch.empty if G is not None else torch.zeros)(M, V, device=ctx.device)
+        if ctx.kl or G is not None:  # one pass over the buffer, block by block: the KL's scale, the energy term
+            if G is not None:
+                top_k, frob = ctx.energy
+                alpha, beta = float(-g3 / frob), float(g3 * top_k / frob ** 3)
+            rows = _block_rows(V, grad.device.type)
+            for i in range(0, M, rows):
+                gb = grad[i:i + rows]
+                if ctx.kl:
+                    gb.mul_(g1 * (ctx.T / M))
+                if G is not None:
+                    if ctx.kl:
+                        gb.add_(z[i:i + rows], alpha=beta)
+                    else:
+                        torch.mul(z[i:i + rows], beta, out=gb)
+                    gb.addmm_(Q[i:i + rows], G, alpha=alpha)
+        if ctx.K:
+            grad.scatter_add_(1, idx, w * (g2 / M))  # the top-K entropy: only the K entries of each row
+        return grad, None, None, None, None, None
 
 
 # =============================================================================================================

@@ -469,7 +469,7 @@ def memory_plan(cfg, args):
             # which the other terms' gradients are added in place)
             "M x V logits: output, fp32, log-softmax, gradient": M * V * ((2 if args.dtype == "bf16" else 0) + 12) * gib,
             # the KL's row chunks (four chunk×V temporaries) and one block of teacher logits (>= 128 rows)
-            "consistency: KL chunks + teacher block": (4 * chunk + max(chunk, 128)) * V * 4 * gib * (reg.lambda1 > 0),
+            "consistency: KL chunks + teacher block": (4 * chunk + chunk * -(-128 // chunk)) * V * 4 * gib * (reg.lambda1 > 0),
             # top-K entropy: M×K; randomized SVD: Ω (V×q), Q (M×q), QᵀZ (q×V) and its SVD factors
             "diversity + SVD (top-K, range finder)": (M * reg.top_k * 3 + 3 * V * q + 2 * M * q) * 4 * gib}
     return {**plan, "total": sum(plan.values())}

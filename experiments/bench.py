@@ -7,6 +7,7 @@
 # regularisers against M and V), --model 1b (a 1B-shaped random LLaMA). Prints a table, writes bench.json.
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -90,6 +91,97 @@ def balora_parts(net, cfg, batch, dtype):
         total, _ = balora.regularizers(cfg, z, zt, None, STEP, TOTAL, gen)
         total.backward()
     return teacher, regs
+
+
+class Passes:
+    # Counts the passes over M×V memory that the ops inside make: every tensor an op reads or writes that lives in
+    # an M×V storage (logits, teacher logits, gradient buffer) adds its elements, except when one of the last few
+    # ops touched the same block (it is still in cache); the sum over M·V is the passes.
+    def __init__(self, M, V, window=6):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func.is_view or func.__name__.startswith(("detach", "empty")):  # no memory touched
+                    return out
+                flat = [*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else [out])]
+                if func.__name__.startswith("scatter"):  # it touches only the entries its index names
+                    counter.elements += args[2].numel()
+                    return out
+                for t in flat:
+                    if torch.is_tensor(t) and t.untyped_storage().nbytes() >= M * V * 2:
+                        key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
+                        # a block of <= 16 MB that one of the last ops touched is still in cache
+                        if key not in counter.recent or t.numel() * t.element_size() > 16 << 20:
+                            counter.elements += t.numel()
+                        counter.recent = (counter.recent + [key])[-window:]
+                return out
+        self.mode, self.elements, self.recent, self.MV = Mode(), 0, [], M * V
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+    @property
+    def passes(self):
+        return self.elements / self.MV
+
+
+def term_split(net, batch, dtype, repeats):
+    # --profile: each regulariser alone (forward + backward), fused (balora.FUSED) and as written, on this batch's
+    # real logits: the KL with the teacher's logits made from its hidden states inside the sweep (as in training,
+    # so its time includes the teacher's output layer), the top-K entropy, the range finder, the energy ratio for
+    # a given Q; seconds (median) and passes over M×V (Passes)
+    ids = batch["input_ids"]
+    rows = train_nlg.targets(batch["labels"]) != data.IGNORE_INDEX
+    with torch.no_grad(), amp(dtype):
+        z0 = net(ids, rows=rows).float()
+    teacher = train_nlg.teacher_logits(net, batch, rows, amp(dtype))
+    M, V = z0.shape
+    base = balora.BALoRAConfig.nlg(lambda1_schedule="constant", focus_schedule="constant")
+    only = lambda i: dataclasses.replace(base, **{f"lambda{j}": (base.lambda1, base.lambda2, base.lambda3)[j - 1]
+                                                   * (j == i) for j in (1, 2, 3)})
+    q = base.svd_k + 5
+    Q = balora.range_finder_streamed(z0, q, 2, torch.Generator().manual_seed(0))
+
+    z = z0.clone().requires_grad_(True)
+
+    def reg(cfg):
+        def run():
+            z.grad = None
+            balora.regularizers(cfg, z, teacher, None, 0, 1, torch.Generator().manual_seed(0))[0].backward()
+        return run
+
+    def energy():
+        z.grad = None
+        sum(balora._SharedGradient.apply(z, None, 2.0, 0, Q, base.svd_k)).backward()
+    parts = {"KL (incl. teacher output layer)": (reg(only(1)), reg(only(1))),
+             "top-K entropy": (reg(only(2)), reg(only(2))),
+             "range finder": (lambda: balora.range_finder_streamed(z0, q, 2, torch.Generator().manual_seed(0)),
+                              lambda: balora.range_finder(z0, q, 2, torch.Generator().manual_seed(0))),
+             "energy ratio (given Q)": (energy, None),
+             "all three": (reg(base), reg(base))}
+    out = {}
+    for name, (fast, plain) in parts.items():
+        for form, fn in (("fused", fast), ("plain", plain)):
+            if fn is None or (form == "plain" and name.startswith("energy")):
+                continue
+            balora.FUSED = form == "fused"
+            try:
+                s = timed({name: fn}, repeats, 1)[0][name]
+                with Passes(M, V) as p:
+                    fn()
+            finally:
+                balora.FUSED = True
+            out[f"{name}, {form}"] = {"s": s, "passes": p.passes}
+            print(f"bench: {dtype} {name}, {form}: {out[f'{name}, {form}']['s'] * 1e3:.0f} ms, "
+                  f"{p.passes:.1f} passes over M×V (M={M}, V={V})", flush=True)
+    return out
 
 
 def scaling(threads, repeats):
@@ -218,7 +310,8 @@ def main(argv=None):
     p.add_argument("--no-peer", action="store_true", help="skip transformers + peft")
     p.add_argument("--no-init", action="store_true", help="skip the PiSSA init timings")
     p.add_argument("--no-mem", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the regularisers")
+    p.add_argument("--profile", action="store_true", help="time each regulariser alone, fused and as written, with "
+                   "its passes over M×V, and print a torch.profiler table of the regularisers")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -266,6 +359,7 @@ def main(argv=None):
         res["steps_s"][dt], res["min_s"][dt], res["all_s"][dt] = timed(fns, args.repeats, args.warmup)
         print(f"bench: {dt} medians: " + ", ".join(f"{k} {v:.2f} s" for k, v in res["steps_s"][dt].items()), flush=True)
         if args.profile:
+            res.setdefault("split", {})[dt] = term_split(nets["balora"][0], batch, dt, args.repeats)
             from torch.profiler import profile
             with profile() as prof:
                 fns["regularisers"]()

@@ -497,15 +497,18 @@ def test_both_scripts_run_on_cuda_and_agree_with_the_cpu(encoders, files, tiny_l
 
 @cuda
 def test_fast_paths_equal_the_plain_forms_on_cuda(monkeypatch):
-    # the GPU's own KL chunk size (64 MB blocks) and the closed-form energy-ratio gradient, against the plain forms
+    # the GPU's own chunk and block sizes (64 MB), the shared gradient buffer of the three terms, against the
+    # plain forms
     g = torch.Generator(device="cuda").manual_seed(0)
     zs, zt = (torch.randn(300, 50_000, generator=g, device="cuda") * 4 for _ in range(2))
+    cfg = balora.BALoRAConfig.nlg(lambda1_schedule="constant", focus_schedule="constant")
     runs = {}
     for fused in (True, False):
         monkeypatch.setattr(balora, "FUSED", fused)
         a = zs.clone().requires_grad_(True)
-        value = balora.consistency_nlu(a, zt) + balora.svd_nlg(a, generator=torch.Generator("cuda").manual_seed(1))
+        value, terms = balora.regularizers(cfg, a, zt, generator=torch.Generator("cuda").manual_seed(1))
         value.backward()
-        runs[fused] = (value.detach(), a.grad)
-    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-8)
+        runs[fused] = (value.detach(), terms, a.grad)
+    for name in runs[False][1]:
+        torch.testing.assert_close(runs[True][1][name], runs[False][1][name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[True][2], runs[False][2], rtol=1e-4, atol=1e-8)
