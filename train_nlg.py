@@ -458,7 +458,7 @@ def memory_plan(cfg, args):
     M, V = micro * args.max_len, cfg.vocab_size             # target tokens of a micro-batch, at most
     reg = reg_config(args)
     chunk = balora.kl_chunk_rows(V, torch.device(args.device or "cpu").type)
-    q = min(reg.svd_k + 5, M, V)
+    q = -(-min(reg.svd_k + 5, M, V) // 16) * 16  # padded to 16 columns (balora._wide)
     gib = 1 / 2 ** 30
     plan = {"base weights": n_base * base_dtype.itemsize * gib,
             "adapters + grads + AdamW (fp32)": n_adapter * 16 * gib,
@@ -470,8 +470,8 @@ def memory_plan(cfg, args):
             "M x V logits: output, fp32, log-softmax, gradient": M * V * ((2 if args.dtype == "bf16" else 0) + 12) * gib,
             # the KL's row chunks (four chunk×V temporaries) and one block of teacher logits (>= 128 rows)
             "consistency: KL chunks + teacher block": (4 * chunk + chunk * -(-128 // chunk)) * V * 4 * gib * (reg.lambda1 > 0),
-            # top-K entropy: M×K; randomized SVD: Ω (V×q), Q (M×q), QᵀZ (q×V) and its SVD factors
-            "diversity + SVD (top-K, range finder)": (M * reg.top_k * 3 + 3 * V * q + 2 * M * q) * 4 * gib}
+            # top-K entropy: M×K; randomized SVD: the bases W, Y (V×q), Q (M×q), QᵀZ (q×V), its SVD factors, G (q×V)
+            "diversity + SVD (top-K, range finder)": (M * reg.top_k * 3 + 5 * V * q + 2 * M * q) * 4 * gib}
     return {**plan, "total": sum(plan.values())}
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import balora
 import model as M
 import train_nlu
 
@@ -26,6 +27,25 @@ def test_bench_times_every_method_and_the_balora_parts(tiny_llama, tmp_path):
     assert set(res["steps_s"]["fp32"]) == {"lora", "pissa", "balora", "teacher_forward", "regularisers"}
     assert all(v > 0 for v in res["steps_s"]["fp32"].values())
     assert json.loads((tmp_path / "b.json").read_text())["steps_s"] == res["steps_s"]
+
+
+def test_bench_profile_splits_the_terms_and_counts_their_passes(tiny_llama, tmp_path):
+    from experiments import bench
+    res = bench.main(["--model", str(tiny_llama / "model"), "--rank", "4", "--repeats", "1", "--warmup", "0",
+                      "--dtypes", "fp32", "--no-peer", "--no-init", "--no-mem", "--profile", "--out",
+                      str(tmp_path / "b.json")])
+    split = res["split"]["fp32"]
+    assert {"KL (incl. teacher output layer), fused", "top-K entropy, plain", "range finder, fused",
+            "range finder, plain", "energy ratio (given Q), fused", "all three, fused", "all three, plain"} <= set(split)
+    assert split["all three, fused"]["passes"] < split["all three, plain"]["passes"]
+    assert all(v["s"] > 0 for v in split.values())
+    # at the default shape (M×V = 200 MB, far beyond any cache) the streamed range finder reads Z niter + 1 = 3
+    # times, the textbook one 2·niter + 1 = 5 times
+    z = torch.randn(1020, 49152)
+    for finder, passes in ((balora.range_finder_streamed, 3), (balora.range_finder, 5)):
+        with bench.Passes(*z.shape) as p:
+            finder(z, 15, 2, torch.Generator().manual_seed(0))
+        assert p.passes == passes, (finder.__name__, p.passes)
 
 
 @slow
