@@ -1,7 +1,7 @@
 # balora.py: everything BA-LoRA adds to a model, in one file to read top to bottom and to copy.
 # Part 1 PiSSA adapters (paper Sec. 3.1). Part 2 the equations, one plain function each, in the paper's order
-# (Sec. 3.2 Eqs. 4-7, Sec. 3.3 Eqs. 9-12), then the λ schedules and the total (Eqs. 8, 13). Part 3 the fast
-# paths, each equal to a Part-2 function. Part 4 adapters on disk, in peft's layout.
+# (Sec. 3.2 Eqs. 4-7, Sec. 3.3 Eqs. 9-12), then the λ schedules and the total (Eqs. 8, 13). Part 3 the total's
+# fast path, equal to the Part-2 functions. Part 4 adapters on disk, in peft's layout.
 # Chang, Chang & Wu, "Bias-Alleviating Low-Rank Adaptation", ICLR 2026 (arXiv 2408.04556). Tests: test_balora.py.
 
 import functools
@@ -398,9 +398,9 @@ def regularizers(cfg: BALoRAConfig, z_student, z_teacher, mask=None, step=0, tot
 
 
 # =============================================================================================================
-# Part 3. What the equations call: the row selection and the guards for undefined inputs, then the fast paths.
-# Each fast path computes a Part-2 function's value and gradient with fewer passes over the M×V logits;
-# FUSED = False switches them all off, and test_balora.py checks each pair equal.
+# Part 3. What the equations call: the row selection and the guards for undefined inputs, then the fast path
+# of `regularizers`: the Part-2 functions' values and gradient with one M×V gradient buffer for all three terms
+# and fewer passes over the logits. FUSED = False switches it off; test_balora.py checks both equal.
 
 
 def _rows(z, mask=None):
@@ -435,7 +435,7 @@ def _safe_ratio(num, den, ok):
 
 class TeacherLogits:
     """The teacher's logits Z_P = H Wᵀ [M, V] never held whole: rows are made on demand (`zt[rows]`, float32)
-    from its final hidden states H [M, C] and the output embedding W [V, C], inside consistency_nlu's sweep.
+    from its final hidden states H [M, C] and the output embedding W [V, C], block by block inside the KL's sweep.
     On a 49k vocabulary this saves one M×V float32 matrix (200 MB at M = 1 024) and a pass over it."""
 
     def __init__(self, hidden, weight, dtype=None):
@@ -507,15 +507,14 @@ def _fused_terms(cfg, z, zt, lambdas, generator):
     M, V = z.shape
     kl = l1 > 0 and cfg.consistency == "kl"
     K = min(cfg.top_k, V) if l2 > 0 and cfg.diversity == "topk_entropy" else 0
-    Q = range_finder_streamed(z, min(cfg.svd_k + 5, M, V), 2, generator) \
-        if l3 > 0 and cfg.svd == "randomized_frobenius" and M > 0 else None
-    if Q is not None and not bool(torch.isfinite(Q).all()):
-        return {"svd": z.sum() * float("nan")}  # non-finite logits: a NaN term to report (svd_nlg's guard)
-    if M == 0 or V == 1 or K == 1 or not (kl or K or Q is not None):
+    energy = l3 > 0 and cfg.svd == "randomized_frobenius"
+    if M == 0 or V == 1 or K == 1 or not (kl or K or energy):
         return {}
+    Q = range_finder_streamed(z, min(cfg.svd_k + 5, M, V), 2, generator) if energy else None
+    if energy and not bool(torch.isfinite(Q).all()):
+        return {"svd": z.sum() * float("nan")}  # non-finite logits: a NaN term to report (svd_nlg's guard)
     cr, dr, sv = _SharedGradient.apply(z, zt if kl else None, cfg.temperature, K, Q, cfg.svd_k)
-    return {name: v for name, v, on in (("consistency", cr, kl), ("diversity", dr, K > 0), ("svd", sv, Q is not None))
-            if on}
+    return {name: v for name, v, on in (("consistency", cr, kl), ("diversity", dr, K > 0), ("svd", sv, energy)) if on}
 
 
 class _SharedGradient(torch.autograd.Function):

@@ -95,8 +95,9 @@ def balora_parts(net, cfg, batch, dtype):
 
 class Passes:
     # Counts the passes over M×V memory that the ops inside make: every tensor an op reads or writes that lives in
-    # an M×V storage (logits, teacher logits, gradient buffer) adds its elements, except when one of the last few
-    # ops touched the same block (it is still in cache); the sum over M·V is the passes.
+    # a storage of M·V elements or more (logits, teacher logits, gradient buffer) adds its elements, except when one
+    # of the last few ops touched the same block of <= 16 MB (still in cache); a scatter adds the entries it names.
+    # The sum over M·V is the passes. An estimate of memory traffic, not a hardware count.
     def __init__(self, M, V, window=6):
         from torch.utils._python_dispatch import TorchDispatchMode
         counter = self
@@ -111,7 +112,7 @@ class Passes:
                     counter.elements += args[2].numel()
                     return out
                 for t in flat:
-                    if torch.is_tensor(t) and t.untyped_storage().nbytes() >= M * V * 2:
+                    if torch.is_tensor(t) and t.untyped_storage().nbytes() >= M * V * t.element_size():
                         key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
                         # a block of <= 16 MB that one of the last ops touched is still in cache
                         if key not in counter.recent or t.numel() * t.element_size() > 16 << 20:
@@ -165,6 +166,7 @@ def term_split(net, batch, dtype, repeats):
              "range finder": (lambda: balora.range_finder_streamed(z0, q, 2, torch.Generator().manual_seed(0)),
                               lambda: balora.range_finder(z0, q, 2, torch.Generator().manual_seed(0))),
              "energy ratio (given Q)": (energy, None),
+             "SVD term (range finder + energy ratio)": (reg(only(3)), reg(only(3))),
              "all three": (reg(base), reg(base))}
     out = {}
     for name, (fast, plain) in parts.items():
