@@ -263,26 +263,29 @@ def peft_step_fn(pm, batch, dtype):
 # ---- peak memory: one fresh process per method ---------------------------------------------------------------
 
 def child(method, dtype, model_dir, rank):
-    # load, inject, two optimizer steps; report the process's peak resident set size
-    batch = fixed_batch(model_dir)
+    # load, inject, two optimizer steps; report the process's peak resident set size, and for our methods the
+    # resident set at the end of each step's forward (where a step's memory stands before its backward)
+    batch, after_forward = fixed_batch(model_dir), []
     if method == "peft-pissa":
         pm, _ = peft_model(model_dir, rank, "pissa_niter_4")
         step = peft_step_fn(pm, batch, dtype)
     else:
         step = step_fn(*build(model_dir, method, rank), batch, dtype)
+        loss = train_nlg.micro_batch_loss
+        train_nlg.micro_batch_loss = lambda *a, **k: (loss(*a, **k), after_forward.append(rss_self_mb("VmRSS")))[0]
     for _ in range(2):
         step()
-    print(json.dumps({"peak_rss_mb": peak_rss_self_mb()}))
+    print(json.dumps({"peak_rss_mb": rss_self_mb(), "rss_after_forward_mb": after_forward}))
 
 
-def peak_rss_self_mb():
-    # VmHWM: this process's own peak RSS. (ru_maxrss is no good here: Linux carries the parent's value over
-    # fork + exec, so every child would report the benchmark process's peak.)
+def rss_self_mb(field="VmHWM"):
+    # VmHWM: this process's own peak RSS (VmRSS: the current one). (ru_maxrss is no good here: Linux carries
+    # the parent's value over fork + exec, so every child would report the benchmark process's peak.)
     try:
         with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
+    except (OSError, StopIteration):  # no /proc: the peak alone, from getrusage
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if field == "VmHWM" else float("nan")
 
 
 def peak_rss(method, dtype, model_dir, rank, threads):

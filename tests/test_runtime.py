@@ -434,6 +434,11 @@ def test_bad_inputs_are_one_line_naming_what_and_where(encoders, files, tiny_lla
     out = tmp_path / "r"
     train_nlg.main(cli(tiny_llama, out, "--stop-after", "2"))
     assert train_nlg.main(cli(tiny_llama, str(out) + "/", "--resume"))["steps"] == 4
+    # train_nlu.py given the weights file for --model, or told to resume train_nlg.py's run
+    with pytest.raises(ValueError, match="model.safetensors: not a model directory"):
+        train_nlu.main(argv(src, files, tmp_path / "i", "--model", str(src / "model.safetensors")))
+    with pytest.raises(ValueError, match="a train_nlg.py checkpoint; resume it with train_nlg.py, not train_nlu.py"):
+        train_nlu.main(argv(src, files, out, "--resume"))
 
 
 def test_out_on_a_read_only_filesystem_is_one_line(encoders, files, tmp_path, monkeypatch):
