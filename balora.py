@@ -371,7 +371,8 @@ class BALoRAConfig:
         return lambda1_at(self.lambda1, self.lambda1_schedule, progress), self.lambda2 * focus, self.lambda3 * focus
 
 
-def regularizers(cfg: BALoRAConfig, z_student, z_teacher, mask=None, step=0, total_steps=1, generator=None):
+def regularizers(cfg: BALoRAConfig, z_student, z_teacher, mask=None, step=0, total_steps=1, generator=None,
+                 plain=False):
     """Eqs. (8), (13) without the task loss: Σ λ_i(step)·L_i on the rows of the logits `mask` selects (None:
     every row; for NLG a [B, T] mask over [B, T, V] logits, True where a token has a target). A term whose λ is
     0 is skipped; z_teacher may be None when λ1 is 0. Returns (total, {term: its value, detached})."""
@@ -381,7 +382,7 @@ def regularizers(cfg: BALoRAConfig, z_student, z_teacher, mask=None, step=0, tot
         raise ValueError(f"lambda1={l1} at step {step} needs teacher logits")
     zt = _rows(z_teacher, mask) if l1 > 0 else None
     # the token-level forms together, one gradient buffer (Part 3); {} when FUSED is off or nothing is fused
-    terms = _fused_terms(cfg, z, zt, (l1, l2, l3), generator) if FUSED else {}
+    terms = _fused_terms(cfg, z, zt, (l1, l2, l3), generator) if FUSED and not plain else {}
     if l1 > 0 and "consistency" not in terms:
         terms["consistency"] = consistency_nlu(z, zt, cfg.temperature) if cfg.consistency == "kl" \
             else consistency_mse(z, zt)
@@ -671,20 +672,12 @@ def save_adapter(model: nn.Module, out_dir, convert_to_lora=None, modules_to_sav
               "task_type": None}
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, ADAPTER_FILE), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(os.path.join(out_dir, CONFIG_FILE),
-                 lambda p: open(p, "w").write(json.dumps(config, indent=2) + "\n"))
+    write_json(os.path.join(out_dir, CONFIG_FILE), config)
     return "lora_2r" if converted else init
 
 
 def _read_adapter_config(cfg_path):
-    try:
-        config = json.loads(open(cfg_path, "rb").read().decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
-    except KeyError as e:
-        raise AdapterError(f"{cfg_path}: the key {e.args[0]!r} appears twice") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{cfg_path}: expected a JSON object, got a {type(config).__name__}")
+    config = read_json(cfg_path, AdapterError)
     for key, kinds, what in (("r", int, "an integer"), ("lora_alpha", (int, float), "a number"),
                              ("modules_to_save", (list, type(None)), "a list of module names or null")):
         v = config.get(key)
@@ -694,12 +687,31 @@ def _read_adapter_config(cfg_path):
     return config
 
 
-def _no_duplicate_keys(pairs):
-    keys = [k for k, _ in pairs]
-    dup = next((k for k in keys if keys.count(k) > 1), None)
-    if dup is not None:
-        raise KeyError(dup)
-    return dict(pairs)
+def read_json(path, error=ValueError):
+    """The JSON object in the UTF-8 file `path`, strictly: invalid JSON, a key that appears twice (which
+    json.loads would resolve silently to the last) or a non-object raises `error` naming the file."""
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        if dup is not None:
+            raise error(f"{path}: the key {dup!r} appears twice")
+        return dict(pairs)
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
+def write_json(path, obj):
+    """json.dumps(obj, indent=1) into `path` atomically (atomic_write): the old file or the new one, never half."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=1) + "\n")
+    atomic_write(path, write)
 
 
 def load_adapter(model: nn.Module, in_dir):
