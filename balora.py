@@ -1,7 +1,7 @@
 # balora.py: everything BA-LoRA adds to a model, in one file to read top to bottom and to copy.
 # Part 1 PiSSA adapters (paper Sec. 3.1). Part 2 the equations, one plain function each, in the paper's order
 # (Sec. 3.2 Eqs. 4-7, Sec. 3.3 Eqs. 9-12), then the λ schedules and the total (Eqs. 8, 13). Part 3 the total's
-# fast path, equal to the Part-2 functions. Part 4 adapters on disk, in peft's layout.
+# fast path for token-level logits, equal to the Part-2 functions. Part 4 adapters on disk, in peft's layout.
 # Chang, Chang & Wu, "Bias-Alleviating Low-Rank Adaptation", ICLR 2026 (arXiv 2408.04556). Tests: test_balora.py.
 
 import functools
@@ -184,27 +184,44 @@ def teacher(model: nn.Module):
 # Every term takes logits, one row per example (NLU, Z ∈ R^{N×D}) or per target token (NLG, Z ∈ R^{M×V}),
 # and returns a scalar. They run in float32 with autocast off (_fp32): the SVDs, the covariance and the
 # softmaxes are precision-sensitive, and under bf16 autocast a plain matmul would silently drop to bf16.
-# Each is the equation as written. `regularizers` (Eqs. 8, 13), which sums them, has one fast path (Part 3)
-# behind the switch FUSED: the same values and gradient with one M×V gradient buffer for all three terms and
-# fewer passes over Z; FUSED = False runs the functions below exactly as written.
-
-FUSED = True
+# Each is the equation as written; `regularizers` (Eqs. 8, 13) sums them. First the small guards they share.
 
 
 def _fp32(fn):
+    # fn in float32 with autocast off, on the device of its first tensor argument
     @functools.wraps(fn)  # help() shows fn's own signature and docstring
     def wrapped(*args, **kwargs):
-        device_type = next(a for a in args if torch.is_tensor(a) or isinstance(a, TeacherLogits)).device.type
+        device_type = next(a for a in args if torch.is_tensor(a)).device.type
         with torch.autocast(device_type=device_type, enabled=False):
             return fn(*args, **kwargs)
     return wrapped
+
+
+def _zero(z):
+    # a differentiable exact 0 with zero gradient, for a term that is undefined on this input
+    return z.sum() * 0.0
+
+
+_warned = set()
+
+
+def _warn_once(reason):
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(reason, stacklevel=4)  # points at the caller of the term
+
+
+def _safe_ratio(num, den, ok):
+    # num/den where `ok`, else exactly 0 with zero gradient (all-zero logits: the ratio is undefined). The
+    # where() alone is not enough: the unused branch must be finite too, or 0·NaN poisons backward.
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 @_fp32
 def consistency_nlu(z_student, z_teacher, T: float = 2.0):
     """Eq. (4): L_cr = T²·KL(softmax(Z_P/T) ‖ softmax(Z_F/T)), averaged over the rows.
     z_student Z_F, z_teacher Z_P: [N, D] (or [M, V] tokens, Eq. 9); the gradient flows into Z_F only."""
-    zs, zt = z_student.float(), z_teacher if isinstance(z_teacher, TeacherLogits) else z_teacher.detach().float()
+    zs, zt = z_student.float(), z_teacher.detach().float()
     if tuple(zt.shape) != tuple(zs.shape):
         raise ValueError(f"consistency: student logits {tuple(zs.shape)}, teacher {tuple(zt.shape)}")
     if zs.shape[0] == 0:
@@ -213,25 +230,23 @@ def consistency_nlu(z_student, z_teacher, T: float = 2.0):
         _warn_once("consistency (KL) on D=1 logits is the constant 0: softmax over one class is 1; "
                    "use consistency='mse' for regression")
     log_ps = F.log_softmax(zs / T, dim=-1)             # log p_s, the student (fine-tuned)
-    log_pt = F.log_softmax(zt[:] / T, dim=-1)          # log p_t, the teacher (zt[:] makes lazy rows dense)
+    log_pt = F.log_softmax(zt / T, dim=-1)             # log p_t, the teacher (pretrained)
     return T * T * F.kl_div(log_ps, log_pt, log_target=True, reduction="sum") / zs.shape[0]
 
 
 @_fp32
 def diversity_nlu(z):
     """Eqs. (5)-(6): L_dr = (1/D) Σ_{i≠j} C_ij², C = Zcᵀ Zc / (N−1) the covariance of the D logit columns over
-    the N rows. z: [N, D]. Σ_ij C_ij² = ‖Zc Zcᵀ‖²_F / (N−1)², so the smaller Gram matrix is formed."""
+    the N rows (Zc: z with each column's mean removed). z: [N, D]."""
     z = z.float()
     N, D = z.shape
     if D == 1:
         _warn_once("diversity (covariance) on D=1 logits is the constant 0: there is no off-diagonal")
     if N < 2:  # the unbiased covariance of one example is undefined
         return _zero(z)
-    zc = z - z.mean(0, keepdim=True)
-    gram = zc.T @ zc if D <= N else zc @ zc.T      # [D, D] or [N, N]: the same Frobenius norm
-    diag = zc.pow(2).sum(0)                         # (N−1)·C_ii, [D]
-    off = gram.pow(2).sum() - diag.pow(2).sum()     # (N−1)²·Σ_{i≠j} C_ij²
-    return off / ((N - 1) ** 2 * D)
+    zc = z - z.mean(0, keepdim=True)                           # [N, D]
+    C = zc.T @ zc / (N - 1)                                    # [D, D], Eq. (5)
+    return (C.pow(2).sum() - C.diagonal().pow(2).sum()) / D    # Eq. (6): the off-diagonal entries only
 
 
 @_fp32
@@ -252,7 +267,8 @@ def svd_nlu(z, k: int = 5):
 
 
 # Eq. (9), NLG consistency, is Eq. (4) with one row per target token: consistency_nlu on the M rows that carry
-# task loss, averaged over them. `regularizers(mask=...)` selects those rows for every term at once.
+# task loss, averaged over them. `regularizers(mask=...)` selects those rows for every term at once
+# (train_nlg.py selects the same rows inside the model, so that no logits are made for prompt tokens).
 
 @_fp32
 def diversity_nlg(z, K: int = 20):
@@ -268,7 +284,10 @@ def diversity_nlg(z, K: int = 20):
     return (log_p.exp() * log_p).sum(-1).mean()
 
 
-def range_finder(z, q: int, niter: int = 2, generator=None):
+OVERSAMPLE, POWER_ITERATIONS = 5, 2  # Eq. (12)'s range finder: q = k + 5 columns, 2 power iterations
+
+
+def range_finder(z, q: int, niter: int = POWER_ITERATIONS, generator=None):
     """Halko et al.'s randomized range finder: an orthonormal Q [M, q] spanning z Ω (Ω a Gaussian [V, q]),
     refined by `niter` power iterations Q ← qr(z zᵀ Q). No gradient: Q only chooses the subspace of Eq. (12)."""
     with torch.no_grad():
@@ -280,7 +299,7 @@ def range_finder(z, q: int, niter: int = 2, generator=None):
 
 
 @_fp32
-def svd_nlg(z, k: int = 10, oversample: int = 5, niter: int = 2, generator=None):
+def svd_nlg(z, k: int = 10, oversample: int = OVERSAMPLE, niter: int = POWER_ITERATIONS, generator=None):
     """Eq. (12): L_svd = −Σ_{i≤k} σ̃_i / ‖Z‖_F, σ̃ = σ(Qᵀ Z) with Q from range_finder (q = k + oversample).
     z: [M, V]. The gradient is that of σ(QᵀZ) for the fixed subspace Q (no backward through the QR)."""
     z = z.float()
@@ -297,7 +316,7 @@ def svd_nlg(z, k: int = 10, oversample: int = 5, niter: int = 2, generator=None)
 @_fp32
 def consistency_mse(z_student, z_teacher):
     """Swap-in for Eqs. (4)/(9) (not the paper's): the mean squared logit difference, for regression heads."""
-    zs, zt = z_student.float(), z_teacher[:].detach().float()
+    zs, zt = z_student.float(), z_teacher.detach().float()
     if zs.numel() == 0:
         return _zero(zs)
     return (zs - zt).pow(2).mean()
@@ -371,19 +390,30 @@ class BALoRAConfig:
         return lambda1_at(self.lambda1, self.lambda1_schedule, progress), self.lambda2 * focus, self.lambda3 * focus
 
 
+def _rows(z, mask=None):
+    # [..., V] logits (+ a bool mask over ...) -> the selected rows [M, V] in float32
+    if mask is None and z.dim() == 2:
+        return z.float()  # no view: every term's gradient then lands in one buffer, added in place
+    return (z.reshape(-1, z.shape[-1]) if mask is None else z[mask]).float()
+
+
+FUSE_MIN_COLUMNS = 1024  # logits this wide (a vocabulary, not a set of classes) take Part 3's fast path
+
+
 def regularizers(cfg: BALoRAConfig, z_student, z_teacher, mask=None, step=0, total_steps=1, generator=None,
                  plain=False):
     """Eqs. (8), (13) without the task loss: Σ λ_i(step)·L_i on the rows of the logits `mask` selects (None:
     every row; for NLG a [B, T] mask over [B, T, V] logits, True where a token has a target). A term whose λ is
-    0 is skipped; z_teacher may be None when λ1 is 0. Returns (total, {term: its value, detached})."""
+    0 is skipped; z_teacher may be None when λ1 is 0. Returns (total, {term: its value, detached}). Logits with
+    V ≥ FUSE_MIN_COLUMNS take the fast path (Part 3, equal values and gradient); plain=True never does."""
     l1, l2, l3 = cfg.lambdas(step, total_steps)
-    z = _rows(z_student, mask)  # the M rows, gathered once for all three terms
     if l1 > 0 and z_teacher is None:
         raise ValueError(f"lambda1={l1} at step {step} needs teacher logits")
-    zt = _rows(z_teacher, mask) if l1 > 0 else None
-    # the token-level forms together, one gradient buffer (Part 3); {} when FUSED is off or nothing is fused
-    terms = _fused_terms(cfg, z, zt, (l1, l2, l3), generator) if FUSED and not plain else {}
+    z = _rows(z_student, mask)  # [M, V]: the rows every term sees, gathered once
+    fast = not plain and z.shape[1] >= FUSE_MIN_COLUMNS
+    terms = fused_terms(cfg, z, z_teacher, mask, (l1, l2, l3), generator) if fast else {}
     if l1 > 0 and "consistency" not in terms:
+        zt = _rows(z_teacher[:], mask)  # [M, V]; `[:]` makes Part 3's lazy TeacherLogits whole
         terms["consistency"] = consistency_nlu(z, zt, cfg.temperature) if cfg.consistency == "kl" \
             else consistency_mse(z, zt)
     if l2 > 0 and "diversity" not in terms:
@@ -399,45 +429,19 @@ def regularizers(cfg: BALoRAConfig, z_student, z_teacher, mask=None, step=0, tot
 
 
 # =============================================================================================================
-# Part 3. What the equations call: the row selection and the guards for undefined inputs, then the fast path
-# of `regularizers`: the Part-2 functions' values and gradient with one M×V gradient buffer for all three terms
-# and fewer passes over the logits. FUSED = False switches it off; test_balora.py checks both equal.
-
-
-def _rows(z, mask=None):
-    # [..., V] logits (+ a mask over ...) -> the selected rows [M, V] in float32; a lazy TeacherLogits stays lazy
-    if isinstance(z, TeacherLogits):
-        return z if mask is None and z.hidden.dim() == 2 else \
-            TeacherLogits(z.hidden.reshape(-1, z.hidden.shape[-1]) if mask is None else z.hidden[mask], z.weight)
-    if mask is None and z.dim() == 2:
-        return z.float()  # no view: every term's gradient then lands in one buffer, added in place
-    return (z.reshape(-1, z.shape[-1]) if mask is None else z[mask]).float()
-
-
-def _zero(z):
-    # a differentiable exact 0 with zero gradient, for a term that is undefined on this input
-    return z.sum() * 0.0
-
-
-_warned = set()
-
-
-def _warn_once(reason):
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(reason, stacklevel=4)  # points at the caller of the term
-
-
-def _safe_ratio(num, den, ok):
-    # num/den where `ok`, else exactly 0 with zero gradient (all-zero logits: the ratio is undefined). The
-    # where() alone is not enough: the unused branch must be finite too, or 0·NaN poisons backward.
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+# Part 3. The fast path of `regularizers`, for token-level logits (V ≥ FUSE_MIN_COLUMNS)
+#
+# The Part-2 functions' values and gradient, tested equal (test_balora.py), with less memory and fewer passes over
+# Z: the KL, top-K entropy and randomized-SVD gradients land in ONE M×V buffer instead of one each; the teacher's
+# logits are made block by block, never held whole (TeacherLogits); the range finder passes over Z niter + 1
+# times instead of 2·niter + 1; the covariance is formed as the smaller of the [V, V] and [M, M] Gram matrices.
+# On NLU's N×D class logits none of this saves anything, so they run Part 2 as written (docs/speed-and-memory.md).
 
 
 class TeacherLogits:
-    """The teacher's logits Z_P = H Wᵀ [M, V] never held whole: rows are made on demand (`zt[rows]`, float32)
-    from its final hidden states H [M, C] and the output embedding W [V, C], block by block inside the KL's sweep.
-    On a 49k vocabulary this saves one M×V float32 matrix (200 MB at M = 1 024) and a pass over it."""
+    """The teacher's logits Z_P = H Wᵀ [..., V] never held whole: rows are made on demand (`zt[rows]`, float32)
+    from its final hidden states H [..., C] and the output embedding W [V, C], block by block inside the KL's
+    sweep. On a 49k vocabulary this saves one M×V float32 matrix (200 MB at M = 1 024) and a pass over it."""
 
     def __init__(self, hidden, weight, dtype=None):
         # dtype: of the product (the autocast dtype the model's own LM head would use)
@@ -448,6 +452,13 @@ class TeacherLogits:
 
     def __getitem__(self, rows):
         return (self.hidden[rows] @ self.weight.T).float()
+
+    def rows(self, mask=None):
+        """The lazy teacher of the rows `mask` selects, [M, V] (as _rows does for a tensor)."""
+        if mask is None and self.hidden.dim() == 2:
+            return self
+        h = self.hidden.reshape(-1, self.hidden.shape[-1]) if mask is None else self.hidden[mask]
+        return TeacherLogits(h, self.weight)
 
 
 # Elements of one row chunk of the fused sweep: 0.5 MB on a CPU (stays in cache), 64 MB elsewhere (few kernel
@@ -466,15 +477,20 @@ def _block_rows(V, device_type):
     return BLOCK_ROWS if device_type == "cpu" else max(1, KL_CHUNK_ELEMENTS_DEFAULT // V)
 
 
+def basis_width(q):
+    """Columns the fast range finder stores for q: q rounded up to 16. Products with 16 columns run the fast
+    matmul kernels (a q = 15 product takes twice as long on a CPU); the extra columns are zeros and stay zero."""
+    return -(-q // 16) * 16
+
+
 def _wide(x, q):
-    # x [n, q] in the first q columns of zeros [n, q rounded up to 16]: products with 16 columns run the fast
-    # matmul kernels (a q = 15 product takes twice as long on a CPU), and the zero columns stay zero in them
-    out = x.new_zeros(x.shape[0], -(-q // 16) * 16)
+    # x [n, q] in the first q columns of zeros [n, basis_width(q)]
+    out = x.new_zeros(x.shape[0], basis_width(q))
     out[:, :q] = x
     return out
 
 
-def range_finder_streamed(z, q: int, niter: int = 2, generator=None):
+def range_finder_streamed(z, q: int, niter: int = POWER_ITERATIONS, generator=None):
     """range_finder's subspace with niter + 1 passes over z [M, V] instead of 2·niter + 1: range((Z Zᵀ)^n Z Ω) =
     range(Z (ZᵀZ)^n Ω), so each power iteration applies ZᵀZ to a V×q basis W in one sweep over row blocks
     (Z_b W, then Z_bᵀ(Z_b W) while Z_b is in cache), re-orthonormalised; then Q = qr(Z W). Ω is the same draw."""
@@ -494,28 +510,47 @@ def range_finder_streamed(z, q: int, niter: int = 2, generator=None):
 def _project(Q, z):
     # QᵀZ [q, V], accumulated over row blocks (on a CPU twice as fast as one q×M by M×V product)
     q, rows = Q.shape[1], _block_rows(z.shape[1], z.device.type)
-    Qw, B = _wide(Q, q), z.new_zeros(-(-q // 16) * 16, z.shape[1])
+    Qw, B = _wide(Q, q), z.new_zeros(basis_width(q), z.shape[1])
     for i in range(0, z.shape[0], rows):
         B.addmm_(Qw[i:i + rows].T, z[i:i + rows])
     return B[:q]
 
 
-def _fused_terms(cfg, z, zt, lambdas, generator):
-    # regularizers' fast path: the token-level forms that are on (KL, top-K entropy, randomized SVD) through one
-    # _SharedGradient, with svd_nlg's q = k + 5 and 2 power iterations. {} leaves every term to Part 2: nothing to
-    # fuse, or an edge case (no rows, V = 1, K = 1) whose warning lives there.
+@_fp32
+def _diversity_gram(z):
+    # diversity_nlu through the smaller Gram matrix: Σ_ij C_ij² = ‖Zc Zcᵀ‖²_F / (N−1)², [N, N] when D > N
+    N, D = z.shape
+    if N < 2:
+        return _zero(z)
+    zc = z - z.mean(0, keepdim=True)
+    gram = zc.T @ zc if D <= N else zc @ zc.T      # [D, D] or [N, N]: the same Frobenius norm
+    diag = zc.pow(2).sum(0)                         # (N−1)·C_ii, [D]
+    return (gram.pow(2).sum() - diag.pow(2).sum()) / ((N - 1) ** 2 * D)
+
+
+@_fp32
+def fused_terms(cfg, z, z_teacher, mask, lambdas, generator=None):
+    """regularizers' fast path: {term: value} for each term that is on and has a fast form (the KL, the top-K
+    entropy and the randomized SVD through one _SharedGradient; the covariance through _diversity_gram), each
+    equal to its Part-2 function. z: the selected rows [M, V] (float32); z_teacher: as given to regularizers.
+    Other forms, and edge cases whose warning lives in Part 2 (no rows, V = 1, K = 1), are left to Part 2."""
     l1, l2, l3 = lambdas
     M, V = z.shape
+    out = {"diversity": _diversity_gram(z)} if l2 > 0 and cfg.diversity == "covariance" and V > 1 else {}
     kl = l1 > 0 and cfg.consistency == "kl"
     K = min(cfg.top_k, V) if l2 > 0 and cfg.diversity == "topk_entropy" else 0
     energy = l3 > 0 and cfg.svd == "randomized_frobenius"
     if M == 0 or V == 1 or K == 1 or not (kl or K or energy):
-        return {}
-    Q = range_finder_streamed(z, min(cfg.svd_k + 5, M, V), 2, generator) if energy else None
+        return out
+    zt = None
+    if kl:  # the teacher's selected rows, left lazy when it is a TeacherLogits
+        zt = z_teacher.rows(mask) if isinstance(z_teacher, TeacherLogits) else _rows(z_teacher.detach(), mask)
+    Q = range_finder_streamed(z, min(cfg.svd_k + OVERSAMPLE, M, V), POWER_ITERATIONS, generator) if energy else None
     if energy and not bool(torch.isfinite(Q).all()):
-        return {"svd": z.sum() * float("nan")}  # non-finite logits: a NaN term to report (svd_nlg's guard)
-    cr, dr, sv = _SharedGradient.apply(z, zt if kl else None, cfg.temperature, K, Q, cfg.svd_k)
-    return {name: v for name, v, on in (("consistency", cr, kl), ("diversity", dr, K > 0), ("svd", sv, energy)) if on}
+        return {**out, "svd": z.sum() * float("nan")}  # non-finite logits: a NaN term to report (svd_nlg's guard)
+    cr, dr, sv = _SharedGradient.apply(z, zt, cfg.temperature, K, Q, cfg.svd_k)
+    return {**out, **{name: v for name, v, on in (("consistency", cr, kl), ("diversity", dr, K > 0),
+                                                   ("svd", sv, energy)) if on}}
 
 
 class _SharedGradient(torch.autograd.Function):
@@ -676,6 +711,14 @@ def save_adapter(model: nn.Module, out_dir, convert_to_lora=None, modules_to_sav
     return "lora_2r" if converted else init
 
 
+# adapter_config.json keys that change what peft builds: (peft's default when absent, the values read here)
+_PEFT_AS_WRITTEN = {"peft_type": (None, ("LORA",)), "bias": ("none", ("none",)),
+                    "fan_in_fan_out": (False, (False,)), "use_rslora": (False, (False,)),
+                    "use_dora": (False, (False,)), "layers_to_transform": (None, (None, [])),
+                    "layers_pattern": (None, (None, [], "")), "rank_pattern": ({}, ({}, None)),
+                    "alpha_pattern": ({}, ({}, None))}
+
+
 def _read_adapter_config(cfg_path):
     config = read_json(cfg_path, AdapterError)
     for key, kinds, what in (("r", int, "an integer"), ("lora_alpha", (int, float), "a number"),
@@ -684,7 +727,35 @@ def _read_adapter_config(cfg_path):
         if not isinstance(v, kinds) or isinstance(v, bool) or (key == "modules_to_save" and v is not None
                                                                 and not all(isinstance(x, str) for x in v)):
             raise AdapterError(f"{cfg_path}: {key} = {v!r} should be {what}")
+    for key, (default, allowed) in _PEFT_AS_WRITTEN.items():  # what would make peft build another adapter
+        if config.get(key, default) not in allowed:
+            raise AdapterError(f"{cfg_path}: {key} = {config.get(key, default)!r}: this loader reads only "
+                               f"{allowed[0]!r} (peft would build a different adapter)")
     return config
+
+
+def _check_target_modules(model, config, cfg_path, layers):
+    # the layers peft would adapt by the config's target_modules (a list of name suffixes, or one regex matched
+    # against the whole name) must be exactly the model's adapters
+    t = config.get("target_modules")
+    if not (isinstance(t, str) or (isinstance(t, list) and all(isinstance(x, str) for x in t))):
+        raise AdapterError(f"{cfg_path}: target_modules = {t!r} should be a list of module names or a regex")
+    match = (lambda n: re.fullmatch(t, n) is not None) if isinstance(t, str) else \
+        (lambda n: any(n == x or n.endswith("." + x) for x in t))
+    adapted = {n for n, _ in layers}
+    ours = {_hf_name(model, n) for n in adapted}
+    linears = set(ours)
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear) and n.rpartition(".")[0] not in adapted:  # (not a PiSSALinear's own base)
+            try:
+                linears.add(_hf_name(model, n))
+            except KeyError:  # a layer with no Hugging Face counterpart: peft cannot target it either
+                pass
+    chosen = {n for n in linears if match(n)}
+    if chosen != ours:
+        diff = sorted(chosen - ours) or sorted(ours - chosen)
+        raise AdapterError(f"{cfg_path}: target_modules = {t!r} selects {len(chosen)} layers, the model has "
+                           f"adapters on {len(ours)} (e.g. {diff[0]!r} differs): peft would build another model")
 
 
 def read_json(path, error=ValueError):
@@ -731,6 +802,7 @@ def load_adapter(model: nn.Module, in_dir):
     if bad:
         raise AdapterError(f"{st_path}: {bad[0]} holds non-finite values (NaN or inf)")
     layers, (r, alpha, init) = _layers_settings(model, "load_adapter")
+    _check_target_modules(model, config, cfg_path, layers)
     found = (config.get("r"), config.get("lora_alpha"), config.get("init_lora_weights"))
     converted = init != "lora" and found == (2 * r, 2 * alpha, True)
     if found != (r, alpha, True if init == "lora" else init) and not converted:

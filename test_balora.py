@@ -1,8 +1,8 @@
 # test_balora.py: the proofs, in balora.py's order. Part 1: PiSSA init reproduces W, the teacher is the pretrained
 # model, merge equals the unmerged model. Part 2: every regulariser against a naive line-by-line transcription of
-# its equation. Part 3: each fast path equals its plain form in value and gradient. Part 4: adapters on disk load
-# in peft. Then model.py against transformers on tiny random checkpoints. Run: `python -m pytest test_balora.py -q`
-# (the harness's tests live in tests/; `python -m pytest -q` runs both).
+# its equation. Part 3: the fast path equals the plain functions in value and gradient. Part 4: adapters on disk
+# load in peft. Then balora.py alone (the README snippet) and model.py against transformers on tiny random
+# checkpoints (tests/reference_models.py). Run: `python -m pytest test_balora.py -q` (`python -m pytest -q`: everything).
 
 import dataclasses
 import json
@@ -26,10 +26,15 @@ import balora
 import model as M
 from balora import PiSSALinear
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
+from reference_models import TOL, _batch, _maxdiff, ckpt  # noqa: E402,F401  tiny transformers checkpoints (a fixture)
+
 HERE = Path(__file__).resolve().parent
 torch.set_num_threads(2)
 
 
+# -------------------------------------------------------------------------------------------------------------
+# Part 1. PiSSA adapters: init, teacher, merge
 
 class TinyNet(nn.Module):
     # Stands in for a transformer block: named linears of square and rectangular shapes + a head.
@@ -183,132 +188,8 @@ def test_inject_unknown_target_lists_linear_layers():
     with pytest.raises(ValueError, match="unknown init"):
         PiSSALinear(nn.Linear(16, 16), r=2, alpha=1, init="olora")
 
-
-def test_adapter_roundtrip_is_bit_exact_and_atomic(tmp_path):
-    model = tiny()
-    balora.inject(model, TARGETS, r=4, alpha=8)
-    model.head.requires_grad_(True)
-    train_steps(model)
-    balora.save_adapter(model, tmp_path, modules_to_save=["head"])
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
-    cfg = json.load(open(tmp_path / "adapter_config.json"))
-    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == ("LORA", 4, 8, "pissa")
-    assert sorted(cfg["target_modules"]) == sorted(TARGETS) and cfg["modules_to_save"] == ["head"]
-
-    fresh = tiny()
-    balora.inject(fresh, TARGETS, r=4, alpha=8)
-    balora.load_adapter(fresh, tmp_path)
-    for (n, p), (_, q) in zip(model.state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(p, q), n
-
-
-def test_converted_rank_2r_adapter_on_untouched_weights(tmp_path):
-    original = tiny()
-    model = tiny()
-    balora.inject(model, TARGETS, r=4, alpha=8)
-    train_steps(model)
-    balora.save_adapter(model, tmp_path, convert_to_lora=True)
-    cfg = json.load(open(tmp_path / "adapter_config.json"))
-    assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (8, 16, True)
-    from safetensors.torch import load_file
-    t = load_file(tmp_path / "adapter_model.safetensors")
-    x = torch.randn(7, 16)
-    # apply W + (alpha'/r')·B'A' by hand on the untouched model
-    with torch.no_grad():
-        for name in TARGETS:
-            lin = original.get_submodule(name)
-            A = t[f"base_model.model.{name}.lora_A.weight"]
-            B = t[f"base_model.model.{name}.lora_B.weight"]
-            lin.weight += (cfg["lora_alpha"] / cfg["r"]) * B @ A
-    assert (original(x) - model(x)).abs().max() <= 1e-5
-    # it loads back into a model injected the same way (its second half is that model's own A0, −B0) ...
-    fresh = tiny()
-    balora.inject(fresh, TARGETS, r=4, alpha=8)
-    balora.load_adapter(fresh, tmp_path)
-    assert (fresh(x) - model(x)).abs().max() <= 1e-6
-    # ... and not into one whose initial adapter differs (another init): clear error naming the key
-    other = tiny()
-    balora.inject(other, TARGETS, r=4, alpha=8, init="pissa_niter_0")
-    with pytest.raises(ValueError, match=r"lora_A.weight's second half is not this model's initial adapter"):
-        balora.load_adapter(other, tmp_path)
-    with pytest.raises(ValueError, match="r=8.*r=3"):  # nor into another rank
-        wrong = tiny()
-        balora.inject(wrong, TARGETS, r=3, alpha=8)
-        balora.load_adapter(wrong, tmp_path)
-
-
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "lora"])
-@pytest.mark.parametrize("convert", [None, True])
-def test_peft_loads_our_adapter_onto_the_original_model(tmp_path, init, convert):
-    # whatever the init, the directory save_adapter writes gives our logits when peft loads it on the untouched
-    # model: a randomized init (peft would re-run its own unseeded SVD) is written as the rank-2r LoRA
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    model = tiny()
-    balora.inject(model, TARGETS, r=4, alpha=8, init=init)
-    train_steps(model)
-    form = balora.save_adapter(model, tmp_path, convert_to_lora=convert)
-    assert form == ("lora" if init == "lora" else "lora_2r" if convert or init != "pissa" else "pissa")
-    x = torch.randn(7, 16)
-    peft_model = peft.PeftModel.from_pretrained(tiny(), str(tmp_path))
-    assert (peft_model(x) - model(x)).abs().max() <= 1e-5
-    fresh = tiny()  # and it loads back here, into a model injected the same way
-    torch.manual_seed(0)
-    balora.inject(fresh, TARGETS, r=4, alpha=8, init=init)
-    balora.load_adapter(fresh, tmp_path)
-    assert (fresh(x) - model(x)).abs().max() <= 1e-6
-
-
-def test_adapter_errors_name_the_key(tmp_path):
-    model = tiny()
-    balora.inject(model, TARGETS, r=4, alpha=8)
-    balora.save_adapter(model, tmp_path)
-    from safetensors.torch import load_file, save_file
-    st = tmp_path / "adapter_model.safetensors"
-    good = load_file(st)
-
-    other = tiny()
-    balora.inject(other, ["q_proj", "up_proj"], r=4, alpha=8)
-    with pytest.raises(ValueError, match="unexpected keys.*down_proj.lora_A"):
-        balora.load_adapter(other, tmp_path)
-
-    bad = dict(good)
-    del bad["base_model.model.up_proj.lora_B.weight"]
-    save_file(bad, st)
-    with pytest.raises(ValueError, match="missing keys.*up_proj.lora_B.weight"):
-        balora.load_adapter(model, tmp_path)
-
-    bad = dict(good)
-    bad["base_model.model.q_proj.lora_A.weight"] = torch.zeros(4, 17)
-    save_file(bad, st)
-    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight has shape \(4, 17\).*\(4, 16\)"):
-        balora.load_adapter(model, tmp_path)
-
-    st.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
-    with pytest.raises(ValueError, match="adapter_model.safetensors: not a readable safetensors"):
-        balora.load_adapter(model, tmp_path)
-
-    (tmp_path / "adapter_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
-        balora.load_adapter(model, tmp_path)
-
-
-def test_failed_write_leaves_previous_adapter_intact(tmp_path, monkeypatch):
-    model = tiny()
-    balora.inject(model, TARGETS, r=4, alpha=8)
-    balora.save_adapter(model, tmp_path)
-    before = (tmp_path / "adapter_model.safetensors").read_bytes()
-    train_steps(model)
-
-    def crash(tensors, path, metadata=None):
-        open(path, "wb").write(b"partial")
-        raise OSError("disk full")
-    monkeypatch.setattr(balora, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
-        balora.save_adapter(model, tmp_path)
-    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
-
+# -------------------------------------------------------------------------------------------------------------
+# Part 2. The equations, each against a naive line-by-line formula
 
 def naive_softmax(row, T=1.0):
     e = [math.exp(v / T) for v in row]
@@ -372,15 +253,6 @@ def test_nlu_regularisers_match_naive_equations():
     z = torch.randn(10, 3) * 3
     assert close(balora.svd_nlu(z, k=1), naive_svd_ratio(z, 1))
 
-
-def test_covariance_gram_trick_equals_explicit_vxv():
-    torch.manual_seed(1)
-    for N, D in [(5, 40), (40, 5), (7, 7)]:
-        z = torch.randn(N, D)
-        C = torch.cov(z.T)  # explicit D×D unbiased covariance
-        explicit = (C.pow(2).sum() - C.diagonal().pow(2).sum()) / D
-        assert close(balora.diversity_nlu(z), explicit)
-        assert close(balora.diversity_nlu(z), naive_cov(z), 1e-4)
 
 
 def test_nlg_regularisers_match_naive_equations_with_padding_mask():
@@ -560,99 +432,439 @@ def test_every_formulation_runs_on_nlu_and_nlg_logits(consistency, diversity, sv
     with pytest.raises(ValueError, match="diversity='entropy'"):
         balora.BALoRAConfig(diversity="entropy")
 
+# -------------------------------------------------------------------------------------------------------------
+# Part 3. The fast path equals the plain functions (values and gradients)
 
-TOL = 1e-4
+def test_covariance_gram_trick_equals_explicit_vxv():
+    torch.manual_seed(1)
+    for N, D in [(5, 40), (40, 5), (7, 7)]:
+        z = torch.randn(N, D)
+        C = torch.cov(z.T)  # explicit D×D unbiased covariance
+        explicit = (C.pow(2).sum() - C.diagonal().pow(2).sum()) / D
+        assert close(balora.diversity_nlu(z), explicit)
+        assert close(balora.diversity_nlu(z), naive_cov(z), 1e-4)
 
 
-def _randomize(hf, seed):
-    # HF initialises biases to 0 and norm weights to 1, which would hide a swapped bias or norm
-    # in the name map; perturb every parameter so each tensor is distinguishable.
-    g = torch.Generator().manual_seed(seed)
+@pytest.mark.parametrize("M, V", [(1, 7), (5, 3), (7, 40000), (9, 65536 + 3)])  # one chunk; chunks of 3 / 2 / 1 rows
+@pytest.mark.parametrize("path", ["plain", "fast"])
+def test_kl_value_and_gradient_equal_float64_kl_div_on_both_paths(M, V, path):
+    # consistency_nlu (plain) and the fast path's chunked sweep (fused_terms, KL alone) against Eq. (4) in float64
+    kl_only = balora.BALoRAConfig.nlu(lambda2=0.0, lambda3=0.0)
+    g = torch.Generator().manual_seed(M)
+    zs = torch.randn(M, V, generator=g) * 4
+    zt = torch.randn(M, V, generator=g) * 4
+    zs[0] = zt[0] = 1.5                                  # an all-equal row: KL 0, gradient 0
+    if M > 2:
+        zs[1, 0], zt[2, -1] = 80.0, -80.0               # extreme (finite) logits: saturated softmaxes
+    for T in (1.0, 2.0):
+        a = zs.clone().requires_grad_(True)
+        b = zs.double().requires_grad_(True)  # F.kl_div in float64: the reference without float32 rounding
+        ours = balora.consistency_nlu(a, zt, T) if path == "plain" else \
+            balora.fused_terms(dataclasses.replace(kl_only, temperature=T), a, zt, None, (1.0, 0, 0))["consistency"]
+        # Eq. (4) in float64, the reference without float32 rounding
+        ref = T * T * F.kl_div(F.log_softmax(b / T, -1), F.log_softmax(zt.double() / T, -1), log_target=True,
+                               reduction="sum") / M
+        (ours * 0.7).backward()
+        (ref * 0.7).backward()
+        assert torch.isfinite(ours) and abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-7, (ours, ref)
+        bound = 0.7 * T / M  # the largest a gradient entry can be: T·|p_s − p_t| / M
+        err = (a.grad.double() - b.grad).abs()
+        assert (err <= 1e-4 * b.grad.abs() + 1e-6 * bound).all(), err.max()
+        assert a.grad[0].abs().max() <= 1e-6 * bound  # the all-equal row
+
+
+def test_teacher_logits_made_chunk_by_chunk_equal_the_dense_teacher():
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)   # 300 rows: 3 blocks of 128
+    zs = torch.randn(300, 50, generator=g)
+    lazy = balora.TeacherLogits(h, W)
+    assert torch.allclose(lazy[:], h @ W.T) and tuple(lazy.shape) == (300, 50)
+    # the KL and the MSE, fast (the lazy teacher streamed) and plain (made whole), against the dense teacher
+    for form in ("kl", "mse"):
+        cfg = balora.BALoRAConfig.nlu(lambda2=0.0, lambda3=0.0, consistency=form)
+        grads = []
+        for teacher, plain in ((lazy, False), (lazy, True), (h @ W.T, True)):
+            a = zs.clone().requires_grad_(True)
+            balora.regularizers(cfg, a, teacher, plain=plain)[0].backward()
+            grads.append(a.grad)
+        assert all(torch.allclose(gr, grads[-1], rtol=1e-5, atol=1e-8) for gr in grads), form
+    # with a mask: the lazy teacher's rows are the dense teacher's masked rows
+    mask = torch.rand(20, 15, generator=g) > 0.5
+    H, Z = torch.randn(20, 15, 16, generator=g), torch.randn(20, 15, 50, generator=g)
+    cfg = balora.BALoRAConfig.nlu(lambda2=0.0, lambda3=0.0)
+    for plain in (False, True):
+        lazy_kl = balora.regularizers(cfg, Z, balora.TeacherLogits(H, W), mask, plain=plain)[1]["consistency"]
+        assert torch.allclose(lazy_kl, balora.consistency_nlu(Z[mask], (H @ W.T)[mask]), rtol=1e-5)
+
+
+def test_svd_nlg_closed_form_gradient_equals_autograd_and_sigma_error_is_bounded(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    # logits with a decaying spectrum, like real ones (a few strong directions over noise)
+    U = torch.linalg.qr(torch.randn(300, 40, generator=g)).Q
+    Vt = torch.linalg.qr(torch.randn(2000, 40, generator=g)).Q.T
+    z0 = (U * (100.0 * 0.8 ** torch.arange(40.0))) @ Vt + 0.05 * torch.randn(300, 2000, generator=g)
+    a, b = z0.clone().requires_grad_(True), z0.clone().requires_grad_(True)
+    cfg = balora.BALoRAConfig.nlg(lambda1=0.0, lambda2=0.0, lambda3=1.0, focus_schedule="constant")
+    ours = balora.regularizers(cfg, a, None, generator=torch.Generator().manual_seed(1))[0]  # the fast path
+    ref = balora.svd_nlg(b, generator=torch.Generator().manual_seed(1))  # autograd through QᵀZ, svdvals, the norm
+    (2 * ours).backward()
+    (2 * ref).backward()
+    # (the two Q differ by float32 rounding: the gradients agree to 1e-4 of their scale)
+    assert torch.allclose(ours, ref, rtol=1e-5)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4 * b.grad.abs().max().item())
+    # the streamed range finder (niter + 1 passes over Z) spans the textbook's subspace for the same Gaussian:
+    # the same projector QQᵀ and the same σ(QᵀZ) to float32 rounding
+    for niter in (0, 1, 2):
+        Qt = balora.range_finder(z0, 15, niter, torch.Generator().manual_seed(1))
+        Qs = balora.range_finder_streamed(z0, 15, niter, torch.Generator().manual_seed(1))
+        assert torch.allclose(Qs.T @ Qs, torch.eye(15), atol=1e-5)
+        assert torch.allclose(Qs @ Qs.T, Qt @ Qt.T, atol=1e-4), niter
+        assert torch.allclose(torch.linalg.svdvals(Qs.T @ z0), torch.linalg.svdvals(Qt.T @ z0), rtol=1e-5)
+    # balora.range_finder's subspace: σ(QᵀZ) against the exact top-10 singular values (numpy, float64). Two
+    # power iterations bring them within 0.1 % here; skipping them (niter=0) leaves errors 10x larger
+    exact = np.linalg.svd(np.array(z0.tolist(), dtype=np.float64), compute_uv=False)[:10]
+    err = {}
+    for niter in (0, 2):
+        Q = balora.range_finder(z0, 15, niter, torch.Generator().manual_seed(1))
+        assert torch.allclose(Q.T @ Q, torch.eye(15), atol=1e-5)  # orthonormal
+        approx = np.array(torch.linalg.svdvals(Q.T @ z0)[:10].tolist())
+        err[niter] = np.abs((exact - approx) / exact).max()
+    assert err[2] < 1e-3 and err[0] > 10 * err[2], err
+    assert ours.item() == pytest.approx(-exact.sum() / np.sqrt((np.array(z0.tolist()) ** 2).sum()), rel=1e-4)
+    monkeypatch.setattr(balora, "FUSE_MIN_COLUMNS", 1)  # the fast path at any width
+    for plain in (False, True):  # all-zero logits: the term is 0 with zero gradient on both paths
+        zero = torch.zeros(4, 30, requires_grad=True)
+        total, terms = balora.regularizers(cfg, zero, None, plain=plain)
+        total.backward()
+        assert terms["svd"].item() == 0.0 and torch.equal(zero.grad, torch.zeros(4, 30))
+
+
+TERMS_ON = [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1)]
+
+
+@pytest.mark.parametrize("M, V", [(1, 7), (5, 3), (9, 65536 + 3), (300, 2000)])
+@pytest.mark.parametrize("on", TERMS_ON)
+@pytest.mark.parametrize("forms", ["nlg", "nlu"])
+def test_fused_regularizers_equal_the_plain_functions(M, V, on, forms, monkeypatch):
+    # regularizers' fast path (Part 3) against the Part-2 functions as written (plain=True), for every subset of
+    # the terms, in both tasks' forms: each value and the gradient, with a dense and with a lazy teacher, on
+    # [M, V] rows and on [2, M, V] logits with a mask that drops some rows
+    if forms == "nlu" and V > 4096:
+        pytest.skip("the covariance as written is [V, V]: 17 GB at V = 65 539 (the fast path's Gram form is [M, M])")
+    monkeypatch.setattr(balora, "FUSE_MIN_COLUMNS", 1)  # the fast path at any width, to reach its edge cases
+    g = torch.Generator().manual_seed(M)
+    zs, h, W = torch.randn(2, M, V, generator=g) * 4, torch.randn(2, M, 8, generator=g), torch.randn(V, 8, generator=g)
+    mask = torch.rand(2, M, generator=g) > 0.3
+    preset = balora.BALoRAConfig.nlg if forms == "nlg" else balora.BALoRAConfig.nlu
+    cfg = preset(lambda1=0.3 * on[0], lambda2=0.2 * on[1], lambda3=0.5 * on[2], svd_k=min(3, M), top_k=5,
+                 lambda1_schedule="constant", focus_schedule="constant")
+    for z0, hidden, m in ((zs[0], h[0], None), (zs, h, mask)):
+        for teacher in (hidden @ W.T, balora.TeacherLogits(hidden, W)):
+            runs = {}
+            for plain in (False, True):
+                a = z0.clone().requires_grad_(True)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (constant-term warnings at tiny shapes)
+                    total, terms = balora.regularizers(cfg, a, teacher, m, generator=torch.Generator().manual_seed(1),
+                                                       plain=plain)
+                (total * 0.7).backward()
+                runs[plain] = (total.detach(), terms, a.grad)
+            (t1, terms1, g1), (t0, terms0, g0) = runs[False], runs[True]
+            assert terms1.keys() == terms0.keys() == {n for n, o in zip(("consistency", "diversity", "svd"), on) if o}
+            for name in terms0:
+                torch.testing.assert_close(terms1[name], terms0[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)
+
+
+def test_the_fast_path_runs_only_for_token_level_logits(monkeypatch):
+    # NLU's class logits run the Part-2 functions as written; logits FUSE_MIN_COLUMNS wide go through fused_terms,
+    # and plain=True never does
+    calls = []
+    real = balora.fused_terms
+    monkeypatch.setattr(balora, "fused_terms", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    for preset, V, plain, fused in ((balora.BALoRAConfig.nlu, 2, False, False),
+                                    (balora.BALoRAConfig.nlu, balora.FUSE_MIN_COLUMNS - 1, False, False),
+                                    (balora.BALoRAConfig.nlg, balora.FUSE_MIN_COLUMNS, False, True),
+                                    (balora.BALoRAConfig.nlg, balora.FUSE_MIN_COLUMNS, True, False)):
+        calls.clear()
+        z = torch.randn(32, V, generator=g, requires_grad=True)
+        cfg = preset(svd_k=1, lambda1_schedule="constant", focus_schedule="constant")
+        balora.regularizers(cfg, z, z.detach() + 1, plain=plain)[0].backward()
+        assert bool(calls) == fused, (V, plain)
+
+
+@pytest.mark.parametrize("on", TERMS_ON)
+def test_one_gradient_buffer_and_a_bounded_working_set_on_every_device(on, monkeypatch):
+    # forward + backward of the fused terms allocate exactly one new M×V storage, the gradient buffer they share
+    # (no M×V zeros for the top-K entropy, no M×V sum of the terms' gradients), and every other temporary is a
+    # bounded block: a sweep chunk, a range-finder block, or a V×q basis
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):  # every tensor any op inside returns: (elements, storage)
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if torch.is_tensor(t):
+                    self.sizes.append((t.numel(), t.untyped_storage().data_ptr()))
+            return out
+
+    M, V = 2048, 32000  # an unbounded KL (the chunk = M rows) would allocate 4x the GPU budget in one tensor
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(M, V, generator=g), torch.randn(M, V, generator=g)
+    cfg = balora.BALoRAConfig.nlg(lambda1=0.3 * on[0], lambda2=0.2 * on[1], lambda3=0.5 * on[2],
+                                  lambda1_schedule="constant", focus_schedule="constant")
+    for device_type, budget in (("cpu", balora.KL_CHUNK_ELEMENTS["cpu"]), ("cuda", balora.KL_CHUNK_ELEMENTS_DEFAULT)):
+        monkeypatch.setitem(balora.KL_CHUNK_ELEMENTS, "cpu", budget)  # run the CPU with that device's chunk
+        a = zs.clone().requires_grad_(True)
+        with Allocations() as seen:
+            total, _ = balora.regularizers(cfg, a, zt, generator=torch.Generator().manual_seed(0))
+            total.backward()
+        inputs = {a.untyped_storage().data_ptr(), zt.untyped_storage().data_ptr()}
+        whole = {ptr for n, ptr in seen.sizes if ptr not in inputs and n >= M * V}  # new M×V storages
+        temps = [n for n, ptr in seen.sizes if ptr not in inputs | whole]  # (not views of those: blocks of them)
+        assert len(whole) == 1 and a.grad.untyped_storage().data_ptr() in whole, (device_type, len(whole))
+        bound = budget if on == (1, 0, 0) else max(budget, balora.BLOCK_ROWS * V, 16 * V)  # V×q, q padded to 16
+        assert max(temps) <= bound, (device_type, max(temps), bound)
+
+# -------------------------------------------------------------------------------------------------------------
+# Part 4. Adapters on disk, in peft's layout
+
+def test_adapter_roundtrip_is_bit_exact_and_atomic(tmp_path):
+    model = tiny()
+    balora.inject(model, TARGETS, r=4, alpha=8)
+    model.head.requires_grad_(True)
+    train_steps(model)
+    balora.save_adapter(model, tmp_path, modules_to_save=["head"])
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.load(open(tmp_path / "adapter_config.json"))
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == ("LORA", 4, 8, "pissa")
+    assert sorted(cfg["target_modules"]) == sorted(TARGETS) and cfg["modules_to_save"] == ["head"]
+
+    fresh = tiny()
+    balora.inject(fresh, TARGETS, r=4, alpha=8)
+    balora.load_adapter(fresh, tmp_path)
+    for (n, p), (_, q) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_converted_rank_2r_adapter_on_untouched_weights(tmp_path):
+    original = tiny()
+    model = tiny()
+    balora.inject(model, TARGETS, r=4, alpha=8)
+    train_steps(model)
+    balora.save_adapter(model, tmp_path, convert_to_lora=True)
+    cfg = json.load(open(tmp_path / "adapter_config.json"))
+    assert (cfg["r"], cfg["lora_alpha"], cfg["init_lora_weights"]) == (8, 16, True)
+    from safetensors.torch import load_file
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    x = torch.randn(7, 16)
+    # apply W + (alpha'/r')·B'A' by hand on the untouched model
     with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return hf.eval()
+        for name in TARGETS:
+            lin = original.get_submodule(name)
+            A = t[f"base_model.model.{name}.lora_A.weight"]
+            B = t[f"base_model.model.{name}.lora_B.weight"]
+            lin.weight += (cfg["lora_alpha"] / cfg["r"]) * B @ A
+    assert (original(x) - model(x)).abs().max() <= 1e-5
+    # it loads back into a model injected the same way (its second half is that model's own A0, −B0) ...
+    fresh = tiny()
+    balora.inject(fresh, TARGETS, r=4, alpha=8)
+    balora.load_adapter(fresh, tmp_path)
+    assert (fresh(x) - model(x)).abs().max() <= 1e-6
+    # ... and not into one whose initial adapter differs (another init): clear error naming the key
+    other = tiny()
+    balora.inject(other, TARGETS, r=4, alpha=8, init="pissa_niter_0")
+    with pytest.raises(ValueError, match=r"lora_A.weight's second half is not this model's initial adapter"):
+        balora.load_adapter(other, tmp_path)
+    with pytest.raises(ValueError, match="r=8.*r=3"):  # nor into another rank
+        wrong = tiny()
+        balora.inject(wrong, TARGETS, r=3, alpha=8)
+        balora.load_adapter(wrong, tmp_path)
 
 
-def _batch(T, V, lo=3, seed=0, left=False):
-    # two sequences, the second 7 tokens shorter: padded on the right (or left)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(lo, V, (2, T), generator=g)
-    mask = torch.ones(2, T, dtype=torch.long)
-    if left:
-        mask[1, :7] = 0
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "lora"])
+@pytest.mark.parametrize("convert", [None, True])
+def test_peft_loads_our_adapter_onto_the_original_model(tmp_path, init, convert):
+    # whatever the init, the directory save_adapter writes gives our logits when peft loads it on the untouched
+    # model: a randomized init (peft would re-run its own unseeded SVD) is written as the rank-2r LoRA
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = tiny()
+    balora.inject(model, TARGETS, r=4, alpha=8, init=init)
+    train_steps(model)
+    form = balora.save_adapter(model, tmp_path, convert_to_lora=convert)
+    assert form == ("lora" if init == "lora" else "lora_2r" if convert or init != "pissa" else "pissa")
+    x = torch.randn(7, 16)
+    peft_model = peft.PeftModel.from_pretrained(tiny(), str(tmp_path))
+    assert (peft_model(x) - model(x)).abs().max() <= 1e-5
+    fresh = tiny()  # and it loads back here, into a model injected the same way
+    torch.manual_seed(0)
+    balora.inject(fresh, TARGETS, r=4, alpha=8, init=init)
+    balora.load_adapter(fresh, tmp_path)
+    assert (fresh(x) - model(x)).abs().max() <= 1e-6
+
+
+def test_adapter_errors_name_the_key(tmp_path):
+    model = tiny()
+    balora.inject(model, TARGETS, r=4, alpha=8)
+    balora.save_adapter(model, tmp_path)
+    from safetensors.torch import load_file, save_file
+    st = tmp_path / "adapter_model.safetensors"
+    good = load_file(st)
+
+    other = tiny()
+    balora.inject(other, ["q_proj", "up_proj"], r=4, alpha=8)
+    with pytest.raises(ValueError, match="unexpected keys.*down_proj.lora_A"):
+        balora.load_adapter(other, tmp_path)
+
+    bad = dict(good)
+    del bad["base_model.model.up_proj.lora_B.weight"]
+    save_file(bad, st)
+    with pytest.raises(ValueError, match="missing keys.*up_proj.lora_B.weight"):
+        balora.load_adapter(model, tmp_path)
+
+    bad = dict(good)
+    bad["base_model.model.q_proj.lora_A.weight"] = torch.zeros(4, 17)
+    save_file(bad, st)
+    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight has shape \(4, 17\).*\(4, 16\)"):
+        balora.load_adapter(model, tmp_path)
+
+    st.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(ValueError, match="adapter_model.safetensors: not a readable safetensors"):
+        balora.load_adapter(model, tmp_path)
+
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
+        balora.load_adapter(model, tmp_path)
+
+
+def test_failed_write_leaves_previous_adapter_intact(tmp_path, monkeypatch):
+    model = tiny()
+    balora.inject(model, TARGETS, r=4, alpha=8)
+    balora.save_adapter(model, tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    train_steps(model)
+
+    def crash(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(balora, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        balora.save_adapter(model, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_adapters_with_non_finite_values_are_never_written_or_loaded(tmp_path):
+    net = TinyNet()
+    balora.inject(net, ["q_proj"], 2, 2)
+    balora.save_adapter(net, tmp_path / "good")
+    with torch.no_grad():
+        net.q_proj.lora_A[0, 0] = float("nan")
+    with pytest.raises(balora.AdapterError, match="non-finite"):
+        balora.save_adapter(net, tmp_path / "bad")
+    assert not (tmp_path / "bad" / balora.ADAPTER_FILE).exists()
+    t = load_file(str(tmp_path / "good" / balora.ADAPTER_FILE))
+    next(iter(t.values()))[0, 0] = float("inf")
+    save_file(t, str(tmp_path / "good" / balora.ADAPTER_FILE))
+    with pytest.raises(balora.AdapterError, match="non-finite"):
+        balora.load_adapter(net, tmp_path / "good")
+
+
+@pytest.mark.parametrize("key, value, message", [("r", "8", r"r = '8' should be an integer"),
+                                                 ("modules_to_save", "head", r"modules_to_save = 'head' should be a list"),
+                                                 ("lora_alpha", None, "lora_alpha")])
+def test_adapter_config_with_wrong_types_names_the_key(tmp_path, key, value, message):
+    net = TinyNet()
+    balora.inject(net, ["q_proj"], 2, 2)
+    balora.save_adapter(net, tmp_path)
+    cfg = json.loads((tmp_path / balora.CONFIG_FILE).read_text())
+    cfg[key] = value
+    (tmp_path / balora.CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(balora.AdapterError, match=message):
+        balora.load_adapter(net, tmp_path)
+
+@pytest.mark.parametrize("key, value, loads", [
+    ("target_modules", ["q_proj"], True), ("target_modules", ".*q_proj", True),  # peft's list and regex forms
+    ("target_modules", ["up_proj"], False), ("target_modules", ["q_proj", "up_proj"], False),
+    ("target_modules", ".*proj", False), ("target_modules", 3, False), ("peft_type", "IA3", False),
+    ("peft_type", None, False), ("use_dora", True, False), ("use_rslora", True, False), ("bias", "all", False),
+    ("fan_in_fan_out", True, False), ("rank_pattern", {"q_proj": 4}, False), ("layers_to_transform", [0], False)])
+def test_adapter_that_peft_would_build_differently_is_refused(tmp_path, key, value, loads):
+    # load_adapter reads only what peft would rebuild as written: the same layers and a plain LoRA
+    net = TinyNet()
+    balora.inject(net, ["q_proj"], 2, 2)
+    balora.save_adapter(net, tmp_path)
+    cfg = json.loads((tmp_path / balora.CONFIG_FILE).read_text())
+    cfg[key] = value
+    (tmp_path / balora.CONFIG_FILE).write_text(json.dumps(cfg))
+    if loads:
+        balora.load_adapter(net, tmp_path)
     else:
-        mask[1, T - 7:] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+        with pytest.raises(balora.AdapterError, match=f"{balora.CONFIG_FILE}: {key}"):
+            balora.load_adapter(net, tmp_path)
 
 
-def _maxdiff(a, b, mask):
-    return (a - b)[mask.bool()].abs().max().item()
+# -------------------------------------------------------------------------------------------------------------
+# balora.py alone: the README snippet
+
+def ast_literal(line):
+    # "step 0 task 4.8621 {'consistency': ...}" -> ((0, 4.8621), {...})
+    import ast
+    head, _, terms = line.partition(" {")
+    _, step, _, task = head.split()
+    return (int(step), float(task)), ast.literal_eval("{" + terms)
 
 
-def _llama(tmp, name, layout5=True, **kw):
-    cfg = transformers.LlamaConfig(vocab_size=96, intermediate_size=48, num_hidden_layers=2,
-                                   max_position_embeddings=128, pad_token_id=0,
-                                   eos_token_id=2, bos_token_id=1, **kw)
+def readme_snippet():
+    readme = (HERE / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- snippet: begin -->")[1].split("<!-- snippet: end -->")[0]
+    code = block.split("```python\n")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 30
+    return code
+
+
+def test_the_readme_snippet_runs_with_balora_py_alone_and_its_adapter_loads_in_peft(tmp_path):
+    code = readme_snippet()
+    shutil.copy(HERE / "balora.py", tmp_path / "balora.py")
+    (tmp_path / "snippet.py").write_text(code, encoding="utf-8")
+    # only torch, safetensors and transformers: the project's modules (and peft) cannot be imported
+    block = "import sys; sys.modules.update(dict.fromkeys(['peft', 'model', 'data', 'plumbing', 'train_nlu', " \
+            "'train_nlg', 'experiments'])); exec(open('snippet.py').read())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = [ast_literal(line) for line in r.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3
+    for (_, task), terms in steps:
+        assert math.isfinite(task) and {"consistency", "diversity", "svd"} <= set(terms)
+        assert all(math.isfinite(v) for v in terms.values())
+    assert abs(steps[0][1]["consistency"]) < 1e-6 < abs(steps[2][1]["consistency"])  # PiSSA: the teacher at step 0
+    # the adapters moved, and the saved adapter is what peft loads on the untouched base model
+    from peft import PeftModel
+    exec_globals = {}
+    exec(code.split("balora.inject")[0], {"__name__": "x"}, exec_globals)  # the same seeded base model, untouched
+    base = exec_globals["model"]
     torch.manual_seed(0)
-    hf = _randomize(transformers.LlamaForCausalLM(cfg), 1)
-    d = tmp / name
-    hf.save_pretrained(d)
-    if not layout5:  # rewrite config.json in the transformers 4.x layout (LLaMA-3.1 style)
-        c = json.loads((d / "config.json").read_text())
-        rope = c.pop("rope_parameters")
-        c["rope_theta"] = rope.pop("rope_theta")
-        c["rope_scaling"] = rope
-        c["torch_dtype"] = c.pop("dtype")
-        (d / "config.json").write_text(json.dumps(c))
-    return d, hf
+    ref = transformers.LlamaForCausalLM(base.config)
+    balora.inject(ref, ["q_proj", "v_proj"], r=4, alpha=4)
+    saved = load_file(str(tmp_path / "my_adapter" / "adapter_model.safetensors"))
+    a0 = {n: m.lora_A.detach() for n, m in balora.pissa_layers(ref)}
+    assert any(not torch.allclose(saved[f"base_model.model.{n}.lora_A.weight"], a) for n, a in a0.items())
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    balora.load_adapter(ref, tmp_path / "my_adapter")
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "my_adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
-
-@pytest.fixture(scope="session")
-def ckpt(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    # GQA (6 query heads share 2 kv heads, SmolLM2's 3:1), untied, attention biases, 5.x layout, theta 1e5
-    out["llama_gqa"] = _llama(tmp, "llama_gqa", hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
-                              attention_bias=True,
-                              rope_parameters={"rope_type": "default", "rope_theta": 1e5})
-    # tied embeddings, MHA, llama3 rope scaling in the 4.x layout (rope_theta + rope_scaling)
-    out["llama_tied"] = _llama(tmp, "llama_tied", layout5=False, tie_word_embeddings=True, hidden_size=32,
-                               num_attention_heads=4,
-                               rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
-                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                "original_max_position_embeddings": 16})
-    deb = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=64, num_labels=3)  # ids < 100: padded vocab
-    variants = {  # v3: shared keys, log buckets (8 < T), both terms, LayerNorm'd rel. embeddings
-        "deberta_v3": dict(relative_attention=True, share_att_key=True, pos_att_type="p2c|c2p",
-                           position_buckets=8, norm_rel_ebd="layer_norm", position_biased_input=False,
-                           type_vocab_size=0),
-        # v2-style: own pos_key/pos_query projections, plain clamp at ±6, absolute positions, token types
-        "deberta_v2": dict(relative_attention=True, share_att_key=False, pos_att_type=["c2p", "p2c"],
-                           max_relative_positions=6, position_biased_input=True, type_vocab_size=2),
-        "deberta_c2p": dict(relative_attention=True, share_att_key=False, pos_att_type=["c2p"],
-                            position_buckets=8, max_relative_positions=20, position_biased_input=False),
-        # no relative attention at all (HF still divides by sqrt(3 hs) when pos_att_type is set)
-        "deberta_norel": dict(relative_attention=False, pos_att_type="c2p|p2c", type_vocab_size=2),
-    }
-    for i, (name, kw) in enumerate(variants.items()):
-        torch.manual_seed(i)
-        cfg = transformers.DebertaV2Config(**deb, **kw)
-        hf = _randomize(transformers.DebertaV2ForSequenceClassification(cfg), i)
-        hf.save_pretrained(tmp / name)
-        out[name] = (tmp / name, hf)
-    bert = transformers.BertConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, max_position_embeddings=64, num_labels=2)
-    torch.manual_seed(0)
-    hf = _randomize(transformers.BertForSequenceClassification(bert), 5)
-    hf.save_pretrained(tmp / "bert_cls")
-    out["bert_cls"] = (tmp / "bert_cls", hf)
-    hf = _randomize(transformers.BertModel(bert), 6)  # no prefix, like all-MiniLM-L6-v2
-    hf.save_pretrained(tmp / "bert_plain")
-    out["bert_plain"] = (tmp / "bert_plain", hf)
-    return out
-
+# -------------------------------------------------------------------------------------------------------------
+# model.py against transformers (tiny random checkpoints from tests/reference_models.py)
 
 @pytest.mark.parametrize("name", ["llama_gqa", "llama_tied"])
 def test_llama_logits_and_hidden_states_match_transformers(ckpt, name):
@@ -818,234 +1030,3 @@ def test_inject_keeps_output_and_merge_save_loads_in_transformers(ckpt, tmp_path
     back = type(hf).from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert (back(ids, attention_mask=mask).logits - adapted)[keep].abs().max() <= TOL
-
-
-def test_adapters_with_non_finite_values_are_never_written_or_loaded(tmp_path):
-    net = TinyNet()
-    balora.inject(net, ["q_proj"], 2, 2)
-    balora.save_adapter(net, tmp_path / "good")
-    with torch.no_grad():
-        net.q_proj.lora_A[0, 0] = float("nan")
-    with pytest.raises(balora.AdapterError, match="non-finite"):
-        balora.save_adapter(net, tmp_path / "bad")
-    assert not (tmp_path / "bad" / balora.ADAPTER_FILE).exists()
-    t = load_file(str(tmp_path / "good" / balora.ADAPTER_FILE))
-    next(iter(t.values()))[0, 0] = float("inf")
-    save_file(t, str(tmp_path / "good" / balora.ADAPTER_FILE))
-    with pytest.raises(balora.AdapterError, match="non-finite"):
-        balora.load_adapter(net, tmp_path / "good")
-
-
-@pytest.mark.parametrize("key, value, message", [("r", "8", r"r = '8' should be an integer"),
-                                                 ("modules_to_save", "head", r"modules_to_save = 'head' should be a list"),
-                                                 ("lora_alpha", None, "lora_alpha")])
-def test_adapter_config_with_wrong_types_names_the_key(tmp_path, key, value, message):
-    net = TinyNet()
-    balora.inject(net, ["q_proj"], 2, 2)
-    balora.save_adapter(net, tmp_path)
-    cfg = json.loads((tmp_path / balora.CONFIG_FILE).read_text())
-    cfg[key] = value
-    (tmp_path / balora.CONFIG_FILE).write_text(json.dumps(cfg))
-    with pytest.raises(balora.AdapterError, match=message):
-        balora.load_adapter(net, tmp_path)
-
-
-@pytest.mark.parametrize("M, V", [(1, 7), (5, 3), (7, 40000), (9, 65536 + 3)])  # one chunk; chunks of 3 / 2 / 1 rows
-def test_fused_kl_value_and_gradient_equal_f_kl_div(M, V):
-    g = torch.Generator().manual_seed(M)
-    zs = torch.randn(M, V, generator=g) * 4
-    zt = torch.randn(M, V, generator=g) * 4
-    zs[0] = zt[0] = 1.5                                  # an all-equal row: KL 0, gradient 0
-    if M > 2:
-        zs[1, 0], zt[2, -1] = 80.0, -80.0               # extreme (finite) logits: saturated softmaxes
-    for T in (1.0, 2.0):
-        a = zs.clone().requires_grad_(True)
-        b = zs.double().requires_grad_(True)  # F.kl_div in float64: the reference without float32 rounding
-        ours = balora.consistency_nlu(a, zt, T)
-        # Eq. (4) in float64, the reference without float32 rounding
-        ref = T * T * F.kl_div(F.log_softmax(b / T, -1), F.log_softmax(zt.double() / T, -1), log_target=True,
-                               reduction="sum") / M
-        (ours * 0.7).backward()
-        (ref * 0.7).backward()
-        assert torch.isfinite(ours) and abs(ours.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-7, (ours, ref)
-        bound = 0.7 * T / M  # the largest a gradient entry can be: T·|p_s − p_t| / M
-        err = (a.grad.double() - b.grad).abs()
-        assert (err <= 1e-4 * b.grad.abs() + 1e-6 * bound).all(), err.max()
-        assert a.grad[0].abs().max() <= 1e-6 * bound  # the all-equal row
-
-
-def test_teacher_logits_made_chunk_by_chunk_equal_the_dense_teacher():
-    g = torch.Generator().manual_seed(0)
-    h, W = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)   # 300 rows: 3 blocks of 128
-    zs = torch.randn(300, 50, generator=g)
-    lazy = balora.TeacherLogits(h, W)
-    assert torch.allclose(lazy[:], h @ W.T) and tuple(lazy.shape) == (300, 50)
-    for term in (lambda a, t: balora.consistency_nlu(a, t, 2.0), balora.consistency_mse):
-        a, b = zs.clone().requires_grad_(True), zs.clone().requires_grad_(True)
-        term(a, lazy).backward()
-        term(b, h @ W.T).backward()
-        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8)
-    # through regularizers with a mask: the lazy teacher's rows are the dense teacher's masked rows
-    mask = torch.rand(20, 15, generator=g) > 0.5
-    H, Z = torch.randn(20, 15, 16, generator=g), torch.randn(20, 15, 50, generator=g)
-    cfg = balora.BALoRAConfig.nlu(lambda2=0.0, lambda3=0.0)
-    lazy_kl = balora.regularizers(cfg, Z, balora.TeacherLogits(H, W), mask)[1]["consistency"]
-    assert torch.allclose(lazy_kl, balora.consistency_nlu(Z[mask], (H @ W.T)[mask]), rtol=1e-5)
-
-
-def test_svd_nlg_closed_form_gradient_equals_autograd_and_sigma_error_is_bounded(monkeypatch):
-    g = torch.Generator().manual_seed(0)
-    # logits with a decaying spectrum, like real ones (a few strong directions over noise)
-    U = torch.linalg.qr(torch.randn(300, 40, generator=g)).Q
-    Vt = torch.linalg.qr(torch.randn(2000, 40, generator=g)).Q.T
-    z0 = (U * (100.0 * 0.8 ** torch.arange(40.0))) @ Vt + 0.05 * torch.randn(300, 2000, generator=g)
-    a, b = z0.clone().requires_grad_(True), z0.clone().requires_grad_(True)
-    cfg = balora.BALoRAConfig.nlg(lambda1=0.0, lambda2=0.0, lambda3=1.0, focus_schedule="constant")
-    ours = balora.regularizers(cfg, a, None, generator=torch.Generator().manual_seed(1))[0]  # the fast path
-    ref = balora.svd_nlg(b, generator=torch.Generator().manual_seed(1))  # autograd through QᵀZ, svdvals, the norm
-    (2 * ours).backward()
-    (2 * ref).backward()
-    # (the two Q differ by float32 rounding: the gradients agree to 1e-4 of their scale)
-    assert torch.allclose(ours, ref, rtol=1e-5)
-    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4 * b.grad.abs().max().item())
-    # the streamed range finder (niter + 1 passes over Z) spans the textbook's subspace for the same Gaussian:
-    # the same projector QQᵀ and the same σ(QᵀZ) to float32 rounding
-    for niter in (0, 1, 2):
-        Qt = balora.range_finder(z0, 15, niter, torch.Generator().manual_seed(1))
-        Qs = balora.range_finder_streamed(z0, 15, niter, torch.Generator().manual_seed(1))
-        assert torch.allclose(Qs.T @ Qs, torch.eye(15), atol=1e-5)
-        assert torch.allclose(Qs @ Qs.T, Qt @ Qt.T, atol=1e-4), niter
-        assert torch.allclose(torch.linalg.svdvals(Qs.T @ z0), torch.linalg.svdvals(Qt.T @ z0), rtol=1e-5)
-    # balora.range_finder's subspace: σ(QᵀZ) against the exact top-10 singular values (numpy, float64). Two
-    # power iterations bring them within 0.1 % here; skipping them (niter=0) leaves errors 10x larger
-    exact = np.linalg.svd(np.array(z0.tolist(), dtype=np.float64), compute_uv=False)[:10]
-    err = {}
-    for niter in (0, 2):
-        Q = balora.range_finder(z0, 15, niter, torch.Generator().manual_seed(1))
-        assert torch.allclose(Q.T @ Q, torch.eye(15), atol=1e-5)  # orthonormal
-        approx = np.array(torch.linalg.svdvals(Q.T @ z0)[:10].tolist())
-        err[niter] = np.abs((exact - approx) / exact).max()
-    assert err[2] < 1e-3 and err[0] > 10 * err[2], err
-    assert ours.item() == pytest.approx(-exact.sum() / np.sqrt((np.array(z0.tolist()) ** 2).sum()), rel=1e-4)
-    for fused in (True, False):  # all-zero logits: the term is 0 with zero gradient on both paths
-        monkeypatch.setattr(balora, "FUSED", fused)
-        zero = torch.zeros(4, 30, requires_grad=True)
-        total, terms = balora.regularizers(cfg, zero, None)
-        total.backward()
-        assert terms["svd"].item() == 0.0 and torch.equal(zero.grad, torch.zeros(4, 30))
-
-
-def ast_literal(line):
-    # "step 0 task 4.8621 {'consistency': ...}" -> ((0, 4.8621), {...})
-    import ast
-    head, _, terms = line.partition(" {")
-    _, step, _, task = head.split()
-    return (int(step), float(task)), ast.literal_eval("{" + terms)
-
-
-def readme_snippet():
-    readme = (HERE / "README.md").read_text(encoding="utf-8")
-    block = readme.split("<!-- snippet: begin -->")[1].split("<!-- snippet: end -->")[0]
-    code = block.split("```python\n")[1].split("```")[0]
-    assert len(code.strip().splitlines()) <= 30
-    return code
-
-
-def test_the_readme_snippet_runs_with_balora_py_alone_and_its_adapter_loads_in_peft(tmp_path):
-    code = readme_snippet()
-    shutil.copy(HERE / "balora.py", tmp_path / "balora.py")
-    (tmp_path / "snippet.py").write_text(code, encoding="utf-8")
-    # only torch, safetensors and transformers: the project's modules (and peft) cannot be imported
-    block = "import sys; sys.modules.update(dict.fromkeys(['peft', 'model', 'data', 'plumbing', 'train_nlu', " \
-            "'train_nlg', 'experiments'])); exec(open('snippet.py').read())"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    steps = [ast_literal(line) for line in r.stdout.splitlines() if line.startswith("step ")]
-    assert len(steps) == 3
-    for (_, task), terms in steps:
-        assert math.isfinite(task) and {"consistency", "diversity", "svd"} <= set(terms)
-        assert all(math.isfinite(v) for v in terms.values())
-    assert abs(steps[0][1]["consistency"]) < 1e-6 < abs(steps[2][1]["consistency"])  # PiSSA: the teacher at step 0
-    # the adapters moved, and the saved adapter is what peft loads on the untouched base model
-    from peft import PeftModel
-    exec_globals = {}
-    exec(code.split("balora.inject")[0], {"__name__": "x"}, exec_globals)  # the same seeded base model, untouched
-    base = exec_globals["model"]
-    torch.manual_seed(0)
-    ref = transformers.LlamaForCausalLM(base.config)
-    balora.inject(ref, ["q_proj", "v_proj"], r=4, alpha=4)
-    saved = load_file(str(tmp_path / "my_adapter" / "adapter_model.safetensors"))
-    a0 = {n: m.lora_A.detach() for n, m in balora.pissa_layers(ref)}
-    assert any(not torch.allclose(saved[f"base_model.model.{n}.lora_A.weight"], a) for n, a in a0.items())
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
-    balora.load_adapter(ref, tmp_path / "my_adapter")
-    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "my_adapter"))
-    with torch.no_grad():
-        torch.testing.assert_close(peft_model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-
-
-TERMS_ON = [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1)]
-
-
-@pytest.mark.parametrize("M, V", [(1, 7), (5, 3), (9, 65536 + 3), (300, 2000)])
-@pytest.mark.parametrize("on", TERMS_ON)
-def test_fused_regularizers_equal_the_plain_functions(M, V, on, monkeypatch):
-    # regularizers' fast path (one _SharedGradient) against the Part-2 functions as written, for every subset of
-    # the token-level terms: each value and the gradient, with a dense and with a lazy teacher
-    g = torch.Generator().manual_seed(M)
-    zs, h, W = torch.randn(M, V, generator=g) * 4, torch.randn(M, 8, generator=g), torch.randn(V, 8, generator=g)
-    cfg = balora.BALoRAConfig.nlg(lambda1=0.3 * on[0], lambda2=0.2 * on[1], lambda3=0.5 * on[2], svd_k=min(3, M),
-                                  top_k=5, lambda1_schedule="constant", focus_schedule="constant")
-    for teacher in (h @ W.T, balora.TeacherLogits(h, W)):
-        runs = {}
-        for fused in (True, False):
-            monkeypatch.setattr(balora, "FUSED", fused)
-            a = zs.clone().requires_grad_(True)
-            total, terms = balora.regularizers(cfg, a, teacher, generator=torch.Generator().manual_seed(1))
-            (total * 0.7).backward()
-            runs[fused] = (total.detach(), terms, a.grad)
-        (t1, terms1, g1), (t0, terms0, g0) = runs[True], runs[False]
-        assert terms1.keys() == terms0.keys() == {n for n, o in zip(("consistency", "diversity", "svd"), on) if o}
-        for name in terms0:
-            torch.testing.assert_close(terms1[name], terms0[name], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-8)
-
-
-@pytest.mark.parametrize("on", TERMS_ON)
-def test_one_gradient_buffer_and_a_bounded_working_set_on_every_device(on, monkeypatch):
-    # forward + backward of the fused terms allocate exactly one new M×V storage, the gradient buffer they share
-    # (no M×V zeros for the top-K entropy, no M×V sum of the terms' gradients), and every other temporary is a
-    # bounded block: a sweep chunk, a range-finder block, or a V×q basis
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Allocations(TorchDispatchMode):  # every tensor any op inside returns: (elements, storage)
-        def __init__(self):
-            super().__init__()
-            self.sizes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else [out]):
-                if torch.is_tensor(t):
-                    self.sizes.append((t.numel(), t.untyped_storage().data_ptr()))
-            return out
-
-    M, V = 2048, 32000  # an unbounded KL (the chunk = M rows) would allocate 4x the GPU budget in one tensor
-    g = torch.Generator().manual_seed(0)
-    zs, zt = torch.randn(M, V, generator=g), torch.randn(M, V, generator=g)
-    cfg = balora.BALoRAConfig.nlg(lambda1=0.3 * on[0], lambda2=0.2 * on[1], lambda3=0.5 * on[2],
-                                  lambda1_schedule="constant", focus_schedule="constant")
-    for device_type, budget in (("cpu", balora.KL_CHUNK_ELEMENTS["cpu"]), ("cuda", balora.KL_CHUNK_ELEMENTS_DEFAULT)):
-        monkeypatch.setitem(balora.KL_CHUNK_ELEMENTS, "cpu", budget)  # run the CPU with that device's chunk
-        a = zs.clone().requires_grad_(True)
-        with Allocations() as seen:
-            total, _ = balora.regularizers(cfg, a, zt, generator=torch.Generator().manual_seed(0))
-            total.backward()
-        inputs = {a.untyped_storage().data_ptr(), zt.untyped_storage().data_ptr()}
-        whole = {ptr for n, ptr in seen.sizes if ptr not in inputs and n >= M * V}  # new M×V storages
-        temps = [n for n, ptr in seen.sizes if ptr not in inputs | whole]  # (not views of those: blocks of them)
-        assert len(whole) == 1 and a.grad.untyped_storage().data_ptr() in whole, (device_type, len(whole))
-        bound = budget if on == (1, 0, 0) else max(budget, balora.BLOCK_ROWS * V, 16 * V)  # V×q, q padded to 16
-        assert max(temps) <= bound, (device_type, max(temps), bound)
