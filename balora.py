@@ -640,12 +640,16 @@ PEFT_PREFIX = "base_model.model."
 
 
 def atomic_write(path, write):
-    """write(tmp) beside `path`, then rename over it: a crash leaves the old file or the new one, never half."""
+    """write(tmp) beside `path`, then rename over it: a crash leaves the old file or the new one, never half.
+    The file's mode is 0666 less the umask, as open() would make it (mkstemp alone makes it 0600)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)  # (a symlink at `path` is replaced itself: nothing is written where it points)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -758,23 +762,32 @@ def _check_target_modules(model, config, cfg_path, layers):
                            f"adapters on {len(ours)} (e.g. {diff[0]!r} differs): peft would build another model")
 
 
-def read_json(path, error=ValueError):
-    """The JSON object in the UTF-8 file `path`, strictly: invalid JSON, a key that appears twice (which
-    json.loads would resolve silently to the last) or a non-object raises `error` naming the file."""
+def parse_json(text, where, error=ValueError):
+    """The JSON object in `text`, strictly: invalid JSON, a key that appears twice (which json.loads would
+    resolve silently to the last) or a non-object raises `error` naming `where` (a file, or a file and key)."""
     def no_duplicates(pairs):
         keys = [k for k, _ in pairs]
         dup = next((k for k in keys if keys.count(k) > 1), None)
         if dup is not None:
-            raise error(f"{path}: the key {dup!r} appears twice")
+            raise error(f"{where}: the key {dup!r} appears twice")
         return dict(pairs)
     try:
-        with open(path, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+        obj = json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise error(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+        raise error(f"{where}: expected a JSON object, got a {type(obj).__name__}")
     return obj
+
+
+def read_json(path, error=ValueError):
+    """parse_json of the UTF-8 file `path`; a file that is not UTF-8 raises `error` naming it too."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return parse_json(raw.decode("utf-8"), path, error)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def write_json(path, obj):

@@ -4,7 +4,6 @@
 # sequence-classification heads. The base models BA-LoRA (arXiv 2408.04556, §4) adapts.
 # Use: m = from_pretrained(dir[, num_labels]); tok = load_tokenizer(dir); save_pretrained(m, out).
 
-import json
 import math
 import re
 import shutil
@@ -20,7 +19,7 @@ import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from balora import atomic_write  # the one atomic writer (balora.py imports nothing from the project)
+from balora import atomic_write, read_json, write_json  # the one atomic writer, JSON reader and JSON writer
 
 
 class ModelError(ValueError):
@@ -472,6 +471,10 @@ class Embeddings(nn.Module):
             tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
             x = x + self.token_type_embeddings(tt)
         if hasattr(self, "position_embeddings"):
+            n = self.position_embeddings.num_embeddings
+            if T > n:  # (else an IndexError deep inside nn.Embedding)
+                raise ModelError(f"a sequence of {T} tokens is longer than the model's {n} positions "
+                                 f"(config.json max_position_embeddings): use --max-len {n} or less")
             x = x + self.position_embeddings(torch.arange(T, device=input_ids.device))
         # (HF's DeBERTa also zeroes padded positions here; keys at padding are masked in every layer,
         # so that never reaches a real token and is left out)
@@ -689,14 +692,9 @@ SKIP = {  # tensors real checkpoints carry that we knowingly drop (matched on th
 
 def _read_json(path):
     try:
-        d = json.loads(Path(path).read_bytes().decode("utf-8"))
+        return read_json(path, ModelError)  # invalid JSON, a key twice or a non-object: a ModelError naming the file
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found (expected a Hugging Face model directory)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ModelError(f"{path}: expected a JSON object, got a {type(d).__name__}")
-    return d
 
 
 HF_KEYS = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
@@ -879,7 +877,7 @@ def save_pretrained(model, path):
     dtype_key = "torch_dtype" if "torch_dtype" in hf else "dtype"
     hf[dtype_key] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     atomic_write(path / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(hf, indent=2) + "\n"))
+    write_json(path / "config.json", hf)
     src = getattr(model, "source_dir", None)
     if src is not None and Path(src).resolve() != path.resolve():
         for name in TOKENIZER_FILES:

@@ -720,8 +720,13 @@ def test_adapter_errors_name_the_key(tmp_path):
 
     other = tiny()
     balora.inject(other, ["q_proj", "up_proj"], r=4, alpha=8)
+    with pytest.raises(ValueError, match="target_modules .* selects 3 layers, the model has adapters on 2"):
+        balora.load_adapter(other, tmp_path)
+    cfg = json.loads((tmp_path / balora.CONFIG_FILE).read_text())  # the config says two, the tensors three
+    (tmp_path / balora.CONFIG_FILE).write_text(json.dumps({**cfg, "target_modules": ["q_proj", "up_proj"]}))
     with pytest.raises(ValueError, match="unexpected keys.*down_proj.lora_A"):
         balora.load_adapter(other, tmp_path)
+    (tmp_path / balora.CONFIG_FILE).write_text(json.dumps(cfg))
 
     bad = dict(good)
     del bad["base_model.model.up_proj.lora_B.weight"]
@@ -789,6 +794,27 @@ def test_adapter_config_with_wrong_types_names_the_key(tmp_path, key, value, mes
     (tmp_path / balora.CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.raises(balora.AdapterError, match=message):
         balora.load_adapter(net, tmp_path)
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_honour_the_umask_and_symlinks_are_replaced_not_followed(tmp_path, umask):
+    # atomic_write's files get 0666 less the umask, as open() would give them (a colleague can load a shared
+    # run); a symlink where a file goes is replaced itself, and the file it pointed to is untouched
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / balora.CONFIG_FILE).symlink_to(outside)
+    net = TinyNet()
+    balora.inject(net, ["q_proj"], 2, 2)
+    old = os.umask(umask)
+    try:
+        balora.save_adapter(net, tmp_path / "run")
+    finally:
+        os.umask(old)
+    for name in (balora.CONFIG_FILE, balora.ADAPTER_FILE):
+        f = tmp_path / "run" / name
+        assert not f.is_symlink() and f.stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert outside.read_text() == "keep"
+
 
 @pytest.mark.parametrize("key, value, loads", [
     ("target_modules", ["q_proj"], True), ("target_modules", ".*q_proj", True),  # peft's list and regex forms

@@ -25,7 +25,7 @@ import balora
 import data
 import model as modellib
 import train_nlg
-from plumbing import assets, runtime
+from plumbing import assets, devices, parallel
 
 BATCH, SEQ, RANK, THREADS, REPEATS, WARMUP = 4, 256, 64, 2, 5, 1
 GRAD_CHECKPOINT = False  # --grad-checkpoint (with --seq 1024: the peak memory activation checkpointing saves)
@@ -58,11 +58,18 @@ def build(model_dir, method, rank):
     return net, opt, cfg
 
 
-def step_fn(net, opt, cfg, batch, dtype):
+def step_fn(net, opt, cfg, batch, dtype, after_forward=None):
     teacher = lambda b, rows: train_nlg.teacher_logits(net, b, rows, amp(dtype))
 
     def step():  # exactly train_nlg.py's optimizer step
-        train_nlg.accumulate(net, teacher, [batch], cfg, STEP, TOTAL, amp(dtype))
+        if after_forward is None:
+            train_nlg.accumulate(net, teacher, [batch], cfg, STEP, TOTAL, amp(dtype))
+        else:  # the same step with after_forward() between its forward and its backward: accumulate's one
+            # micro-batch (its generator, its loss), through train_nlg's public micro_batch_loss
+            gen = torch.Generator(batch["input_ids"].device).manual_seed(parallel.step_seed(0, STEP, 0))
+            task, reg, n, _ = train_nlg.micro_batch_loss(net, teacher, batch, cfg, STEP, TOTAL, amp(dtype), gen)
+            after_forward()
+            ((task + n * reg) / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -134,10 +141,12 @@ class Passes:
 
 
 def term_split(net, batch, dtype, repeats):
-    # --profile: each regulariser alone (forward + backward), fused (balora.FUSED) and as written, on this batch's
-    # real logits: the KL with the teacher's logits made from its hidden states inside the sweep (as in training,
-    # so its time includes the teacher's output layer), the top-K entropy, the range finder, the energy ratio for
-    # a given Q; seconds (median) and passes over M×V (Passes)
+    # --profile: each regulariser alone (forward + backward), fused (the fast path, balora.fused_terms) and as
+    # written (regularizers(plain=True)), on this batch's real logits: the KL with the teacher's logits made from
+    # its hidden states inside the sweep (as in training, so its time includes the teacher's output layer), the
+    # top-K entropy, the range finder (streamed / textbook), the SVD term; seconds (median) and passes over M×V
+    # (Passes). The energy ratio for a given Q, which no public function computes alone, is derived: the fused SVD
+    # term less its range finder.
     ids = batch["input_ids"]
     rows = train_nlg.targets(batch["labels"]) != data.IGNORE_INDEX
     with torch.no_grad(), amp(dtype):
@@ -147,43 +156,55 @@ def term_split(net, batch, dtype, repeats):
     base = balora.BALoRAConfig.nlg(lambda1_schedule="constant", focus_schedule="constant")
     only = lambda i: dataclasses.replace(base, **{f"lambda{j}": (base.lambda1, base.lambda2, base.lambda3)[j - 1]
                                                    * (j == i) for j in (1, 2, 3)})
-    q = base.svd_k + 5
-    Q = balora.range_finder_streamed(z0, q, 2, torch.Generator().manual_seed(0))
+    q = base.svd_k + balora.OVERSAMPLE  # svd_nlg's q
 
     z = z0.clone().requires_grad_(True)
 
-    def reg(cfg):
+    def fused(cfg):  # the fast path itself (balora.fused_terms), at any V: Σ λ_i L_i as regularizers sums it
+        lambdas = cfg.lambdas(0, 1)
+
         def run():
             z.grad = None
-            balora.regularizers(cfg, z, teacher, None, 0, 1, torch.Generator().manual_seed(0))[0].backward()
+            terms = balora.fused_terms(cfg, z, teacher, None, lambdas, torch.Generator().manual_seed(0))
+            total = torch.zeros(())
+            for name, lam in zip(("consistency", "diversity", "svd"), lambdas):
+                if name in terms:
+                    total = total + lam * terms[name]
+            total.backward()
         return run
 
-    def energy():
-        z.grad = None
-        sum(balora._SharedGradient.apply(z, None, 2.0, 0, Q, base.svd_k)).backward()
-    parts = {"KL (incl. teacher output layer)": (reg(only(1)), reg(only(1))),
-             "top-K entropy": (reg(only(2)), reg(only(2))),
-             "range finder": (lambda: balora.range_finder_streamed(z0, q, 2, torch.Generator().manual_seed(0)),
-                              lambda: balora.range_finder(z0, q, 2, torch.Generator().manual_seed(0))),
-             "energy ratio (given Q)": (energy, None),
-             "SVD term (range finder + energy ratio)": (reg(only(3)), reg(only(3))),
-             "all three": (reg(base), reg(base))}
+    def plain(cfg):  # every term as written (Part 2)
+        def run():
+            z.grad = None
+            gen = torch.Generator().manual_seed(0)
+            balora.regularizers(cfg, z, teacher, None, 0, 1, gen, plain=True)[0].backward()
+        return run
+
+    def finder(fn):
+        return lambda: fn(z0, q, balora.POWER_ITERATIONS, torch.Generator().manual_seed(0))
+    parts = {"KL (incl. teacher output layer)": (fused(only(1)), plain(only(1))),
+             "top-K entropy": (fused(only(2)), plain(only(2))),
+             "range finder": (finder(balora.range_finder_streamed), finder(balora.range_finder)),
+             "SVD term (range finder + energy ratio)": (fused(only(3)), plain(only(3))),
+             "all three": (fused(base), plain(base))}
     out = {}
-    for name, (fast, plain) in parts.items():
-        for form, fn in (("fused", fast), ("plain", plain)):
-            if fn is None or (form == "plain" and name.startswith("energy")):
-                continue
-            balora.FUSED = form == "fused"
-            try:
-                s = timed({name: fn}, repeats, 1)[0][name]
-                with Passes(M, V) as p:
-                    fn()
-            finally:
-                balora.FUSED = True
+    for name, fns in parts.items():
+        for form, fn in zip(("fused", "plain"), fns):
+            s = timed({name: fn}, repeats, 1)[0][name]
+            with Passes(M, V) as p:
+                fn()
             out[f"{name}, {form}"] = {"s": s, "passes": p.passes}
-            print(f"bench: {dtype} {name}, {form}: {out[f'{name}, {form}']['s'] * 1e3:.0f} ms, "
-                  f"{p.passes:.1f} passes over M×V (M={M}, V={V})", flush=True)
-    return out
+            print(f"bench: {dtype} {name}, {form}: {s * 1e3:.0f} ms, {p.passes:.1f} passes over M×V (M={M}, V={V})",
+                  flush=True)
+    svd, rf = out["SVD term (range finder + energy ratio), fused"], out["range finder, fused"]
+    energy = {"s": svd["s"] - rf["s"], "passes": svd["passes"] - rf["passes"],
+              "derived": "SVD term, fused - range finder, fused"}
+    print(f"bench: {dtype} energy ratio (given Q), fused: {energy['s'] * 1e3:.0f} ms, {energy['passes']:.1f} passes "
+          f"over M×V (derived: the fused SVD term less its range finder)", flush=True)
+    order = list(out)  # the energy ratio listed after the range finder, as the SVD term adds it to it
+    order.insert(order.index("range finder, plain") + 1, "energy ratio (given Q), fused")
+    out["energy ratio (given Q), fused"] = energy
+    return {k: out[k] for k in order}
 
 
 def scaling(threads, repeats):
@@ -265,24 +286,15 @@ def peft_step_fn(pm, batch, dtype):
 def child(method, dtype, model_dir, rank):
     # load, inject, two optimizer steps; report the process's peak resident set size, and for our methods the
     # resident set at the end of each step's forward (where a step's memory stands before its backward)
-    batch, after_forward, loss = fixed_batch(model_dir), [], train_nlg.micro_batch_loss
+    batch, after_forward = fixed_batch(model_dir), []
     if method == "peft-pissa":
         pm, _ = peft_model(model_dir, rank, "pissa_niter_4")
         step = peft_step_fn(pm, batch, dtype)
-    else:
-        step = step_fn(*build(model_dir, method, rank), batch, dtype)
-
-    def loss_then_rss(*args, **kwargs):  # train_nlg's own forward, then the resident set it leaves
-        out = loss(*args, **kwargs)
-        after_forward.append(rss_self_mb("VmRSS"))
-        return out
-
-    train_nlg.micro_batch_loss = loss_then_rss  # accumulate() calls it by name; restored below
-    try:
-        for _ in range(2):
-            step()
-    finally:
-        train_nlg.micro_batch_loss = loss
+    else:  # the resident set that train_nlg's forward leaves, taken before the backward
+        step = step_fn(*build(model_dir, method, rank), batch, dtype,
+                       after_forward=lambda: after_forward.append(rss_self_mb("VmRSS")))
+    for _ in range(2):
+        step()
     print(json.dumps({"peak_rss_mb": rss_self_mb(), "rss_after_forward_mb": after_forward}))
 
 
@@ -318,7 +330,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--warmup", type=int, default=WARMUP)
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, auto (model.resolve_dtype); "
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, auto (plumbing/devices.resolve_dtype); "
                    "each is timed and marked native or not on this machine")
     p.add_argument("--no-peer", action="store_true", help="skip transformers + peft")
     p.add_argument("--no-init", action="store_true", help="skip the PiSSA init timings")
@@ -331,14 +343,13 @@ def main(argv=None):
     SEQ, GRAD_CHECKPOINT = args.seq, args.grad_checkpoint
     torch.set_num_threads(args.threads)
     if args.scaling:
-        res = {"machine": runtime.machine("cpu", "fp32", args.threads), "scaling_s": scaling(args.threads, args.repeats)}
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+        res = {"machine": devices.machine("cpu", "fp32", args.threads), "scaling_s": scaling(args.threads, args.repeats)}
+        balora.write_json(args.out, res)
         return res
     model_dir = "1b" if args.model == "1b" else str(args.model or train_nlg.default_model_dir())
     if model_dir == "1b":
         args.no_peer = args.no_init = args.no_mem = True
-    dtypes = list(dict.fromkeys(runtime.resolve_dtype(d, "cpu")[0] for d in args.dtypes.split(",")))
+    dtypes = list(dict.fromkeys(devices.resolve_dtype(d, "cpu")[0] for d in args.dtypes.split(",")))
     if args.child:
         return child(args.child, dtypes[0], model_dir, args.rank)
     try:
@@ -353,9 +364,9 @@ def main(argv=None):
                                    for m in ["lora", "pissa", "balora"] + (["peft-pissa"] if peer else [])}
                               for dt in dtypes}
     batch = fixed_batch(model_dir)
-    native = {"fp32": True, "bf16": runtime.cpu_bf16_native()[0]}
+    native = {"fp32": True, "bf16": devices.cpu_bf16_native()[0]}
     res |= {"batch": [BATCH, SEQ], "rank": args.rank, "repeats": args.repeats, "grad_checkpoint": GRAD_CHECKPOINT,
-           "machine": runtime.machine("cpu", ",".join(dtypes), args.threads),
+           "machine": devices.machine("cpu", ",".join(dtypes), args.threads),
            "dtype_native": {dt: native[dt] for dt in dtypes}, "steps_s": {}, "min_s": {}, "all_s": {},
            "loadavg_start": os.getloadavg()}  # a shared machine: the ratios come from interleaved rounds
 
@@ -392,8 +403,7 @@ def main(argv=None):
                                                      if k.endswith(init)), flush=True)
     res["loadavg_end"] = os.getloadavg()
     report(res)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    balora.write_json(args.out, res)
     print(f"bench: wrote {args.out}")
     return res
 

@@ -2,7 +2,8 @@
 # Chang & Wu, ICLR 2026) at small scale, with several seeds per cell, and writes docs/evidence.md's tables from results/.
 # The grid is data (CONDITIONS: condition x method x seed -> the exact train_nlu.py / train_nlg.py flags); a finished
 # run (its results/*.json, which records the code it came from) is never redone, an interrupted one is restarted.
-# Run: `python experiments/study.py run [--only COND] [--jobs N] [--dry-run]` | `budget COND` | `report` | `reproduce RUN`.
+# Run: `python experiments/study.py run [--only COND] [--jobs N] [--dry-run]` | `budget COND` | `report` |
+# `reproduce RUN... [--dry-run]`. Every results file is checked before use (check_result).
 
 import argparse
 import json
@@ -20,6 +21,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent  # the project: the scripts run from there, so the stored relative flags (runs/study/...) hold
 sys.path.insert(0, str(ROOT))
 RESULTS, RUNS = HERE / "results", ROOT / "runs" / "study"
+
+import balora  # noqa: E402  the one JSON reader and writer (a result appears whole or not at all: atomic_write)
 
 # ---- the grid ----------------------------------------------------------------------------------------------------
 # methods: the flags that make each one (lora+reg: LoRA init with BA-LoRA's regularisers, the ablation of PiSSA's init)
@@ -113,7 +116,7 @@ CONDITIONS = {
 def noisy_encoder(sigma, out=None, src=None):
     # all-MiniLM-L6-v2 (or src) with N(0, (sigma * std(W))^2) noise added to every weight matrix of its
     # transformer layers (fixed generator: the same copy on every machine); all other tensors and files are the
-    # original's. (torch here only: the report needs numpy alone.)
+    # original's.
     import torch
     from safetensors.torch import load_file, save_file
     from plumbing import assets
@@ -182,7 +185,7 @@ def grid(only=None, budgets=None):
 def chosen_budgets(results=RESULTS):
     out = {}
     for f in Path(results).glob("budget-*.json"):
-        rec = read_result(f)
+        rec = read_result(f)  # (budget-COND.json, or one of its candidate runs: no "chosen")
         if rec.get("chosen") is not None:
             out[rec["condition"]] = rec["chosen"]
     return out
@@ -195,29 +198,73 @@ class StudyError(ValueError):
     pass
 
 
-def read_result(path):
-    # one results / metrics JSON file; a truncated or edited one is named, not a bare JSONDecodeError
+def read_result(path, check=True):
+    # one results / metrics JSON file (balora.read_json); a truncated or edited one is named, with what to do;
+    # a results file (check) must also have the shape check_result asks for
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"{path}: no such results file")
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StudyError(f"{path}: not a valid results file (truncated or edited? {e}); delete it to re-run") from None
-    if not isinstance(rec, dict):
-        raise StudyError(f"{path}: not a valid results file (a JSON {type(rec).__name__}, not an object)")
+    rec = balora.read_json(path, lambda why: StudyError(f"{path}: not a valid results file (truncated or edited? "
+                                                        f"{why.removeprefix(f'{path}: ')}); delete it to re-run"))
+    return check_result(path, rec) if check else rec
+
+
+_strings = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+KINDS = {"a string": lambda v: isinstance(v, str), "an integer": lambda v: type(v) is int,  # (a bool is no int)
+         "an object": lambda v: isinstance(v, dict), "a list of strings": _strings,
+         "a list of objects": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+         "null or a list of strings": lambda v: v is None or _strings(v)}
+
+
+def check_result(path, rec):
+    # A results file is used only when well-formed: an edited key, or a NaN from a diverged run, would otherwise
+    # flip a verdict silently or fail far from the file. The first flaw is named: the file and the key.
+    # A run (NAME = condition__method__seed) holds what compact() writes; budget-COND.json what choose_budget does.
+    path = Path(path)
+
+    def fail(key, what):
+        raise StudyError(f"{path}: {key} {what} (edited, or from a failed run?); fix it, or delete the file to re-run")
+
+    def get(key, kind, d=rec, where=""):
+        if key not in d:
+            fail(where + key, "is missing")
+        if not KINDS[kind](d[key]):
+            fail(where + key, f"is {d[key]!r}, not {kind}")
+        return d[key]
+
+    def metrics(key, d):  # finite numbers, null (not measured) or objects of them (recall per class)
+        for k, v in d.items():
+            if isinstance(v, dict):
+                metrics(f"{key}.{k}", v)
+            elif v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                fail(f"{key}.{k}", f"is {v!r}, not a finite number")
+
+    if "__" not in path.stem:  # budget-COND.json: the candidates tried, in order, and the one chosen (or null)
+        cond = path.stem.removeprefix("budget-")
+        if get("condition", "a string") != cond:
+            fail("condition", f"is {rec['condition']!r}, not the file name's {cond!r}")
+        get("rule", "a string")
+        get("chosen", "null or a list of strings")
+        for i, t in enumerate(get("tried", "a list of objects")):
+            get("budget", "a list of strings", t, f"tried[{i}].")
+            metrics(f"tried[{i}]", {k: v for k, v in t.items() if k != "budget"})
+        return rec
+    for key, kind in (("condition", "a string"), ("method", "a string"), ("seed", "an integer"),
+                      ("script", "a string"), ("flags", "a list of strings")):
+        get(key, kind)
+    if rec["script"] not in ("nlu", "nlg"):
+        fail("script", f"is {rec['script']!r}, not 'nlu' or 'nlg'")
+    for key in ("test", "validation" if rec["script"] == "nlu" else "base"):  # NLG: the base model's numbers
+        metrics(key, get(key, "an object"))
+    name = f"{rec['condition']}__{rec['method']}__{rec['seed']}"
+    if path.stem != name:
+        fail("condition, method, seed", f"make {name!r}, not the file name {path.stem!r}")
     return rec
 
 
 def command(run, out, extra=()):
     script = "train_nlu.py" if run.script == "nlu" else "train_nlg.py"
     return [sys.executable, str(ROOT / script), *run.flags, *extra, "--threads", "1", "--out", str(out)]
-
-
-def write_json(path, obj):
-    # a result appears whole or not at all (balora.atomic_write: beside it, then renamed)
-    from balora import atomic_write
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8"))
 
 
 def code_version():
@@ -277,8 +324,8 @@ def run_grid(runs, jobs=1, results=RESULTS, workdir=RUNS, extra=(), dry_run=Fals
                 print(f"study: {r.name} FAILED (exit {proc.returncode}); see {out / 'stdout.log'}", flush=True)
                 failed.append(r.name)
                 continue
-            rec = compact(r, read_result(out / "metrics.json"), time.time() - t0)
-            write_json(results / f"{r.name}.json", rec)
+            rec = compact(r, read_result(out / "metrics.json", check=False), time.time() - t0)
+            balora.write_json(results / f"{r.name}.json", rec)
             done.append(rec)
             scores = ", ".join(f"{k} {v:.4g}" for k, v in rec["test"].items() if isinstance(v, float))
             print(f"study: {r.name} done in {rec['wall_s']:.0f} s: test {scores}", flush=True)
@@ -304,7 +351,7 @@ def reuse_identical(runs, results, dry_run=False):
             print(f"study: {r.name} has the flags of {src[0]}: {'would reuse' if dry_run else 'reused'}", flush=True)
             if not dry_run:
                 rec = {**src[1], "condition": r.condition, "method": r.method, "same_as": src[1].get("same_as", src[0])}
-                write_json(results / f"{r.name}.json", rec)
+                balora.write_json(results / f"{r.name}.json", rec)
             reused.append(r)
     return reused
 
@@ -338,28 +385,33 @@ def choose_budget(cond, results=RESULTS, workdir=RUNS, extra=(), jobs=1):
     rule = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
     out = {"condition": cond, "rule": f"cheapest candidate with PiSSA {section} {metric} {rule} (seed 0)",
            "tried": tried, "chosen": chosen}
-    write_json(Path(results) / f"budget-{cond}.json", out)
+    balora.write_json(Path(results) / f"budget-{cond}.json", out)
     if chosen is None:
         print(f"study: no candidate of {cond} fits the rule ({out['rule']})", flush=True)
     return out
 
 
-def reproduce(name, results=RESULTS, workdir=RUNS, extra=()):
+def reproduce(name, results=RESULTS, workdir=RUNS, extra=(), dry_run=False):
     # A result re-runs from its stored flags alone, into a scratch directory; on the same machine every final
     # metric must come out equal (NLU: test and validation; NLG: tuned and base). Returns whether they did.
+    # dry_run: print the command only.
     rec = read_result(Path(results) / f"{name}.json")
     flags = rec["flags"]
     if "--dtype" not in flags and (rec.get("machine") or {}).get("dtype"):
         flags = flags + ["--dtype", rec["machine"]["dtype"]]  # `auto` re-runs in the dtype it chose then
     r = Run(rec["condition"], rec["method"], rec["seed"], rec["script"], flags)
     scratch = Path(workdir) / "reproduce"
+    if dry_run:
+        print(" ".join(command(r, scratch / r.name, extra)))
+        return True
     shutil.rmtree(scratch / "results", ignore_errors=True)
     again = (run_grid([r], 1, scratch / "results", scratch, extra) or [None])[0]
     if again is None:
         return False  # (run_grid said why)
     keys = ("test", "validation", "base")
     diff = {k: (rec.get(k), again.get(k)) for k in keys if rec.get(k) != again.get(k)}
-    same = "same machine" if rec["machine"] == again["machine"] else f"machine {rec['machine']} -> {again['machine']}"
+    same = ("same machine" if rec.get("machine") == again["machine"]
+            else f"machine {rec.get('machine')} -> {again['machine']}")
     code = rec.get("code") or {}
     code = ("same code" if code == again["code"] else f"recorded from {code.get('commit') or 'unknown code'}"
             f"{'' if code.get('clean', True) else ' (dirty)'}, now {again['code']['commit']}"
@@ -676,10 +728,10 @@ def main(argv=None):
     p.add_argument("conditions", nargs="*", help="budget: the condition(s) to choose a budget for; reproduce: run names")
     p.add_argument("--only", help="comma-separated conditions to run")
     p.add_argument("--jobs", type=int, default=1, help="one-thread runs side by side")
-    p.add_argument("--dry-run", action="store_true", help="print the commands of the missing runs")
+    p.add_argument("--dry-run", action="store_true", help="print the commands of the missing runs (run, reproduce)")
     p.add_argument("--commit", action="store_true", help="git commit each result as it arrives")
     p.add_argument("--no-doc", action="store_true", help="report: print only, do not rewrite docs/evidence.md")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # (`reproduce --dry-run NAME`: names after an option too)
     named = (args.conditions if args.action == "budget" else []) + (args.only.split(",") if args.only else [])
     unknown = [c for c in named if c not in CONDITIONS]
     if unknown:
@@ -687,11 +739,20 @@ def main(argv=None):
     if args.action == "report":
         figures(load_results())
         return report(doc=None if args.no_doc else EVIDENCE)
-    tweet_writing()  # the drift condition's training file (runs/study/tweets.jsonl), once
-    for cond in [c for c in CONDITIONS if c.startswith("wnoise-") and (not args.only or c in args.only)]:
-        noisy_encoder(float(cond.split("-")[1]))  # the stretch's noisy encoders, once
+    if args.action == "reproduce":  # every name is checked before the first (minutes-long) re-run
+        if not args.conditions:
+            raise StudyError("reproduce: name the run(s) to re-run, e.g. `reproduce main__pissa__0` "
+                             "(a file experiments/results/NAME.json)")
+        for n in args.conditions:
+            read_result(RESULTS / f"{n}.json")
+    if not args.dry_run:  # (a dry run prints the commands and writes nothing)
+        tweet_writing()  # the drift condition's training file (runs/study/tweets.jsonl), once
+        for cond in [c for c in CONDITIONS if c.startswith("wnoise-") and (not args.only or c in args.only)]:
+            noisy_encoder(float(cond.split("-")[1]))  # the stretch's noisy encoders, once
     if args.action == "reproduce":
-        sys.exit(0 if all([reproduce(n) for n in args.conditions]) else 1)
+        if not all([reproduce(n, RESULTS, RUNS, dry_run=args.dry_run) for n in args.conditions]):
+            raise SystemExit(1)
+        return True
     if args.action == "budget":
         return [choose_budget(c, jobs=args.jobs) for c in args.conditions]
     only = args.only.split(",") if args.only else None

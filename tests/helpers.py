@@ -21,7 +21,7 @@ import data
 import model as M
 import train_nlg
 import train_nlu
-from plumbing import assets, runtime
+from plumbing import assets, checkpoints
 
 torch.set_num_threads(2)
 
@@ -128,7 +128,7 @@ def adapter_tensors(out):
 def ckpt_step(out):
     # the step of the run's checkpoint (its JSON state lives in the safetensors metadata)
     from safetensors import safe_open
-    with safe_open(str(Path(out) / runtime.CHECKPOINT), "pt") as f:
+    with safe_open(str(Path(out) / checkpoints.CHECKPOINT), "pt") as f:
         return json.loads(f.metadata()["train_state"])["step"]
 
 
@@ -224,7 +224,7 @@ EMULATE_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def resolved_dtype_in_subprocess(env_extra):
-    code = "from plumbing import runtime; print(runtime.resolve_dtype('auto', 'cpu')[0])"
+    code = "from plumbing import devices; print(devices.resolve_dtype('auto', 'cpu')[0])"
     env = {k: v for k, v in os.environ.items() if k not in EMULATE_AVX2} | env_extra
     proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -268,7 +268,7 @@ def run_script(script, *args, env_extra=None):
                           capture_output=True, text=True, timeout=300)
 
 
-def _copy_dir(src, dst, **cfg):
+def copy_model_dir(src, dst, **cfg):
     shutil.copytree(src, dst)
     c = json.loads((dst / "config.json").read_text())
     c.update(cfg)

@@ -19,7 +19,6 @@ torch.set_num_threads(2)
 from helpers import *  # noqa: F401,F403  the shared tiny models, files and runners
 
 
-@slow
 def test_bench_times_every_method_and_the_balora_parts(tiny_llama, tmp_path):
     from experiments import bench
     res = bench.main(["--model", str(tiny_llama / "model"), "--rank", "4", "--repeats", "1", "--warmup", "0",
@@ -31,13 +30,10 @@ def test_bench_times_every_method_and_the_balora_parts(tiny_llama, tmp_path):
 
 def test_bench_memory_child_reports_the_peak_and_the_resident_set_after_each_forward(tiny_llama, capsys):
     from experiments import bench
-    import train_nlg
-    loss = train_nlg.micro_batch_loss
     bench.main(["--child", "balora", "--model", str(tiny_llama / "model"), "--rank", "4", "--dtypes", "fp32"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(res["rss_after_forward_mb"]) == 2  # one per step
     assert 0 < max(res["rss_after_forward_mb"]) <= res["peak_rss_mb"]
-    assert train_nlg.micro_batch_loss is loss  # the child's wrapper is gone once it has measured
 
 
 def test_bench_profile_splits_the_terms_and_counts_their_passes(tiny_llama, tmp_path):
@@ -49,7 +45,9 @@ def test_bench_profile_splits_the_terms_and_counts_their_passes(tiny_llama, tmp_
     assert {"KL (incl. teacher output layer), fused", "top-K entropy, plain", "range finder, fused",
             "range finder, plain", "energy ratio (given Q), fused", "all three, fused", "all three, plain"} <= set(split)
     assert split["all three, fused"]["passes"] < split["all three, plain"]["passes"]
-    assert all(v["s"] > 0 for v in split.values())
+    assert all(v["s"] > 0 for v in split.values() if "derived" not in v)  # measured; the energy ratio is derived:
+    energy, svd = split["energy ratio (given Q), fused"], split["SVD term (range finder + energy ratio), fused"]
+    assert energy["passes"] == svd["passes"] - split["range finder, fused"]["passes"] > 0
     # at the default shape (M×V = 200 MB, far beyond any cache) the streamed range finder reads Z niter + 1 = 3
     # times, the textbook one 2·niter + 1 = 5 times
     z = torch.randn(1020, 49152)
@@ -101,15 +99,20 @@ def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path, monkey
         study.run_grid([bad], jobs=1, results=res, workdir=work, extra=extra)
 
 
+def put_result(results, cond, m, seed, test, script="nlu", **more):
+    # a results file as study.compact writes it, with the given test metrics (also as validation / base)
+    rec = {"condition": cond, "method": m, "seed": seed, "script": script, "flags": ["--seed", str(seed)],
+           "machine": {"cpu": "Some CPU", "cpu_capability": "AVX2", "dtype": "fp32"}, "wall_s": 100.0,
+           "test": test, "validation" if script == "nlu" else "base": test, **more}
+    (results / f"{cond}__{m}__{seed}.json").write_text(json.dumps(rec))
+    return rec
+
+
 def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
     from experiments import study
-    for cond in ("main", "noise-0.2", "noise-0.4"):
+    for cond in ("main", "noise-0.2", "noise-0.4", "drift"):
         monkeypatch.setattr(study.CONDITIONS[cond], "seeds", 3)  # the fixtures below have 3 seeds
-    machine = {"cpu": "Some CPU", "cpu_capability": "AVX2", "dtype": "fp32"}
-
-    def put(cond, m, seed, test, **more):
-        (tmp_path / f"{cond}__{m}__{seed}.json").write_text(json.dumps(
-            {"condition": cond, "method": m, "seed": seed, "test": test, "machine": machine, "wall_s": 100.0, **more}))
+    put = lambda *a, **kw: put_result(tmp_path, *a, **kw)
     acc = {"lora": [0.70, 0.72, 0.71], "pissa": [0.75, 0.76, 0.74], "balora": [0.76, 0.75, 0.745],
            "lora+reg": [0.71, 0.73, 0.71]}
     for m, vals in acc.items():
@@ -133,7 +136,7 @@ def test_study_report_statistics_from_fixture_results(tmp_path, monkeypatch):
     # a lower-is-better claim (drift): BA-LoRA's ratio below PiSSA's on every seed holds, not "contradicted"
     for m, vals in {"pissa": [1.20, 1.25, 1.22], "balora": [1.10, 1.12, 1.13]}.items():
         for seed, r in enumerate(vals):
-            put("drift", m, seed, {"drift_ppl_ratio": r, "val_ppl": 9.0})
+            put("drift", m, seed, {"drift_ppl_ratio": r, "val_ppl": 9.0}, script="nlg")
     line = study.report(tmp_path).split("| balora < pissa | -0.1067")[1].splitlines()[0]
     assert "| 3 |" in line and "| **holds** |" in line, line
     # the noise trend: BA-LoRA's gain over PiSSA, 0.005 / 0.015 / 0.03 at noise 0 / 0.2 / 0.4 (+- 0.005 by seed)
@@ -164,9 +167,7 @@ def test_study_p_values_holm_and_claims_on_the_same_data():
 
 def test_study_report_says_same_as_untestable_and_how_many_claims(tmp_path):
     from experiments import study
-    def put(cond, m, seed, test):
-        (tmp_path / f"{cond}__{m}__{seed}.json").write_text(json.dumps({"condition": cond, "method": m, "seed": seed,
-            "test": test, "machine": {"cpu": "c", "cpu_capability": "x", "dtype": "fp32"}, "wall_s": 1.0}))
+    put = lambda *a: put_result(tmp_path, *a)
     for seed in range(5):
         for m, f1 in (("pissa", 0.5 + seed / 100), ("balora", 0.4 + seed / 90), ("lora", 0.3), ("lora+reg", 0.3)):
             put("imbalance", m, seed, {"minority_recall": 0.0, "macro_f1": f1})
@@ -200,8 +201,7 @@ def test_study_figures_are_written_when_matplotlib_is_installed(tmp_path, monkey
     recs = {"imbalance": {"minority_recall": 0.1, "macro_f1": 0.5}, "drift": {"val_ppl": 70.0, "drift_ppl_ratio": 1.1}}
     for cond, test in recs.items():
         for m in ("pissa", "balora"):
-            (tmp_path / f"{cond}__{m}__0.json").write_text(json.dumps(
-                {"condition": cond, "method": m, "seed": 0, "test": test}))
+            put_result(tmp_path, cond, m, 0, test, script="nlg" if cond == "drift" else "nlu")
     table = study.load_results(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: no figure, no error
     assert study.figures(table, tmp_path) == []
@@ -210,6 +210,61 @@ def test_study_figures_are_written_when_matplotlib_is_installed(tmp_path, monkey
     written = study.figures(table, tmp_path)
     assert [f.name for f in written] == ["imbalance.png", "drift.png"]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in written)
+
+
+def test_study_refuses_a_broken_results_file_naming_it_and_the_key(tmp_path):
+    from experiments import study
+    good = json.loads((study.RESULTS / "main__pissa__0.json").read_text())
+    test = good["test"]
+    cases = [  # (file name, record, the key named); a NaN accuracy once flipped a verdict to "contradicted"
+        ("main__pissa__0", {**good, "test": {**test, "accuracy": math.nan}}, "test.accuracy is nan"),
+        ("main__pissa__0", {**good, "test": {**test, "recall": {"negative": math.inf}}}, "test.recall.negative is inf"),
+        ("main__pissa__0", {}, "condition is missing"),
+        ("main__pissa__0", {k: v for k, v in good.items() if k != "test"}, "test is missing"),
+        ("main__pissa__0", {**good, "test": {**test, "mcc": "0.65"}}, "test.mcc is '0.65', not a finite number"),
+        ("main__pissa__0", {**good, "validation": {**test, "accuracy": True}}, "validation.accuracy is True"),
+        ("main__pissa__0", {**good, "seed": "0"}, "seed is '0', not an integer"),
+        ("main__pissa__0", {**good, "flags": ["--seed", 0]}, "flags is ['--seed', 0], not a list of strings"),
+        ("main__pissa__0", {**good, "script": "nlg"}, "base is missing"),  # NLG: the base model's numbers
+        ("main__pissa__1", good, "condition, method, seed make 'main__pissa__0', not the file name 'main__pissa__1'"),
+        ("budget-main", {"condition": "main", "rule": "r", "tried": [{"budget": ["--lr", 1]}], "chosen": None},
+         "tried[0].budget is"),
+        ("budget-main", {"condition": "drift", "rule": "r", "tried": [], "chosen": None}, "condition is 'drift'"),
+        ("budget-main", {"condition": "main", "rule": "r", "tried": [], "chosen": "--lr 1e-3"}, "chosen is"),
+    ]
+    for name, rec, what in cases:
+        for f in tmp_path.iterdir():
+            f.unlink()
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps(rec))
+        with pytest.raises(study.StudyError, match=re.escape(f"{f}: {what}")):
+            study.load_results(tmp_path) if "__" in name else study.chosen_budgets(tmp_path)
+    f.write_text(json.dumps({"condition": "main", "rule": "r", "tried": [], "chosen": None}))
+    put_result(tmp_path, "rare", "pissa", 0, {"accuracy": 0.5, "silhouette_cosine": None, "n": 10})  # null: not measured
+    assert study.chosen_budgets(tmp_path) == {} and study.load_results(tmp_path)["rare"]["pissa"][0]["test"]["n"] == 10
+
+
+def test_study_reproduce_checks_every_name_before_running_any(tmp_path, monkeypatch, capsys):
+    from experiments import study
+    (tmp_path / "main__pissa__0.json").write_text((study.RESULTS / "main__pissa__0.json").read_text())
+    monkeypatch.setattr(study, "RESULTS", tmp_path)
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs")
+    for f in ("run_grid", "tweet_writing", "noisy_encoder"):  # nothing may run, nothing be written
+        monkeypatch.setattr(study, f, lambda *a, **kw: pytest.fail("ran before every name was checked"))
+    with pytest.raises(study.StudyError, match="reproduce: name the run"):
+        study.main(["reproduce"])
+    with pytest.raises(study.StudyError, match=re.escape(f"{tmp_path / 'main__pisa__0.json'}: no such results file")):
+        study.main(["reproduce", "main__pissa__0", "main__pisa__0"])  # the typo is the second name
+    put_result(tmp_path, "main", "lora", 0, {"accuracy": math.nan})
+    with pytest.raises(study.StudyError, match="main__lora__0.json: test.accuracy is nan"):
+        study.main(["reproduce", "main__pissa__0", "main__lora__0"])
+    # --dry-run prints the command and runs nothing
+    capsys.readouterr()
+    assert study.main(["reproduce", "--dry-run", "main__pissa__0"]) is True
+    out = capsys.readouterr().out
+    assert "train_nlu.py --method pissa --seed 0 --dtype fp32 --threads 1 --out " in out, out
+    assert out.strip().endswith(str(tmp_path / "runs" / "reproduce" / "main__pissa__0"))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["main__lora__0.json", "main__pissa__0.json"]
 
 
 def test_evidence_tables_are_the_report_of_the_committed_results():
@@ -229,9 +284,9 @@ def test_plot_log_draws_every_term_of_a_run(encoders, files, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@slow
 def test_entry_points_outside_the_scripts_say_one_line_for_a_user_error(tmp_path):
     import subprocess
-    from experiments import study
     (tmp_path / "x.gguf").write_text("not a gguf")
     (tmp_path / "empty").mkdir()
     cases = [(["experiments/plot_log.py", tmp_path / "none"], "plot_log.py: error: ", "none: not a run directory"),
@@ -248,7 +303,10 @@ def test_entry_points_outside_the_scripts_say_one_line_for_a_user_error(tmp_path
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1, (args, proc.stderr)
         assert lines[0].startswith(prefix) and what in lines[0], (args, lines[0])
-    # a truncated results file among many is named, in report and in reproduce
+
+
+def test_a_truncated_results_file_among_many_is_named_in_report_and_in_reproduce(tmp_path):
+    from experiments import study
     results = tmp_path / "results"
     results.mkdir()
     for f in sorted(study.RESULTS.glob("main__*.json"))[:3]:
@@ -261,6 +319,7 @@ def test_entry_points_outside_the_scripts_say_one_line_for_a_user_error(tmp_path
         study.reproduce(bad.stem, results=results, workdir=tmp_path / "runs")
 
 
+@slow
 def test_study_counts_only_tracked_changes_as_dirty(tmp_path, monkeypatch):
     import subprocess
     from experiments import study

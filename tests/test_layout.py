@@ -11,9 +11,9 @@ torch.set_num_threads(2)
 from helpers import *  # noqa: F401,F403  the shared tiny models, files and runners
 
 
-TOP_MODULES = ["balora.py", "model.py", "data.py", "train_nlu.py", "train_nlg.py", "test_balora.py",
-               "plumbing/runtime.py", "plumbing/assets.py", "plumbing/gguf_to_hf.py", "experiments/study.py",
-               "experiments/bench.py", "experiments/plot_log.py"]
+PLUMBING = sorted(p.relative_to(HERE).as_posix() for p in (HERE / "plumbing").glob("*.py"))
+TOP_MODULES = ["balora.py", "model.py", "data.py", "train_nlu.py", "train_nlg.py", "test_balora.py", *PLUMBING,
+               "experiments/study.py", "experiments/bench.py", "experiments/plot_log.py"]
 
 
 def imports_of(path):
@@ -36,8 +36,18 @@ def test_every_module_states_its_one_concern_and_imports_flow_one_way():
     ours = lambda f: {n for n in imports_of(f) if n in project or n.startswith(("plumbing", "experiments"))}
     assert ours("balora.py") == set()  # copied alone, it works
     assert ours("model.py") == {"balora"} and ours("data.py") == set()  # a learner can skip plumbing/
-    assert ours("plumbing/gguf_to_hf.py") == {"model"} and ours("plumbing/assets.py") == {"plumbing.gguf_to_hf"}
-    assert ours("plumbing/runtime.py") == {"balora", "data", "model", "plumbing.assets"}
+    assert ours("plumbing/gguf_to_hf.py") == {"balora", "model"}
+    assert ours("plumbing/assets.py") == {"balora", "plumbing.gguf_to_hf"}
+    # plumbing/ imports the method, the models and the data (for their error classes and JSON), never a script or an
+    # experiment, and its modules import each other one way (no cycle)
+    deps = {f: {n for n in ours(f) if n.startswith("plumbing.")} for f in PLUMBING}
+    for f in PLUMBING:
+        assert ours(f) - deps[f] <= {"balora", "data", "model"}, f
+    done = set()
+    while len(done) < len(PLUMBING):
+        ready = {f for f in PLUMBING if f not in done and {d.replace(".", "/") + ".py" for d in deps[f]} <= done}
+        assert ready, f"an import cycle among {sorted(set(PLUMBING) - done)}"
+        done |= ready
     for script in ("train_nlu.py", "train_nlg.py"):
         assert ours(script) == {"balora", "data", "model", "plumbing"}
     model_src, data_src = (HERE / "model.py").read_text(), (HERE / "data.py").read_text()

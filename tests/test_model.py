@@ -232,3 +232,12 @@ def test_grad_checkpoint_gives_identical_loss_and_adapter_gradients(tiny_llama, 
         out[ckpt] = (loss.item(), [p.grad.clone() for p in net.parameters() if p.requires_grad])
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(out[True][1], out[False][1]))
+
+
+def test_a_sequence_longer_than_the_positions_is_one_error_naming_the_limit(ckpt):
+    # learned absolute positions (BERT) end at max_position_embeddings: one ModelError saying so, no IndexError
+    net = M.from_pretrained(ckpt["bert_cls"][0], num_labels=2)
+    n = net.encoder.embeddings.position_embeddings.num_embeddings
+    net(torch.ones(1, n, dtype=torch.long))  # exactly n positions run
+    with pytest.raises(M.ModelError, match=f"{n + 1} tokens is longer than the model's {n} positions"):
+        net(torch.ones(1, n + 1, dtype=torch.long))

@@ -1,0 +1,211 @@
+# plumbing/checkpoints.py: the one checkpoint format of both training scripts (OUT/checkpoint.safetensors: trained
+# tensors, AdamW's state, the RNG, extra tensors, the JSON state in its metadata), what a --resume checks before
+# anything is loaded (every setting, every input file's fingerprint, every optimizer tensor), and the Ctrl-C report
+# that names the checkpoint to resume from. Both training scripts and plumbing/rundir.py (the checkpoint's name)
+# import it; it imports balora.py (atomic_write, parse_json), model.py (open_safetensors) and plumbing/errors.py.
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+import model
+from balora import atomic_write, parse_json
+from plumbing.errors import InputError
+
+
+# One checkpoint format for both scripts: OUT/checkpoint.safetensors, written atomically, holding the trained
+# tensors ("param.NAME"), AdamW's state ("opt.I.KEY"), the RNG ("rng.cpu", "rng.cuda.I"), any extra tensors the
+# script keeps ("extra.NAME": NLU's teacher cache) and, in its metadata, the JSON state (step, settings, ...).
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def save_checkpoint(out, net, opt, state, extra=None):
+    params = {f"param.{n}": p.detach().cpu().contiguous() for n, p in net.named_parameters() if p.requires_grad}
+    bad = [k for k, t in params.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FloatingPointError(f"step {state['step']}: {bad[0]} holds non-finite values; the checkpoint is not "
+                                 f"written")
+    tensors = dict(params)
+    for i, s in opt.state_dict()["state"].items():
+        tensors.update({f"opt.{i}.{k}": v.detach().cpu().contiguous() for k, v in s.items()})
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
+    atomic_write(Path(out) / CHECKPOINT, lambda p: save_file(tensors, p, metadata={"train_state": json.dumps(state)}))
+
+
+# What may change between a run and its --resume: where and how fast it runs, and when it saves. Every other
+# setting (each script adds the few of its own that cannot change a number) is refused by name.
+RESUME_MAY_CHANGE = {"resume", "stop_after", "out", "threads", "device", "save_every", "debug", "grad_checkpoint"}
+
+
+def fingerprints(paths) -> dict:
+    # {file: {"size", "sha256"}} of every input (a directory: its top-level files; hidden ones skipped), recorded in
+    # the checkpoint so that --resume refuses an input that changed. A *.safetensors file's hash covers its header
+    # (names, dtypes, shapes, offsets) only: with the size it catches a swapped weights file without reading
+    # gigabytes at every start.
+    out = {}
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p).resolve()
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+        for f in files:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                if f.suffix == ".safetensors":
+                    head = fh.read(8)
+                    h.update(head + fh.read(int.from_bytes(head, "little") if len(head) == 8 else 0))
+                else:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+            out[str(f)] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def check_inputs(path, saved, now):
+    # the checkpoint's input fingerprints against this run's: any file added, gone or changed is refused by name
+    for f in sorted(set(saved) | set(now)):
+        was, new = saved.get(f), now.get(f)
+        if was == new:
+            continue
+        what = ("is not an input of this run" if new is None else "is a new input" if was is None else
+                f"changed (size {was['size']} -> {new['size']} bytes)" if was["size"] != new["size"] else
+                f"changed (same size, sha256 {was['sha256'][:12]}… -> {new['sha256'][:12]}…)")
+        raise InputError(f"{path}: {f} {what} since the checkpoint was written; a resume trains on the inputs "
+                         f"it started with")
+
+
+def train_state(path, text):
+    # the checkpoint's JSON state (its metadata "train_state"), read as strictly as every JSON file of the project
+    # (balora.parse_json): invalid JSON, a second "step" (json.loads would keep the later one and skip steps
+    # silently) or a non-object is one line naming the checkpoint
+    return parse_json(text, f"{path} (train_state)", InputError)
+
+
+def open_checkpoint(path):
+    # model.py's safetensors opener; an unreadable checkpoint is bad input, not a bad model directory
+    try:
+        return model.open_safetensors(path)
+    except model.ModelError as e:
+        raise InputError(str(e)) from None
+
+
+def checkpoint_state(out, script, args, may_change=(), inputs=None):
+    # the JSON state of OUT's checkpoint, written by `script`, its settings checked against this run's before
+    # anything is loaded: every flag must be equal but those in RESUME_MAY_CHANGE and may_change, and every input
+    # file's fingerprint (`inputs`, from fingerprints()) equal to the one recorded
+    path = Path(out) / CHECKPOINT
+    with open_checkpoint(path) as f:
+        meta = f.metadata() or {}
+    if "train_state" not in meta:
+        raise InputError(f"{path}: not a checkpoint of these scripts (no 'train_state' metadata)")
+    state = train_state(path, meta["train_state"])
+    step, saved = state.get("step"), state.get("args")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(saved, dict):
+        raise InputError(f"{path}: 'step' = {step!r} should be an integer >= 0 and 'args' an object")
+    if state.get("script", script) != script:
+        raise InputError(f"{path}: a {state['script']} checkpoint; resume it with {state['script']}, not {script}")
+    allowed, now, missing = RESUME_MAY_CHANGE | set(may_change), vars(args), object()
+    differ = sorted(k for k in set(saved) | set(now) if k not in allowed and saved.get(k, missing) != now.get(k, missing))
+    if differ:
+        k = differ[0]
+        was = repr(saved[k]) if k in saved else "no such setting"
+        raise InputError(f"{path}: was written with --{k.replace('_', '-')} {was}, this run has "
+                         f"{now.get(k, 'no such setting')!r}; resume with the same settings"
+                         + (f" ({len(differ)} differ: {', '.join(differ)})" if len(differ) > 1 else ""))
+    if inputs is not None:
+        if not isinstance(state.get("inputs"), dict):
+            raise InputError(f"{path}: no input fingerprints ('inputs'): written by an older version of {script}")
+        check_inputs(path, state["inputs"], inputs)
+    return state
+
+
+def checkpoint_step(out):
+    # the step of OUT's checkpoint, or None when there is none (or it cannot be read)
+    path = Path(out) / CHECKPOINT
+    try:
+        with open_checkpoint(path) as f:
+            return train_state(path, (f.metadata() or {})["train_state"])["step"]
+    except (OSError, KeyError, TypeError, ValueError):  # ValueError: InputError (unreadable, not JSON)
+        return None
+
+
+def load_tensors(path) -> dict:
+    # every tensor of a safetensors file (model.py's opener); one that cannot be read is one line naming it
+    with open_checkpoint(path) as f:
+        try:
+            return {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{path}: not a readable safetensors file (truncated or edited? {e})") from None
+
+
+def load_checkpoint(out, net, opt, step):
+    # the trained tensors, AdamW's state (complete, and at the run's `step`) and the RNG back in place; returns the
+    # extra tensors
+    path = Path(out) / CHECKPOINT
+    tensors = load_tensors(path)
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    want, have = {f"param.{n}" for n in params}, {k for k in tensors if k.startswith("param.")}
+    if want != have:
+        raise InputError(f"{path}: trained tensors missing {sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{path}: {k} holds non-finite values")
+    for n, p in params.items():
+        if tensors[f"param.{n}"].shape != p.shape:
+            raise InputError(f"{path}: param.{n} has shape {tuple(tensors[f'param.{n}'].shape)}, the model "
+                             f"expects {tuple(p.shape)}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+    opt.load_state_dict(optimizer_state(opt, tensors, "opt.", path, step))
+    if "rng.cpu" not in tensors or tensors["rng.cpu"].dtype != torch.uint8:
+        raise InputError(f"{path}: no rng.cpu tensor of bytes")
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    return {k[len("extra."):]: t for k, t in tensors.items() if k.startswith("extra.")}
+
+
+def optimizer_state(opt, tensors: dict, prefix: str, path, step) -> dict:
+    # {f"{prefix}{i}.{name}": tensor} -> a state_dict for opt, every tensor checked against its parameter (torch's
+    # load_state_dict does not compare shapes; a wrong one would only fail inside opt.step()), and complete: every
+    # parameter has its exp_avg, exp_avg_sq and a step equal to the run's (a fresh AdamW would resume silently)
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for key, t in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        idx, _, name = key[len(prefix):].partition(".")
+        if not idx.isdigit() or int(idx) >= len(params):
+            raise InputError(f"{path}: {key} names parameter {idx}, the optimizer has {len(params)}")
+        p = params[int(idx)]
+        if name in ("exp_avg", "exp_avg_sq") and t.shape != p.shape:
+            raise InputError(f"{path}: {key} has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+        state.setdefault(int(idx), {})[name] = t.to(p.device) if name != "step" else t
+    want = {"step", "exp_avg", "exp_avg_sq"}
+    for i in range(len(params) if step > 0 else 0):
+        if set(state.get(i, {})) != want:
+            raise InputError(f"{path}: the optimizer state of parameter {i} has {sorted(state.get(i, {}))}, it needs "
+                             f"{sorted(want)}")
+        if state[i]["step"].numel() != 1 or float(state[i]["step"]) != step:
+            raise InputError(f"{path}: {prefix}{i}.step is {state[i]['step'].tolist()}, the run is at step {step}")
+    return {**sd, "state": state}
+
+
+class Interrupted(KeyboardInterrupt):
+    # Ctrl-C inside a training loop: `interrupted at step N; ...` with the step of the checkpoint on disk (it is
+    # whole: every file is written atomically); plumbing/errors.cli prints it as one line, exit status 130
+    def __init__(self, step, out):
+        saved = checkpoint_step(out)
+        super().__init__(f"interrupted at step {step}; " + (
+            f"`--resume --out {out}` (and the same flags) continues from its checkpoint at step {saved}"
+            if saved is not None else "no checkpoint was written yet: nothing to resume"))
