@@ -48,8 +48,7 @@ def nlg(init, out):
     train_nlg.main(flags)
     args = train_nlg.parse_args(flags)
     args.model, args.device = str(assets.smollm2_dir()), "cpu"
-    ours = train_nlg.load_model(args)
-    train_nlg.build(args, ours)  # seeds as main() does, then injects
+    ours, _, _ = train_nlg.build_model(args)  # seeds as main() does, then injects (no data: no base metrics)
     balora.load_adapter(ours, out / "adapter")
     from peft import PeftModel
     from transformers import LlamaForCausalLM

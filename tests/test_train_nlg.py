@@ -1,8 +1,10 @@
 # tests/test_train_nlg.py: train_nlg.py on a tiny random LLaMA: which rows the loss sees, the teacher, gradient
 # accumulation, resume, the evaluation, GSM8K, the memory plan, the real default model.
 
+import argparse
 import json
 import math
+import re
 import shutil
 from contextlib import nullcontext
 
@@ -17,7 +19,7 @@ import data
 import model as M
 import train_nlg
 import train_nlu
-from plumbing import runtime
+from plumbing import checkpoints, errors
 
 torch.set_num_threads(2)
 from helpers import *  # noqa: F401,F403  the shared tiny models, files and runners
@@ -109,7 +111,7 @@ def test_non_finite_loss_stops_naming_step_and_term(tiny_llama, monkeypatch):
     net = adapted(tiny_llama).train()
     monkeypatch.setattr(balora, "regularizers", lambda cfg, z, *a, **k: (
         z.sum() * float("nan"), {"consistency": torch.tensor(0.5), "diversity": torch.tensor(float("nan"))}))
-    with pytest.raises(runtime.NonFiniteLoss, match=r"step 8: non-finite diversity nan"):
+    with pytest.raises(errors.NonFiniteLoss, match=r"step 8: non-finite diversity nan"):
         nlg_step(net, [batch], balora.BALoRAConfig.nlg(), 7, 10)
 
 
@@ -263,7 +265,8 @@ def test_nlg_holds_out_a_balanced_sample_and_val_examples_zero_means_no_validati
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
     args = train_nlg.parse_args(drop_flag(cli(tiny_llama, tmp_path / "o", "--train-file", str(f), "--val-examples", "6"),
                                           "--val-file"))
-    train, val, _ = train_nlg.load_records(args)
+    split = train_nlg.read_splits(args)
+    train, val = split["train"], split["validation"]
     assert len(val) == 6 and len(train) == 18 and len({r[0] for r in val}) == 2
     m = train_nlg.main(drop_flag(cli(tiny_llama, tmp_path / "none", "--max-steps", "1", "--val-examples", "0",
                                      "--train-file", str(f)), "--val-file"))
@@ -294,7 +297,7 @@ def test_nlg_resume_refuses_a_changed_evaluation_setting(tiny_llama, tmp_path, f
 
 def test_nlg_refuses_to_overwrite_a_run_without_resume(tiny_llama, tmp_path):
     train_nlg.main(cli(tiny_llama, tmp_path / "o", "--max-steps", "1"))
-    with pytest.raises(runtime.InputError, match="--resume"):
+    with pytest.raises(errors.InputError, match="--resume"):
         train_nlg.main(cli(tiny_llama, tmp_path / "o", "--max-steps", "1"))
 
 
@@ -318,7 +321,7 @@ def test_non_finite_logits_stop_nlg_before_any_svd(tiny_llama):
         net.out.bias[5] = float("nan")
     for svd in balora.SVD:
         cfg = balora.BALoRAConfig.nlg(focus_schedule="constant", lambda1=0.0, svd=svd)
-        with pytest.raises(runtime.NonFiniteLoss, match=r"step 1: non-finite task nan, diversity nan, svd nan"):
+        with pytest.raises(errors.NonFiniteLoss, match=r"step 1: non-finite task nan, diversity nan, svd nan"):
             nlg_step(net, [batch], cfg, 0, 10)
     z = torch.randn(6, 50)
     z[2, 3] = -float("inf")  # a -inf logit keeps the cross-entropy finite; the SVD term is NaN, not a LinAlgError
@@ -348,10 +351,12 @@ def test_memory_plan_counts_the_real_model_and_fits_the_paper_recipe_on_80_gb(ti
     plan = train_nlg.main(recipe)
     assert 12 < plan["base weights"] < 13 and plan["total"] < 80  # 6.74B parameters in bf16; fits one 80 GB GPU
     assert train_nlg.main(recipe + ["--grad-checkpoint"])["total"] < plan["total"] / 2
-    # the KL's working set on the device planned for (a GPU by default): chunks and one teacher block, not M x V
-    rows = balora.kl_chunk_rows(32000, "cuda")
-    assert plan["consistency: KL chunks + teacher block"] * gib == pytest.approx((4 * rows + max(rows, 128)) * 32000 * 4)
-    assert plan["M x V logits: output, fp32, log-softmax, gradient"] * gib == pytest.approx(4 * 512 * 32000 * 12)
+    # the M x V logits grow with the micro-batch's tokens; the KL's working set does not (row chunks and one teacher
+    # block, never M x V), and without the consistency term (λ1 = 0) there is none
+    half = train_nlg.main(recipe + ["--grad-accum", "16"])
+    logits, kl = "M x V logits: output, fp32, log-softmax, gradient", "consistency: KL chunks + teacher block"
+    assert half[logits] == pytest.approx(plan[logits] / 2) and half[kl] == plan[kl] > 0
+    assert train_nlg.main(recipe + ["--method", "pissa"])[kl] == 0
 
 
 def test_nlg_checks_targets_and_rank_before_any_evaluation(tiny_llama, tmp_path):
@@ -365,3 +370,189 @@ def test_distinct_n_is_na_when_nothing_was_sampled(tiny_llama, tmp_path):
     assert train_nlg.distinct_n([], 2) is None and train_nlg.distinct_n(["a b c"], 2) == 1.0
     m = train_nlg.main(cli(tiny_llama, tmp_path / "o", "--gen-prompts", "0", "--max-steps", "1"))
     assert m["tuned"]["distinct_1"] is None and m["base"]["distinct_2"] is None
+
+
+def test_eq9_rows_selected_inside_the_model_equal_the_masked_full_logits(tiny_llama):
+    # train_nlg.py makes the logits (and the teacher's) of the M target rows only and passes mask=None; Eq. (9) as
+    # written masks the full [B, T, V] logits. The same regulariser value and the same adapter gradient.
+    _, batch = lm_batch_of(tiny_llama, 3)
+    cfg = balora.BALoRAConfig.nlg(**ALL_ON)
+    out = {}
+    for path in ("script", "full"):
+        net = adapted(tiny_llama).train()  # seeded: the same adapters both times
+        generator = torch.Generator().manual_seed(7)  # the randomized SVD's Gaussian
+        if path == "script":
+            _, reg, _, terms = train_nlg.micro_batch_loss(net, nlg_teacher(net), batch, cfg, 0, 10, nullcontext(),
+                                                          generator)
+        else:
+            mask = train_nlg.targets(batch["labels"]) != data.IGNORE_INDEX
+            with balora.teacher(net):
+                zt = net(batch["input_ids"])                      # [B, T, V]
+            reg, terms = balora.regularizers(cfg, net(batch["input_ids"]), zt, mask, 0, 10, generator)
+        reg.backward()
+        grad = torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad])
+        out[path] = reg.detach(), grad
+    assert set(terms) == {"consistency", "diversity", "svd"} and out["script"][1].abs().max() > 0
+    torch.testing.assert_close(out["script"][0], out["full"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["script"][1], out["full"][1], rtol=1e-4, atol=1e-7)
+
+
+def test_plain_regularisers_give_the_fused_paths_losses_and_log_every_thins_the_printout(tiny_llama, tmp_path,
+                                                                                         capsys):
+    # --plain runs each term as its equation is written (balora.py Part 2): the same losses step by step
+    common = ("--max-steps", "3", "--gen-prompts", "0", "--focus-schedule", "constant")
+    train_nlg.main(cli(tiny_llama, tmp_path / "fused", *common))
+    capsys.readouterr()
+    train_nlg.main(cli(tiny_llama, tmp_path / "plain", *common, "--plain", "--log-every", "2"))
+    printed = [line.split(" |")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert printed == ["step 2/3", "step 3/3"]  # every second line and the last; log.jsonl has every step
+    fused, plain = step_records(tmp_path / "fused"), step_records(tmp_path / "plain")
+    assert [r["step"] for r in plain] == [1, 2, 3] and "svd" in plain[0]
+    for a, b in zip(fused, plain):
+        for k in ("task", "consistency", "diversity", "svd"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
+
+
+def test_nlg_non_finite_stop_is_logged_and_keeps_the_last_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = balora.diversity_nlg
+
+    def poisoned(z, *a, **k):
+        calls["n"] += 1
+        return real(z, *a, **k) * (math.nan if calls["n"] == 5 else 1.0)  # step 3's first micro-batch
+
+    monkeypatch.setattr(balora, "diversity_nlg", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(errors.NonFiniteLoss, match=r"step 3: non-finite diversity nan"):
+        train_nlg.main(cli(tiny_llama, out, "--plain", "--focus-schedule", "constant", "--save-every", "1"))
+    log = step_records(out)
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and events[-1]["event"] == "non-finite" and events[-1]["step"] == 3
+    assert ckpt_step(out) == 2 and not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("script", ["nlu", "nlg"])
+def test_save_every_n_steps_and_at_the_end_zero_only_at_the_end_in_both_scripts(script, encoders, files, tiny_llama,
+                                                                                 tmp_path, monkeypatch):
+    saved = []
+    real = checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda out, net, opt, state, *a: (
+        saved.append(state["step"]), real(out, net, opt, state, *a))[1])
+    if script == "nlu":  # 2 epochs of 5 steps: no checkpoint at an epoch end unless --save-every says so
+        run = lambda out, *x: train_nlu.main(argv(encoders["plain"], files, out, "--epochs", "2", "--method", "pissa", *x))
+    else:
+        run = lambda out, *x: train_nlg.main(cli(tiny_llama, out, "--epochs", "2", "--max-steps", "10",
+                                                 "--gen-prompts", "0", *x))
+    for flags, want in ((("--save-every", "3"), [3, 6, 9, 10]), (("--save-every", "0"), [10]),
+                        (("--save-every", "0", "--stop-after", "4"), [4])):
+        saved.clear()
+        run(tmp_path / "_".join(flags), *flags)
+        assert saved == want, flags
+
+
+def test_warmup_is_the_ceiling_of_ratio_times_steps_in_both_scripts():
+    for script in (train_nlu, train_nlg):
+        args = script.parse_args(["--warmup-ratio", "0.1", "--epochs", "3", "--max-steps", "0", "--batch-size", "10"])
+        assert script.schedule(args, 100) == (30, 3)  # 0.1 x 30 is 3.0000000000000004 in floating point
+        args = script.parse_args(["--warmup-ratio", "0.03", "--max-steps", "40"])
+        assert script.schedule(args, 10 ** 6) == (40, 2)  # 1.2 -> 2
+    assert train_nlu.schedule(train_nlu.parse_args([]), 8073) == (100, 10)  # the default jobs
+    assert train_nlg.schedule(train_nlg.parse_args([]), 8073) == (40, 2)
+
+
+# ---- the flags: one meaning in both scripts, the differences those of README.md's table --------------------------
+
+PROBES = ("-1", "0", "0.5", "1", "2", "1e30", "x")  # a flag's type, told by what it accepts
+
+
+def parser_of(script, monkeypatch):
+    # (the script's argparse parser, its parsed defaults, the regulariser config they give)
+    seen, real = [], argparse.ArgumentParser.parse_args
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", lambda self, *a, **k: seen.append(self) or real(self, *a, **k))
+        args = script.parse_args([])
+    cfg = train_nlu.reg_config(args, 10) if script is train_nlu else train_nlg.reg_config(args)
+    return seen[0], args, cfg
+
+
+def meanings(script, monkeypatch):
+    # {--flag: what it means}: its action, choices, the values its type accepts, and its default as the run uses
+    # it (a regulariser flag left at None: the config's value; --init: the method's init, as parse_args settles it)
+    p, args, cfg = parser_of(script, monkeypatch)
+
+    def accepts(kind, text):
+        try:
+            return kind(text)
+        except (argparse.ArgumentTypeError, ValueError):
+            return "refused"
+
+    out = {}
+    for flag, a in p._option_string_actions.items():
+        if flag.startswith("--"):
+            default = args.init if a.dest == "init" else getattr(cfg, a.dest) if a.default is None and \
+                hasattr(cfg, a.dest) else a.default
+            out[flag] = (type(a).__name__, a.choices, a.nargs, default,
+                         None if a.type is None else [accepts(a.type, t) for t in PROBES])
+    return out
+
+
+def readme_flags():
+    # (the flags README.md's "Flags both scripts share" names, {--flag: its row of the section's table})
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Flags both scripts share")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    table = {flag: row for row in rows for flag in re.findall(r"--[a-z0-9-]+", row.split("|")[1])}
+    return set(re.findall(r"`(--[a-z0-9-]+)", section)), table
+
+
+def test_both_scripts_flags_have_one_meaning_but_the_differences_of_the_readme_table(monkeypatch):
+    nlu, nlg = meanings(train_nlu, monkeypatch), meanings(train_nlg, monkeypatch)
+    shared = nlu.keys() & nlg.keys()
+    named, table = readme_flags()
+    assert shared <= named, f"shared flags the README section does not name: {sorted(shared - named)}"
+    assert named <= nlu.keys() | nlg.keys(), f"the README names flags neither script has: {sorted(named - nlu.keys() - nlg.keys())}"
+    differ = {flag: (nlu[flag], nlg[flag]) for flag in shared if nlu[flag] != nlg[flag]}
+    assert differ.keys() == table.keys(), (f"differ, not in the table: {sorted(differ.keys() - table.keys())}; "
+                                           f"in the table, not different: {sorted(table.keys() - differ.keys())}")
+    # the flags flags.shared_args does not define are in both scripts, and a resume may change the same ones
+    assert {"--plain", "--log-every", "--threads", "--stop-after"} <= shared
+    assert train_nlu.RESUME_MAY_CHANGE == train_nlg.RESUME_MAY_CHANGE
+
+
+# every constant of each script's defaults block that a flag reads: patched, it becomes the flag's default
+DEFAULTS_BLOCK = {
+    train_nlu: {"METHOD": ("method", "pissa"), "PISSA_INIT": ("init", "pissa_niter_2"), "TARGETS": ("targets", "query"),
+                "RANK": ("rank", 3), "ALPHA": ("alpha", 6.0), "LR": ("lr", 1e-3), "WARMUP_RATIO": ("warmup_ratio", 0.2),
+                "CLIP": ("clip", 2.0), "BATCH_SIZE": ("batch_size", 16), "GRAD_ACCUM": ("grad_accum", 4),
+                "EPOCHS": ("epochs", 3), "MAX_STEPS": ("max_steps", 7), "MAX_LEN": ("max_len", 64),
+                "DTYPE": ("dtype", "fp32"), "SEED": ("seed", 5), "THREADS": ("threads", 2),
+                "SAVE_EVERY": ("save_every", 9), "STOP_AFTER": ("stop_after", 3), "LOG_EVERY": ("log_every", 5),
+                "EVAL_BATCH_SIZE": ("eval_batch_size", 4), "TASK": ("task", "three"),
+                "WEIGHT_DECAY": ("weight_decay", 0.5)},
+    train_nlg: {"METHOD": ("method", "pissa"), "PISSA_INIT": ("init", "pissa_niter_2"), "TARGETS": ("targets", "q_proj"),
+                "RANK": ("rank", 3), "ALPHA": ("alpha", 6.0), "LR": ("lr", 1e-3), "WARMUP_RATIO": ("warmup_ratio", 0.2),
+                "CLIP": ("clip", 2.0), "BATCH_SIZE": ("batch_size", 16), "GRAD_ACCUM": ("grad_accum", 4),
+                "EPOCHS": ("epochs", 3), "MAX_STEPS": ("max_steps", 7), "MAX_LEN": ("max_len", 32),
+                "DTYPE": ("dtype", "fp32"), "SEED": ("seed", 5), "THREADS": ("threads", 2),
+                "SAVE_EVERY": ("save_every", 9), "STOP_AFTER": ("stop_after", 3), "LOG_EVERY": ("log_every", 5),
+                "EVAL_BATCH_SIZE": ("eval_batch_size", 4), "TEMPLATE": ("template", "alpaca"),
+                "VAL_EXAMPLES": ("val_examples", 3), "DRIFT_WINDOWS": ("drift_windows", 3), "DRIFT_LEN": ("drift_len", 5),
+                "GEN_PROMPTS": ("gen_prompts", 3), "GEN_TOKENS": ("gen_tokens", 3), "GSM8K_TOKENS": ("gsm8k_tokens", 3)},
+}
+
+
+@pytest.mark.parametrize("script", [train_nlu, train_nlg], ids=["nlu", "nlg"])
+def test_every_shared_default_is_a_constant_of_the_defaults_block(script, monkeypatch):
+    # each shared flag whose default is a value (not None, not an off switch) reads it from a constant of the
+    # script's defaults block, at parse time: patched, the constant becomes the flag's default
+    p, _, _ = parser_of(script, monkeypatch)
+    other, _, _ = parser_of(train_nlg if script is train_nlu else train_nlu, monkeypatch)
+    shared = {a.dest for flag, a in p._option_string_actions.items() if flag in other._option_string_actions
+              and a.default is not None and not isinstance(a.default, bool) and a.dest != "help"}
+    block = {arg for arg, _ in DEFAULTS_BLOCK[script].values()}
+    assert shared <= block, sorted(shared - block)
+    for const, (arg, value) in DEFAULTS_BLOCK[script].items():
+        with monkeypatch.context() as m:
+            m.setattr(script, const, value)
+            assert getattr(script.parse_args([]), arg) == value, const
+

@@ -2,12 +2,11 @@
 # teacher and its cache, gradient accumulation, resume, data options, every metric by hand, the real default job.
 
 import json
-from pathlib import Path
-import re
 import math
 import random
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ import model as M
 import train_nlg
 import train_nlu
 from balora import PiSSALinear
-from plumbing import runtime
+from plumbing import checkpoints, errors
 
 torch.set_num_threads(2)
 from helpers import *  # noqa: F401,F403  the shared tiny models, files and runners
@@ -128,7 +127,8 @@ def test_end_to_end_then_saved_adapter_reproduces_test_metrics(encoders, files, 
     import data
     d = data.read_table(files["test"], ["sentence"], "label", ["neg", "pos"])
     ex, _ = data.encode_classification(M.load_tokenizer(enc), d, 128)
-    again = train_nlu.evaluate(net, ex, args, {"label_names": ["neg", "pos"], "pad_id": 0, "minority": 0})
+    d = SimpleNamespace(test=ex, label_names=["neg", "pos"], pad_id=0, minority=0)
+    again = train_nlu.evaluate(net, d, args, "test")
     assert again == m["test"]
 
 
@@ -157,7 +157,7 @@ def test_the_adapter_loads_in_peft_on_the_untouched_transformers_model(encoders,
 
 def test_resume_equals_uninterrupted(encoders, files, tmp_path):
     # balora with dropout on: the teacher, the regularisers, the optimizer moments, the RNG and the data
-    # order must all come back. Interrupted twice: mid-epoch 0 and mid-epoch 1 (after an epoch-end checkpoint).
+    # order must all come back. Interrupted twice: mid-epoch 0 and mid-epoch 1 (after epoch 0's validation).
     enc = encoders["dropout"]
     common = ("--epochs", "2", "--lr", "5e-3", "--save-every", "2")
     full = train_nlu.main(argv(enc, files, tmp_path / "a", *common))
@@ -171,9 +171,9 @@ def test_resume_equals_uninterrupted(encoders, files, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in read_log(tmp_path / "b") if "event" not in r] == list(range(1, 11))
     # the same --out without --resume is refused; a resume with other settings names them
-    with pytest.raises(runtime.InputError, match="--resume"):
+    with pytest.raises(errors.InputError, match="--resume"):
         train_nlu.main(argv(enc, files, tmp_path / "b", *common))
-    with pytest.raises(runtime.InputError, match="--lr 0.005"):
+    with pytest.raises(errors.InputError, match="--lr 0.005"):
         train_nlu.main(argv(enc, files, tmp_path / "b", "--epochs", "2", "--lr", "1e-3", "--resume"))
 
 
@@ -187,7 +187,7 @@ def test_nonfinite_term_stops_with_step_and_name_and_keeps_files(encoders, files
 
     monkeypatch.setattr(balora, "diversity_nlu", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(runtime.NonFiniteLoss, match=r"step 3: non-finite diversity nan"):
+    with pytest.raises(errors.NonFiniteLoss, match=r"step 3: non-finite diversity nan"):
         train_nlu.main(argv(encoders["dropout"], files, out, "--save-every", "1"))
     log = read_log(out)
     assert [r["step"] for r in log if "event" not in r] == [1, 2]
@@ -229,16 +229,6 @@ def test_malformed_input_errors_name_the_file_and_line(encoders, files, tmp_path
     missing = write_jsonl(tmp_path / "nolabel.jsonl", [{"sentence": "good"}])
     with pytest.raises(ValueError, match=rf"{missing}:1: column 'label' missing"):
         train_nlu.main(argv(encoders["plain"], dict(files, train=missing), tmp_path / "o3"))
-
-
-def test_help_lists_the_flags(capsys):
-    with pytest.raises(SystemExit) as e:
-        train_nlu.main(["--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
-    for flag in ("--method", "--init", "--lambda1", "--svd-k", "--rank", "--targets", "--grad-accum", "--dtype",
-                 "--resume", "--imbalance", "--label-noise", "--max-steps"):
-        assert flag in text
 
 
 def test_classification_metrics_by_hand():
@@ -332,7 +322,7 @@ def test_regression_runs_with_mse_consistency(encoders, tmp_path):
     fresh = nlu_build(args, 1, "pissa")
     ex, _ = data.encode_classification(M.load_tokenizer(encoders["plain"]),
                                        data.read_table(f["test"], ["sentence"], "score", regression=True), 32)
-    before = train_nlu.evaluate(fresh, ex, args, {"label_names": None, "pad_id": 0, "minority": None})
+    before = train_nlu.evaluate(fresh, SimpleNamespace(test=ex, label_names=None, pad_id=0, minority=None), args, "test")
     assert m["test"]["mse"] < 0.8 * before["mse"] and math.isfinite(m["test"]["pearson"])
 
 
@@ -355,7 +345,7 @@ def test_nlu_checkpoint_is_not_written_with_non_finite_weights(encoders, files, 
         next(p for p in net.parameters() if p.requires_grad).fill_(float("nan"))
     (tmp_path / "x").mkdir()
     with pytest.raises(FloatingPointError, match="not written"):
-        runtime.save_checkpoint(tmp_path / "x", net, opt, {"step": 3})
+        checkpoints.save_checkpoint(tmp_path / "x", net, opt, {"step": 3})
     assert not list((tmp_path / "x").iterdir())
 
 
@@ -396,34 +386,32 @@ def test_resumed_nlu_run_with_the_teacher_cache_is_bit_identical(encoders, files
     assert la == lb
 
 
-# every constant of each script's defaults block is read: patched, it becomes the flag's default
-DEFAULTS_BLOCK = {
-    train_nlu: {"METHOD": ("method", "pissa"), "TASK": ("task", "three"), "TARGETS": ("targets", "query"),
-                "RANK": ("rank", 3), "ALPHA": ("alpha", 6.0), "LR": ("lr", 1e-3), "WARMUP_RATIO": ("warmup_ratio", 0.2),
-                "WEIGHT_DECAY": ("weight_decay", 0.5), "CLIP": ("clip", 2.0), "BATCH_SIZE": ("batch_size", 16),
-                "GRAD_ACCUM": ("grad_accum", 4), "EPOCHS": ("epochs", 3), "MAX_STEPS": ("max_steps", 7),
-                "MAX_LEN": ("max_len", 64), "DTYPE": ("dtype", "fp32"), "SEED": ("seed", 5),
-                "SAVE_EVERY": ("save_every", 9), "EVAL_BATCH_SIZE": ("eval_batch_size", 4)},
-    train_nlg: {"METHOD": ("method", "pissa"), "TARGETS": ("targets", "q_proj"), "RANK": ("rank", 3),
-                "ALPHA": ("alpha", 6.0), "PISSA_INIT": ("init", "pissa_niter_2"), "LR": ("lr", 1e-3),
-                "WARMUP": ("warmup_ratio", 0.2), "CLIP": ("clip", 2.0), "BATCH_SIZE": ("batch_size", 16),
-                "GRAD_ACCUM": ("grad_accum", 4), "EPOCHS": ("epochs", 3), "MAX_STEPS": ("max_steps", 7),
-                "MAX_LEN": ("max_len", 32), "DTYPE": ("dtype", "fp32"), "SEED": ("seed", 5),
-                "SAVE_EVERY": ("save_every", 9), "EVAL_BATCH_SIZE": ("eval_batch_size", 4),
-                "TEMPLATE": ("template", "alpaca"), "VAL_EXAMPLES": ("val_examples", 3),
-                "DRIFT_WINDOWS": ("drift_windows", 3), "DRIFT_LEN": ("drift_len", 5), "GEN_PROMPTS": ("gen_prompts", 3),
-                "GEN_TOKENS": ("gen_tokens", 3), "GSM8K_TOKENS": ("gsm8k_tokens", 3)},
-}
+def test_without_a_val_file_ten_percent_of_the_training_file_is_held_out(encoders, files, tmp_path):
+    # the same rule as train_nlg.py: no --val-file, validation is held out of --train-file; which examples depends
+    # on their content only, not on the file's order
+    flags = lambda f, out, *x: drop_flag(argv(encoders["plain"], f, out, *x), "--val-file")
+    split = train_nlu.read_splits(train_nlu.parse_args(flags(files, tmp_path / "x")))
+    assert len(split["validation"].labels) == 4 and len(split["train"].labels) == 36  # 10 % of 40
+    assert sorted(split["validation"].texts + split["train"].texts) == \
+        sorted(train_nlu.read_splits(train_nlu.parse_args(argv(encoders["plain"], files, tmp_path / "y")))["train"].texts)
+    reversed_file = tmp_path / "reversed.jsonl"
+    reversed_file.write_text("".join(reversed(files["train"].read_text().splitlines(keepends=True))))
+    again = train_nlu.read_splits(train_nlu.parse_args(flags(dict(files, train=reversed_file), tmp_path / "z")))
+    assert sorted(again["validation"].texts) == sorted(split["validation"].texts)
+    m = train_nlu.main(flags(files, tmp_path / "run", "--max-steps", "1"))
+    assert m["validation"][0]["n"] == 4 and sum(m["train_class_counts"].values()) == 36
 
 
-@pytest.mark.parametrize("script", [train_nlu, train_nlg], ids=["nlu", "nlg"])
-def test_every_constant_of_the_defaults_block_is_the_flags_default(script, monkeypatch):
-    src = Path(script.__file__).read_text(encoding="utf-8")
-    block = src.split("# Defaults")[1].split("# ----")[0]
-    names = set(re.findall(r"^([A-Z_0-9]+(?:, [A-Z_0-9]+)*) *=", block, re.M))
-    names = {n for group in names for n in group.split(", ")} - {"HEAD"}  # HEAD: saved modules, not a flag
-    assert names == set(DEFAULTS_BLOCK[script]), names ^ set(DEFAULTS_BLOCK[script])
-    for const, (arg, value) in DEFAULTS_BLOCK[script].items():
-        with monkeypatch.context() as m:
-            m.setattr(script, const, value)
-            assert getattr(script.parse_args([]), arg) == value, const
+def test_plain_regularisers_give_the_fused_paths_losses(encoders, files, tmp_path, capsys):
+    # --plain runs each term as its equation is written (balora.py Part 2): the same losses step by step
+    common = ("--method", "balora", "--max-steps", "3")
+    train_nlu.main(argv(encoders["dropout"], files, tmp_path / "fused", *common))
+    capsys.readouterr()
+    train_nlu.main(argv(encoders["dropout"], files, tmp_path / "plain", *common, "--plain", "--log-every", "2"))
+    printed = [line.split(" |")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert printed == ["step 2/3", "step 3/3"]  # --log-every 2: every second line and the last; the log has all
+    fused, plain = step_records(tmp_path / "fused"), step_records(tmp_path / "plain")
+    assert [r["step"] for r in plain] == [1, 2, 3]
+    for a, b in zip(fused, plain):
+        for k in ("task", "consistency", "diversity", "svd"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
