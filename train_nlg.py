@@ -230,7 +230,7 @@ def build_model(args, d=None, dist=parallel.Dist()):
         base = base_metrics(args.base_from, {k: getattr(args, k) for k in EVAL_KEYS})
     else:
         base = evaluate(net, d, args, "base") if dist.main else None  # rank 0 alone evaluates under torchrun
-    torch.manual_seed(args.seed)  # LoRA's init and PiSSA's randomized SVD draw from it
+    torch.manual_seed(args.seed)  # LoRA's init draws from it (PiSSA's randomized SVD seeds itself: balora.PiSSALinear)
     t0 = time.time()
     n = balora.inject(net, args.targets.split(","), args.rank, args.alpha, args.init)
     init_s = time.time() - t0

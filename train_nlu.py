@@ -93,7 +93,7 @@ def parse_args(argv=None):
     o.add_argument("--weight-decay", type=R(float, 0), default=WEIGHT_DECAY,
                    help="AdamW decay of the head's matrices (never the adapters)")
     r.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false",
-                   help="run the teacher forward every step instead of caching its features after the first epoch")
+                   help="run the teacher forward every step instead of caching its features on each example's first visit")
     args = p.parse_args(argv)
     if args.regression and (args.imbalance or args.label_noise):
         p.error("--imbalance and --label-noise act on classes: they do not apply with --regression")

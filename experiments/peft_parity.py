@@ -25,7 +25,7 @@ def nlu(init, out):
     train_nlu.main(flags)
     args = train_nlu.parse_args(flags)
     args.model, args.device = str(assets.minilm_dir()), "cpu"
-    torch.manual_seed(args.seed)  # as main(): a randomized init's A0, B0 are the run's
+    torch.manual_seed(args.seed)  # as main(): LoRA's init draws from it
     ours = train_nlu.build_model(args, 2).eval()
     balora.load_adapter(ours, out / "adapter")
     from peft import PeftModel

@@ -272,7 +272,10 @@ def code_version():
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     # tracked files only: an untracked virtual environment or scratch file is not a change of the code
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!experiments/results", ":!runs")
-    return {"commit": git("rev-parse", "HEAD") or None, "clean": not dirty}
+    # the newest commit that changed the code: `run --commit`'s result commits change HEAD, not the code, so the
+    # runs of one invocation still count as the same code (and copy each other's results)
+    commit = git("log", "-1", "--format=%H", "--", ".", ":!experiments/results", ":!runs")
+    return {"commit": commit or None, "clean": not dirty}
 
 
 def compact(run, metrics, wall_s):

@@ -337,3 +337,27 @@ def test_study_counts_only_tracked_changes_as_dirty(tmp_path, monkeypatch):
     assert study.code_version()["clean"] is True
     (repo / "code.py").write_text("x = 2\n")  # a tracked file changed: dirty
     assert study.code_version()["clean"] is False
+
+
+@slow
+def test_study_code_version_ignores_result_commits(tmp_path, monkeypatch):
+    # `run --commit` commits each result: that changes HEAD but not the code, so the results of one invocation
+    # keep one code version (and copy each other's); a commit to the code is a new version
+    from experiments import study
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                                    check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    first = study.code_version()
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "experiments" / "results" / "a__b__0.json").write_text("{}\n")
+    git("add", "-A")
+    git("commit", "-qm", "results: a__b__0")
+    assert study.code_version() == first == {"commit": git("rev-parse", "HEAD~1"), "clean": True}
+    (tmp_path / "train.py").write_text("x = 2\n")
+    assert study.code_version() == {**first, "clean": False}
+    git("commit", "-qam", "code 2")
+    assert study.code_version() == {"commit": git("rev-parse", "HEAD"), "clean": True}

@@ -1,10 +1,9 @@
-# tests/test_layout.py: checks of the layout, not proofs: each file's first line, which module imports which,
-# and that the documents link what exists and speak in the present tense.
+# tests/test_layout.py: checks of the layout, not proofs: which module imports which (balora.py alone works, a
+# learner can skip plumbing/), and that every document a document links exists.
 
 import re
 
 import torch
-import transformers  # the reference the hand-written models are checked against; test-only
 
 
 torch.set_num_threads(2)
@@ -12,8 +11,6 @@ from helpers import *  # noqa: F401,F403  the shared tiny models, files and runn
 
 
 PLUMBING = sorted(p.relative_to(HERE).as_posix() for p in (HERE / "plumbing").glob("*.py"))
-TOP_MODULES = ["balora.py", "model.py", "data.py", "train_nlu.py", "train_nlg.py", "test_balora.py", *PLUMBING,
-               "experiments/study.py", "experiments/bench.py", "experiments/plot_log.py"]
 
 
 def imports_of(path):
@@ -28,10 +25,7 @@ def imports_of(path):
     return names
 
 
-def test_every_module_states_its_one_concern_and_imports_flow_one_way():
-    for f in TOP_MODULES:
-        first = (HERE / f).read_text(encoding="utf-8").splitlines()[0]
-        assert first.startswith(f"# {f}") and len(first) > len(f) + 12, (f, first)
+def test_imports_flow_one_way():
     project = {"balora", "model", "data", "train_nlu", "train_nlg", "plumbing", "experiments", "study", "bench"}
     ours = lambda f: {n for n in imports_of(f) if n in project or n.startswith(("plumbing", "experiments"))}
     assert ours("balora.py") == set()  # copied alone, it works
@@ -50,25 +44,10 @@ def test_every_module_states_its_one_concern_and_imports_flow_one_way():
         done |= ready
     for script in ("train_nlu.py", "train_nlg.py"):
         assert ours(script) == {"balora", "data", "model", "plumbing"}
-    model_src, data_src = (HERE / "model.py").read_text(), (HERE / "data.py").read_text()
-    assert "torch.distributed" not in model_src and "cpu_capability" not in model_src
-    assert "def cli(" not in data_src and "pip download" not in data_src and "__main__" not in data_src
-    assert "subprocess" not in data_src and "sha256_file" not in data_src  # no fetcher in data.py
 
 
-HISTORY = re.compile(r"\b(?:[Bb]efore,|\([Bb]efore\b|[Ee]arlier (?:version|table|README|run)s?|[Pp]revious "
-                     r"(?:measurement|README|version|implementation)|was lent|this task|commit [0-9a-f]{7}|"
-                     r"the issue reports)")
-
-
-def test_readme_is_the_front_door_and_no_document_speaks_of_history():
-    readme = (HERE / "README.md").read_text(encoding="utf-8")
-    assert len(readme.encode("utf-8")) <= 12_000
-    assert re.search(r"^## .*\bown\b", readme, re.M)  # "Use balora.py in your own loop"
-    docs = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
-    for doc in docs:
+def test_every_linked_document_exists():
+    for doc in [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]:
         text = doc.read_text(encoding="utf-8")
-        hits = HISTORY.findall(text)
-        assert not hits, (doc.name, hits)
-        for link in re.findall(r"\]\(([^)#]+\.(?:md|png))\)", text):  # every linked document exists
+        for link in re.findall(r"\]\(([^)#]+\.(?:md|png))\)", text):
             assert (doc.parent / link).exists(), (doc.name, link)

@@ -460,7 +460,7 @@ def test_warmup_is_the_ceiling_of_ratio_times_steps_in_both_scripts():
     assert train_nlg.schedule(train_nlg.parse_args([]), 8073) == (40, 2)
 
 
-# ---- the flags: one meaning in both scripts, the differences those of README.md's table --------------------------
+# ---- the flags: one meaning in both scripts, the differences those of docs/flags.md's table --------------------------
 
 PROBES = ("-1", "0", "0.5", "1", "2", "1e30", "x")  # a flag's type, told by what it accepts
 
@@ -497,9 +497,8 @@ def meanings(script, monkeypatch):
 
 
 def readme_flags():
-    # (the flags README.md's "Flags both scripts share" names, {--flag: its row of the section's table})
-    text = (HERE / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Flags both scripts share")[1].split("\n## ")[0]
+    # (the flags docs/flags.md names, {--flag: its row of the table of differences})
+    section = (HERE / "docs" / "flags.md").read_text(encoding="utf-8")
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     table = {flag: row for row in rows for flag in re.findall(r"--[a-z0-9-]+", row.split("|")[1])}
     return set(re.findall(r"`(--[a-z0-9-]+)", section)), table
@@ -509,8 +508,8 @@ def test_both_scripts_flags_have_one_meaning_but_the_differences_of_the_readme_t
     nlu, nlg = meanings(train_nlu, monkeypatch), meanings(train_nlg, monkeypatch)
     shared = nlu.keys() & nlg.keys()
     named, table = readme_flags()
-    assert shared <= named, f"shared flags the README section does not name: {sorted(shared - named)}"
-    assert named <= nlu.keys() | nlg.keys(), f"the README names flags neither script has: {sorted(named - nlu.keys() - nlg.keys())}"
+    assert shared <= named, f"shared flags docs/flags.md does not name: {sorted(shared - named)}"
+    assert named <= nlu.keys() | nlg.keys(), f"docs/flags.md names flags neither script has: {sorted(named - nlu.keys() - nlg.keys())}"
     differ = {flag: (nlu[flag], nlg[flag]) for flag in shared if nlu[flag] != nlg[flag]}
     assert differ.keys() == table.keys(), (f"differ, not in the table: {sorted(differ.keys() - table.keys())}; "
                                            f"in the table, not different: {sorted(table.keys() - differ.keys())}")
