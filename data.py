@@ -8,8 +8,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 import re
+import stat
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -30,6 +32,44 @@ def decode_utf8(raw: bytes, path) -> str:
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def file_kind(mode) -> str:
+    # what a path that is not a regular file is, in words (for the one-line errors)
+    return next((name for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                                         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                                         (stat.S_ISSOCK, "a socket")) if test(mode)), "not a regular file")
+
+
+def open_input(path, what=None):
+    # A binary file object of `path`, which must be a regular file: opened without blocking (a FIFO with no writer
+    # would wait forever, one with a writer would have its data taken) and checked before a byte is read (/dev/zero
+    # never ends). `what` names it in the error (a flag), else the path does.
+    where = f"{what} {path}" if what else str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise DataError(f"{where}: no such file") from None
+    except PermissionError:
+        raise DataError(f"{where}: permission denied (cannot read it)") from None
+    except OSError as e:
+        raise DataError(f"{where}: cannot be read ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DataError(f"{where}: {file_kind(mode)}, not a regular file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_file(path) -> bytes:
+    # the bytes of a regular file (open_input), every failure one line naming it
+    with open_input(path) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, padding); the value torch's CE skips
@@ -69,7 +109,7 @@ class TextData:
 def read_ground_truth(path: Path) -> list[tuple[str, float, str]]:
     # VADER's *_GroundTruth.txt: "id<TAB>mean rating in [-4, 4]<TAB>sentence", UTF-8, CRLF line ends.
     path = Path(path)
-    text = decode_utf8(path.read_bytes(), path)
+    text = decode_utf8(read_file(path), path)
     lines = text.split("\n")  # not splitlines(): it would also split at U+2028 and friends inside a sentence
     if lines and lines[-1] == "":
         lines.pop()
@@ -200,13 +240,13 @@ def _json_array_rows(path: Path, text: str):
 def read_rows(path: Path):
     # Yields (line number, {column: value}); the line number is the physical line where the row starts.
     if path.suffix == ".json":
-        text = decode_utf8(path.read_bytes(), path).removeprefix("\ufeff")
+        text = decode_utf8(read_file(path), path).removeprefix("\ufeff")
         if text.lstrip().startswith("["):
             yield from _json_array_rows(path, text)
             return
     if path.suffix in (".jsonl", ".json"):
         # decoded as a whole through _decode: a non-UTF-8 byte is an error naming the line, as for .json arrays
-        for n, line in enumerate(decode_utf8(path.read_bytes(), path).removeprefix("\ufeff").split("\n"), 1):
+        for n, line in enumerate(decode_utf8(read_file(path), path).removeprefix("\ufeff").split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -220,7 +260,7 @@ def read_rows(path: Path):
     if path.suffix not in (".csv", ".tsv"):
         raise DataError(f"{path}: unknown format, expected .jsonl, .json (an array, or one object per line), "
                          ".csv or .tsv")
-    text = decode_utf8(path.read_bytes(), path).removeprefix("\ufeff")
+    text = decode_utf8(read_file(path), path).removeprefix("\ufeff")
     # GLUE's TSVs are unquoted (sentences contain stray quotes), CSVs use ordinary quoting
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE) \
         if path.suffix == ".tsv" else csv.reader(io.StringIO(text, newline=""))
@@ -579,7 +619,7 @@ def collate_lm(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def read_text(path) -> str:
     path = Path(path)
-    return decode_utf8(path.read_bytes(), path)
+    return decode_utf8(read_file(path), path)
 
 
 def text_windows(tok: Tokenizer, text: str, window: int, source: str = "text") -> torch.Tensor:

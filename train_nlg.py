@@ -4,6 +4,7 @@
 # teaches SmolLM2-135M-Instruct to write movie-review sentences, minutes on a 2-core CPU; the paper's recipe:
 # docs/paper-scale.md; `torchrun --nproc_per_node N train_nlg.py` (docs/scale-out.md). train_nlu.py: the same steps.
 
+from plumbing import interrupts  # noqa: F401  first: a Ctrl-C during the imports is one line, exit 130
 import argparse
 import dataclasses
 import itertools
@@ -523,7 +524,7 @@ def main(argv=None):
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-        if not args.resume:
+        if log_file.new:  # a new run, or a resume whose log.jsonl was deleted: the log starts with its start record
             log({"event": "start", **run, "warmup": warmup, "args": state["args"]})
         if train(net, opt, cfg, d, args, state, total, warmup, log, dist) is None or not dist.main:
             return None

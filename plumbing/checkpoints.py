@@ -2,19 +2,24 @@
 # tensors, AdamW's state, the RNG, extra tensors, the JSON state in its metadata), what a --resume checks before
 # anything is loaded (every setting, every input file's fingerprint, every optimizer tensor), and the Ctrl-C report
 # that names the checkpoint to resume from. Both training scripts and plumbing/rundir.py (the checkpoint's name)
-# import it; it imports balora.py (atomic_write, parse_json), model.py (open_safetensors) and plumbing/errors.py.
+# import it; it imports balora.py (atomic_write, parse_json), model.py (open_safetensors), data.py (open_input: an
+# input that is not a regular file), plumbing/errors.py and plumbing/parallel.py (agree: torchrun's ranks check
+# that they read the same inputs and checkpoint).
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+import data
 import model
 from balora import atomic_write, parse_json
-from plumbing.errors import InputError
+from plumbing.errors import InputError, OutputError
+from plumbing.parallel import agree
 
 
 # One checkpoint format for both scripts: OUT/checkpoint.safetensors, written atomically, holding the trained
@@ -36,7 +41,15 @@ def save_checkpoint(out, net, opt, state, extra=None):
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
-    atomic_write(Path(out) / CHECKPOINT, lambda p: save_file(tensors, p, metadata={"train_state": json.dumps(state)}))
+    path = Path(out) / CHECKPOINT
+    try:
+        atomic_write(path, lambda p: save_file(tensors, p, metadata={"train_state": json.dumps(state)}))
+    except (OSError, SafetensorError) as e:  # disk full, quota, read-only: the old checkpoint is untouched
+        why = getattr(e, "strerror", None) or str(e)
+        kept = checkpoint_step(out)
+        raise OutputError(f"{path}: the checkpoint of step {state['step']} could not be written ({why}); "
+                          + (f"the checkpoint of step {kept} is kept whole" if kept is not None else
+                             "no earlier checkpoint exists") + "; free space and --resume") from None
 
 
 # What may change between a run and its --resume: where and how fast it runs, and when it saves. Every other
@@ -48,23 +61,35 @@ def fingerprints(paths) -> dict:
     # {file: {"size", "sha256"}} of every input (a directory: its top-level files; hidden ones skipped), recorded in
     # the checkpoint so that --resume refuses an input that changed. A *.safetensors file's hash covers its header
     # (names, dtypes, shapes, offsets) only: with the size it catches a swapped weights file without reading
-    # gigabytes at every start.
-    out = {}
-    for p in paths:
+    # gigabytes at every start. Only regular files are read (data.open_input: a FIFO or /dev/zero is one line, never a
+    # hang). Under torchrun every rank must find the same contents (parallel.agree).
+    out, seen = {}, {}
+    for i, p in enumerate(paths):
         if p is None:
             continue
         p = Path(p).resolve()
-        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+        try:
+            files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+        except OSError as e:
+            raise InputError(f"{p}: cannot list the directory ({e.strerror})") from None
         for f in files:
             h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                if f.suffix == ".safetensors":
-                    head = fh.read(8)
-                    h.update(head + fh.read(int.from_bytes(head, "little") if len(head) == 8 else 0))
-                else:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(block)
-            out[str(f)] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
+            with data.open_input(f) as fh:
+                size = os.fstat(fh.fileno()).st_size
+                try:
+                    n = int.from_bytes(fh.read(8), "little") if f.suffix == ".safetensors" else None
+                    fh.seek(0)
+                    if n is not None and n <= size - 8:  # the header alone (a bad length: the whole file)
+                        h.update(fh.read(8 + n))
+                    else:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(block)
+                except OSError as e:
+                    raise InputError(f"{f}: cannot be read ({e.strerror})") from None
+            out[str(f)] = {"size": size, "sha256": h.hexdigest()}
+            seen[f"input {i} {f.name if p.is_dir() else ''}"] = (
+                f"{f} (size {size}, sha256 {h.hexdigest()[:12]}…)", f"{size}:{h.hexdigest()}")
+    agree(seen, "input files")
     return out
 
 
@@ -88,8 +113,43 @@ def train_state(path, text):
     return parse_json(text, f"{path} (train_state)", InputError)
 
 
+# a header larger than this is not one the scripts wrote (theirs hold a few hundred tensor names and the state)
+MAX_HEADER = 100 << 20
+
+
+def read_header(path) -> tuple:
+    # The checkpoint's metadata, read as strictly as every JSON of the project: the 8-byte length and the JSON
+    # header parsed here with balora.parse_json (a key written twice, e.g. two "train_state", is an error naming it;
+    # safetensors would keep one of them silently). -> (metadata, sha256 of the header). Only a regular file is read.
+    try:
+        with data.open_input(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, MAX_HEADER):
+                raise InputError(f"{path}: not a readable safetensors file (truncated or edited? its header length "
+                                 f"{n if n >= 0 else 'is missing'} does not fit its {size} bytes)")
+            raw = f.read(n)
+    except data.DataError as e:
+        raise InputError(str(e).replace("(cannot read it)", "(this user cannot read the checkpoint: a run of "
+                                        "another user?)")) from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a readable safetensors file (its header is not UTF-8: {e.reason})") from None
+    header = parse_json(text, f"{path} (header)", InputError)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InputError(f"{path} (header): __metadata__ should be an object of strings")
+    return meta, hashlib.sha256(raw).hexdigest()
+
+
 def open_checkpoint(path):
-    # model.py's safetensors opener; an unreadable checkpoint is bad input, not a bad model directory
+    # model.py's safetensors opener, after the strict header (read_header); an unreadable checkpoint is bad input,
+    # not a bad model directory
+    read_header(path)
     try:
         return model.open_safetensors(path)
     except model.ModelError as e:
@@ -99,10 +159,13 @@ def open_checkpoint(path):
 def checkpoint_state(out, script, args, may_change=(), inputs=None):
     # the JSON state of OUT's checkpoint, written by `script`, its settings checked against this run's before
     # anything is loaded: every flag must be equal but those in RESUME_MAY_CHANGE and may_change, and every input
-    # file's fingerprint (`inputs`, from fingerprints()) equal to the one recorded
+    # file's fingerprint (`inputs`, from fingerprints()) equal to the one recorded. Under torchrun every rank must
+    # resume from rank 0's checkpoint (parallel.agree: another node's --out may hold another one).
     path = Path(out) / CHECKPOINT
-    with open_checkpoint(path) as f:
-        meta = f.metadata() or {}
+    meta, digest = read_header(path)
+    agree({"checkpoint": (f"{path} (header sha256 {digest[:12]}…)", digest)}, "checkpoint to resume from")
+    with open_checkpoint(path):
+        pass
     if "train_state" not in meta:
         raise InputError(f"{path}: not a checkpoint of these scripts (no 'train_state' metadata)")
     state = train_state(path, meta["train_state"])
@@ -130,8 +193,7 @@ def checkpoint_step(out):
     # the step of OUT's checkpoint, or None when there is none (or it cannot be read)
     path = Path(out) / CHECKPOINT
     try:
-        with open_checkpoint(path) as f:
-            return train_state(path, (f.metadata() or {})["train_state"])["step"]
+        return train_state(path, read_header(path)[0]["train_state"])["step"]
     except (OSError, KeyError, TypeError, ValueError):  # ValueError: InputError (unreadable, not JSON)
         return None
 

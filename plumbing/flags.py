@@ -1,13 +1,25 @@
 # plumbing/flags.py: the flags both training scripts share (one name, one meaning; each script's defaults block
 # gives their defaults and each adds its own flags beside them), the argparse type that keeps a number in range,
-# and the checks argparse cannot make alone. Both training scripts import it; it imports balora.py for the
-# names of the regularisers' forms (--consistency, --diversity, --svd).
+# and the checks argparse cannot make alone, among them what each path flag names (a regular file, a model
+# directory) before anything reads it. Both training scripts import it; it imports balora.py for the names of the
+# regularisers' forms (--consistency, --diversity, --svd), data.py (file_kind) and plumbing/errors.py.
 
 import argparse
 import math
+import os
+import stat
 from pathlib import Path
 
 import balora
+import data
+from plumbing.errors import InputError
+
+# |--seed| at most this: seed x 1 000 003 + step x 1009 (parallel.step_seed, data.batches) stays inside torch's 64-bit
+# seed for any number of steps a run can take
+SEED_LIMIT = 10 ** 12
+# the path flags of both scripts: files read whole (and fingerprinted), and the model directory
+FILE_FLAGS = ("train_file", "val_file", "test_file", "eval_text", "eval_gsm8k", "base_from")
+DIR_FLAGS = ("model",)
 
 
 def arg_range(kind, low, high=math.inf, low_open=False, high_open=False):
@@ -67,7 +79,7 @@ def shared_args(p, d):
     o.add_argument("--epochs", type=R(int, 1), default=d["epochs"], help="passes over the training set")
     o.add_argument("--max-steps", type=R(int, 0), default=d["max_steps"],
                    help="cap on the optimizer steps of --epochs (0: no cap)")
-    o.add_argument("--seed", type=int, default=d["seed"])
+    o.add_argument("--seed", type=R(int, -SEED_LIMIT, SEED_LIMIT), default=d["seed"])
     r = p.add_argument_group("run")
     r.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default=d["dtype"],
                    help="autocast dtype; auto: bf16 where the device runs it natively, else fp32")
@@ -93,6 +105,61 @@ def check_shared(p, args, task):
         p.error(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size} (examples per step)")
     if args.resume and not args.out:
         p.error("--resume needs the --out of the run to continue")
+    check_paths(args)
     args.out = str(Path(args.out)) if args.out else None  # None: run_dir makes a new one
     return args
+
+
+def check_paths(args, files=FILE_FLAGS, dirs=DIR_FLAGS):
+    # Every path flag given, checked for what it is before anything reads it: a file flag names a readable regular
+    # file (a FIFO would hang the fingerprint or have its data taken, /dev/zero would never end), --model a readable
+    # directory of regular files. Anything else is one line naming the flag (InputError, exit status 1). The scripts'
+    # readers open only regular files too (data.open_input), so a path swapped after this check cannot hang them.
+    for key in files:
+        value = getattr(args, key, None)
+        if value is None or (key == "eval_gsm8k" and value == "default"):
+            continue
+        flag = f"--{key.replace('_', '-')} {value}"
+        try:
+            mode = os.stat(value).st_mode
+        except FileNotFoundError:
+            raise InputError(f"{flag}: no such file") from None
+        except OSError as e:
+            raise InputError(f"{flag}: cannot be read ({e.strerror})") from None
+        if not stat.S_ISREG(mode):
+            raise InputError(f"{flag}: {data.file_kind(mode)}, not a regular file")
+        if not os.access(value, os.R_OK):
+            raise InputError(f"{flag}: permission denied (this user cannot read it)")
+    for key in dirs:
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        flag = f"--{key.replace('_', '-')} {value}"
+        try:
+            mode = os.stat(value).st_mode
+        except FileNotFoundError:
+            raise InputError(f"{flag}: no such directory") from None
+        except OSError as e:
+            raise InputError(f"{flag}: cannot be read ({e.strerror})") from None
+        if not stat.S_ISDIR(mode):
+            raise InputError(f"{flag}: not a model directory (config.json, model.safetensors, tokenizer.json)")
+        try:
+            if not os.access(value, os.R_OK | os.X_OK):
+                raise PermissionError
+            entries = sorted(os.scandir(value), key=lambda e: e.name)
+        except PermissionError:
+            raise InputError(f"{flag}: permission denied (this user cannot list or read the directory)") from None
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                mode = os.stat(e.path).st_mode
+            except FileNotFoundError:  # a dangling link: not read by anything
+                continue
+            except OSError as err:
+                raise InputError(f"{flag}: {e.path} cannot be read ({err.strerror})") from None
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise InputError(f"{flag}: {e.path} is {data.file_kind(mode)}, not a regular file")
+            if stat.S_ISREG(mode) and not os.access(e.path, os.R_OK):
+                raise InputError(f"{flag}: {e.path}: permission denied (this user cannot read it)")
 

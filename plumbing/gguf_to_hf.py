@@ -275,6 +275,10 @@ def convert_gguf(gguf_path, out_dir):
     gguf_path, out_dir = os.fspath(gguf_path), os.fspath(out_dir)
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    if os.path.lexists(out_dir) and not (os.path.isdir(out_dir) and not os.path.islink(out_dir)
+                                         and not os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir}: already exists; the converter writes a new directory (or an empty one) "
+                              f"and never replaces files: remove it, or name another")
     if gguf is None:
         raise ImportError("converting the default GGUF model needs the gguf package: pip install gguf")
     try:
@@ -298,8 +302,7 @@ def convert_gguf(gguf_path, out_dir):
             write_json(os.path.join(tmp, name), obj)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         save_numpy(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        # write_json (balora.atomic_write) and safetensors create their files 0600; give them the umask-derived
-        # mode tokenizer.json got
+        # every file gets the umask-derived mode tokenizer.json got (open()'s), whichever writer made it
         for name in ["config.json", "generation_config.json", "tokenizer_config.json", "model.safetensors"]:
             shutil.copymode(os.path.join(tmp, "tokenizer.json"), os.path.join(tmp, name))
         os.makedirs(out_dir, exist_ok=True)

@@ -1,8 +1,9 @@
 # plumbing/parallel.py: several processes under torchrun (data parallel): this rank's Dist, the process group,
 # the DistributedDataParallel wrapper and its once-per-step gradient sync, sums over the ranks, the per-micro-batch
-# seed that makes N ranks equal one process, and the check that every rank gets examples. Both training scripts,
-# plumbing/devices.py (setup starts the group) and experiments/bench.py (step_seed) import it; it imports
-# plumbing/errors.py.
+# seed that makes N ranks equal one process, the check that every rank gets examples, and the check that every
+# rank runs with the same flags, inputs and checkpoint (agree). Both training scripts, plumbing/devices.py (setup
+# starts the group), plumbing/rundir.py and plumbing/checkpoints.py (agree) and experiments/bench.py (step_seed)
+# import it; it imports plumbing/errors.py.
 
 # `torchrun --nproc_per_node N train_nlu.py ...` sets WORLD_SIZE, RANK and LOCAL_RANK, as in nanoGPT's train.py.
 # Data parallel: every rank holds the whole model, takes a disjoint share of each step's batch, and
@@ -12,14 +13,17 @@
 import datetime
 import math
 import os
+import signal
 import sys
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from plumbing.errors import InputError
+import plumbing.interrupts as interrupts
+from plumbing.errors import Ended, InputError
 
 
 @dataclass
@@ -47,6 +51,15 @@ def distributed(device):
                                          timeout=datetime.timedelta(hours=2))
     if rank:  # one console: the other ranks' prints go nowhere (their errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
+    if threading.current_thread() is threading.main_thread():
+        # torchrun stops the other ranks with SIGTERM when one fails: one line each (errors.cli), not a silent death
+        # or a traceback from inside a collective
+        def ended(signum, frame):
+            if not interrupts.in_main(frame):  # errors.cli is saying its line or leaving: let it
+                return
+            raise Ended(f"rank {rank}: stopped by SIGTERM (torchrun stops every process of the run when one of them "
+                        f"fails, or when it is stopped itself); the failing process's message says why")
+        signal.signal(signal.SIGTERM, ended)
     return Dist(rank, world, device)
 
 
@@ -75,6 +88,28 @@ def all_sum(values: dict, dist) -> dict:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dist.device)
     torch.distributed.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def agree(items: dict, what: str):
+    # Under torchrun, before anything is trained: every rank must run with rank 0's flags, inputs and checkpoint (a
+    # file at the same path on another node may hold other data; a rank training on its own data would say nothing).
+    # items: {key: (what to show, digest)}, the same keys on every rank. One all_gather of these small dicts; a key
+    # whose digest differs from rank 0's is one line on rank 0 naming the rank and both sides, and every rank exits 1.
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if world == 1:
+        return
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, {str(k): [str(v[0]), str(v[1])] for k, v in items.items()})
+    ref = gathered[0]
+    for r, other in enumerate(gathered[1:], 1):
+        for k in sorted(set(ref) | set(other)):
+            a, b = ref.get(k), other.get(k)
+            if (a or [None, None])[1] != (b or [None, None])[1]:
+                raise InputError(f"rank {r} and rank 0 disagree on the {what}: rank {r} has "
+                                 f"{b[0] if b else f'no {k}'}, rank 0 has {a[0] if a else f'no {k}'}; every process "
+                                 f"of one torchrun run must use the same {what}", quiet=rank != 0)
 
 
 def step_seed(seed, step, micro):

@@ -128,3 +128,37 @@ def test_cache_verifies_the_files_it_uses_not_only_the_download(tmp_path, monkey
     (root / "extra.bin").write_bytes(b"x")
     with pytest.raises(assets.AssetError, match=r"extra\.bin was added"):
         assets.verified(root)
+
+
+def test_a_cache_that_cannot_be_made_is_one_line_saying_what_to_set(tmp_path, monkeypatch, capfd):
+    # BALORA_CACHE naming a file, and a read-only home without a cache: an AssetError naming the path and
+    # BALORA_CACHE (one line through the scripts' cli), nothing fetched; before: a raw FileExistsError or
+    # "[Errno 30] Read-only file system"
+    import errno
+    import sys
+    from plumbing import errors
+    monkeypatch.setattr(assets.subprocess, "run", no_network)
+    afile = tmp_path / "cache-file"
+    afile.write_text("not a directory")
+    monkeypatch.setenv("BALORA_CACHE", str(afile))
+    with pytest.raises(assets.AssetError, match=f"BALORA_CACHE={afile}: not a directory"):
+        assets.vader_dir()
+    assert afile.read_text() == "not a directory"
+    monkeypatch.delenv("BALORA_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    real_mkdir = assets.Path.mkdir
+
+    def read_only(self, *a, **k):  # what a read-only home answers (root included)
+        if str(self).startswith(str(tmp_path / "home")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+    monkeypatch.setattr(assets.Path, "mkdir", read_only)
+    monkeypatch.setattr(sys, "argv", ["train_nlu.py"])
+    monkeypatch.delenv("BALORA_DEBUG", raising=False)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        errors.cli(lambda argv: assets.minilm_dir(), "train_nlu.py")
+    err = capfd.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"train_nlu.py: error: the asset cache {tmp_path / 'home' / '.cache' / 'balora'}: cannot "
+                          f"be created (Read-only file system); set BALORA_CACHE to a writable directory"), err

@@ -1,6 +1,7 @@
 # tests/test_checkpoints.py: plumbing/checkpoints.py: a --resume checks the checkpoint (its tensors, its JSON
 # state, AdamW's state) and every input's fingerprint before anything is trained; Ctrl-C names the checkpoint a
-# --resume continues from, and the resumed run ends where an uninterrupted one does.
+# --resume continues from, and the resumed run ends where an uninterrupted one does; the header is read strictly, an
+# unreadable checkpoint or a full disk is one line, and the run's files get the umask's mode.
 
 import json
 import os
@@ -133,3 +134,106 @@ def test_the_json_state_is_read_strictly_and_named(tmp_path):
                       ("[3]", "expected a JSON object, got a list")):
         with pytest.raises(errors.InputError, match=re.escape(f"{where} (train_state): {why}")):
             checkpoints.train_state(where, text)
+
+
+def with_header(path, edit):
+    # the safetensors file at path with its JSON header rewritten by edit(text) (offsets untouched)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    text = edit(raw[8:8 + n].decode("utf-8"))
+    text += " " * ((8 - len(text.encode()) % 8) % 8)  # safetensors pads its header to 8 bytes
+    path.write_bytes(len(text.encode()).to_bytes(8, "little") + text.encode() + raw[8 + n:])
+
+
+def test_a_key_written_twice_in_the_checkpoint_header_is_refused_by_name(encoders, files, tmp_path):
+    # two "train_state" in the header's metadata: safetensors keeps one of them, and the run resumed silently at the
+    # other's step; the header is read as strictly as the JSON state
+    out = tmp_path / "r"
+    common = ("--epochs", "2", "--save-every", "2", "--method", "pissa")
+    assert train_nlu.main(argv(encoders["plain"], files, out, *common, "--stop-after", "4")) is None
+    ck = out / checkpoints.CHECKPOINT
+    state = json.dumps(json.dumps({**json.loads(json.loads(ck.read_bytes()[8:8 + int.from_bytes(
+        ck.read_bytes()[:8], "little")])["__metadata__"]["train_state"]), "step": 2}))
+    with_header(ck, lambda t: t.replace('"__metadata__":{', '"__metadata__":{"train_state":' + state + ",", 1))
+    from safetensors import safe_open
+    with safe_open(str(ck), "pt") as f:  # safetensors itself reads it and keeps one of the two
+        assert "train_state" in f.metadata()
+    where = re.escape(f"{ck} (header): the key 'train_state' appears twice")
+    with pytest.raises(errors.InputError, match=where):
+        train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))
+    assert checkpoints.checkpoint_step(out) is None
+    with pytest.raises(errors.InputError, match=where):
+        checkpoints.load_tensors(ck)
+
+
+def test_a_checkpoint_this_user_cannot_read_says_permission_denied_and_names_it(tmp_path, monkeypatch):
+    # before: "No such file or directory"; root reads every file, so the refusal is simulated at open()
+    out = tmp_path / "r"
+    out.mkdir()
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    checkpoints.save_checkpoint(out, net, opt, {"step": 0})
+    ck = out / checkpoints.CHECKPOINT
+    real_open = os.open
+
+    def denied(path, *a, **k):
+        if str(path) == str(ck):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(errors.InputError, match=re.escape(f"{ck}: permission denied (this user cannot read the "
+                                                          f"checkpoint")):
+        checkpoints.checkpoint_state(out, "train_nlu.py", argparse_ns(), inputs=None)
+
+
+def argparse_ns(**kw):
+    import argparse
+    return argparse.Namespace(**kw)
+
+
+def test_a_full_disk_during_a_save_keeps_the_old_checkpoint_whole_and_is_one_line(encoders, files, tmp_path,
+                                                                                   monkeypatch, capfd):
+    # the second checkpoint of a run hits ENOSPC half-way: one line naming the file and the step kept, exit 1, the
+    # checkpoint of step 2 byte for byte, no temporary file left; --resume then ends where an uninterrupted run does
+    import errno
+    out = tmp_path / "r"
+    common = ("--epochs", "2", "--save-every", "2", "--method", "pissa")
+    calls, real_save = [], checkpoints.save_file
+    saved = {}
+
+    def full_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            saved["step2"] = (out / checkpoints.CHECKPOINT).read_bytes()
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_save(tensors, path, metadata=metadata)
+    monkeypatch.setattr(checkpoints, "save_file", full_disk)
+    monkeypatch.setattr(sys, "argv", ["train_nlu.py", *map(str, argv(encoders["plain"], files, out, *common))])
+    monkeypatch.delenv("BALORA_DEBUG", raising=False)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        errors.cli(train_nlu.main, "train_nlu.py")
+    err = capfd.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"train_nlu.py: error: {out / checkpoints.CHECKPOINT}: the checkpoint of step 4 could not "
+                          f"be written (No space left on device); the checkpoint of step 2 is kept whole"), err
+    assert (out / checkpoints.CHECKPOINT).read_bytes() == saved["step2"] and not list(out.glob(".tmp-*"))
+    monkeypatch.setattr(checkpoints, "save_file", real_save)
+    assert train_nlu.main(argv(encoders["plain"], files, out, *common, "--resume"))["steps"] == 10
+
+
+def test_the_run_files_get_the_umask_mode_not_0600(encoders, files, tmp_path):
+    # checkpoint.safetensors, metrics.json, log.jsonl and the adapter under umask 022: 0644, as open() makes them
+    # (mkstemp alone makes 0600; balora.atomic_write gives the umask's mode, and nothing here sets it back)
+    import stat
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "r"
+        train_nlu.main(argv(encoders["plain"], files, out, "--max-steps", "2", "--method", "pissa"))
+    finally:
+        os.umask(old)
+    for name in (checkpoints.CHECKPOINT, "metrics.json", "log.jsonl", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json"):
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o644, name

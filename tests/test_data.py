@@ -3,9 +3,11 @@
 
 import functools
 import json
+import os
 import random
 import re
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -314,3 +316,24 @@ def test_csv_duplicate_header_is_refused_and_a_multiline_field_is_reported(tmp_p
     (tmp_path / "m.csv").write_text('sentence,label\n"two\nlines",1\nok,0\n')
     d = data.read_table(tmp_path / "m.csv", ["sentence"], "label")
     assert len(d.labels) == 2 and "m.csv" in capsys.readouterr().err
+
+
+def test_readers_open_only_regular_files_and_never_wait_on_a_fifo(tmp_path):
+    # a FIFO (no writer: opening would wait forever; a writer: its data would be taken), /dev/zero (never ends), a
+    # directory, a missing file: a DataError naming the path, at once
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    os.write(writer, b"data")
+    for path, what in ((fifo, "a FIFO (named pipe), not a regular file"),
+                       ("/dev/zero", "a character device, not a regular file"),
+                       (tmp_path, "a directory, not a regular file"), (tmp_path / "none.jsonl", "no such file")):
+        with pytest.raises(data.DataError, match=re.escape(f"{path}: {what}")):
+            data.read_text(path)
+        if str(path).endswith(".jsonl"):
+            with pytest.raises(data.DataError, match=re.escape(f"{path}: {what}")):
+                data.read_table(Path(path), ["sentence"], "label")
+    assert os.read(writer, 100) == b"data"
+    os.close(writer)
+    with pytest.raises(data.DataError, match=re.escape(f"--train-file {fifo}: a FIFO")):
+        data.open_input(fifo, "--train-file")

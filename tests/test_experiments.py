@@ -361,3 +361,19 @@ def test_study_code_version_ignores_result_commits(tmp_path, monkeypatch):
     assert study.code_version() == {**first, "clean": False}
     git("commit", "-qam", "code 2")
     assert study.code_version() == {"commit": git("rev-parse", "HEAD"), "clean": True}
+
+
+def test_plot_log_refuses_a_missing_figure_directory_and_an_unknown_format_in_one_line(encoders, files, tmp_path):
+    # before: a FileNotFoundError / matplotlib ValueError after the plot was drawn; now checked before the log is read
+    pytest.importorskip("matplotlib")
+    from experiments import plot_log
+    train_nlu.main(argv(encoders["plain"], files, tmp_path / "r", "--max-steps", "2", "--method", "balora"))
+    for out, what in ((tmp_path / "no" / "dir" / "t.png", f"the directory {tmp_path / 'no' / 'dir'} does not exist"),
+                      (tmp_path / "t.xyz", "unknown figure format '.xyz' (one of "),
+                      (tmp_path / "r", "a directory; name the figure file")):
+        with pytest.raises(SystemExit) as e:
+            plot_log.main([str(tmp_path / "r"), "--out", str(out)])
+        assert str(e.value).startswith(f"plot_log.py: error: --out {out}: {what}"), str(e.value)
+        assert "\n" not in str(e.value)
+    assert not list(tmp_path.glob("t.*"))
+    assert plot_log.plot(tmp_path / "r", tmp_path / "t.svg").read_bytes().lstrip().startswith(b"<?xml")

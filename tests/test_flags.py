@@ -1,8 +1,10 @@
 # tests/test_flags.py: plumbing/flags.py: the flags both scripts share, out-of-range values as argparse errors
-# naming the flag, what argparse cannot check alone, and --batch-size meaning examples per optimizer step.
+# naming the flag, what argparse cannot check alone, and --batch-size meaning examples per optimizer step; every path
+# flag is checked for what it is (a regular file, a model directory) before anything reads it.
 
 import argparse
 import math
+import os
 import re
 
 import pytest
@@ -11,7 +13,7 @@ from safetensors.torch import load_file
 
 import train_nlg
 import train_nlu
-from plumbing import flags
+from plumbing import errors, flags
 
 torch.set_num_threads(2)
 from helpers import *  # noqa: F401,F403  the shared tiny models, files and runners
@@ -76,3 +78,78 @@ def test_resume_needs_the_out_of_the_run_and_a_trailing_slash_names_the_same_run
     with pytest.raises(SystemExit) as e:
         train_nlu.parse_args(drop_flag(args, "--out") + ["--resume"])
     assert e.value.code == 2 and "--resume needs the --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["nlu", "nlg"])
+def test_a_path_flag_that_is_not_a_regular_file_is_one_line_before_anything_reads_it(
+        encoders, files, tiny_llama, tmp_path, script):
+    # A FIFO (with a writer whose data must stay unread), /dev/zero, /dev/urandom, a directory or a missing file as
+    # --train-file, --val-file or --eval-text: one line naming the flag, never a hang (before: the fingerprint read
+    # them forever, or took the FIFO's data). A watchdog fails the test instead of hanging it.
+    import signal
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a writer (O_RDWR: opening does not wait for a reader)
+    os.write(writer, b'{"sentence": "good", "label": "pos"}\n')
+    flags = ("--train-file", "--val-file") + (("--eval-text",) if script == "nlg" else ())
+    cases = [(fifo, "a FIFO (named pipe), not a regular file"), ("/dev/zero", "a character device, not a regular file"),
+             ("/dev/urandom", "a character device, not a regular file"), (tmp_path, "a directory, not a regular file"),
+             (tmp_path / "missing.jsonl", "no such file")]
+
+    def hang(signum, frame):
+        raise AssertionError("hung")
+    old = signal.signal(signal.SIGALRM, hang)
+    try:
+        for flag in flags:
+            for path, what in cases:
+                args = (argv(encoders["plain"], files, tmp_path / "o") if script == "nlu" else
+                        cli(tiny_llama, tmp_path / "o")) + [flag, str(path)]
+                signal.alarm(20)
+                with pytest.raises(errors.InputError, match=re.escape(f"{flag} {path}: {what}")):
+                    (train_nlu if script == "nlu" else train_nlg).main(args)
+                signal.alarm(0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert os.read(writer, 1000) == b'{"sentence": "good", "label": "pos"}\n'  # nobody took the writer's data
+    os.close(writer)
+    assert not (tmp_path / "o").exists()  # refused before the run directory is made
+
+
+@slow
+def test_a_fifo_given_to_a_script_is_one_line_and_exit_1_not_a_hang(encoders, files, tmp_path):
+    fifo = tmp_path / "train.jsonl"
+    os.mkfifo(fifo)
+    proc = run_script("train_nlu.py", *argv(encoders["plain"], files, tmp_path / "o"), "--train-file", fifo)
+    assert proc.returncode == 1 and proc.stderr == (f"train_nlu.py: error: --train-file {fifo}: a FIFO (named pipe), "
+                                                    f"not a regular file\n"), proc.stderr
+
+
+def test_the_model_directory_is_checked_before_anything_reads_it(encoders, files, tmp_path, monkeypatch):
+    model = copy_model_dir(encoders["plain"], tmp_path / "m")
+    with pytest.raises(errors.InputError, match=re.escape(f"--model {tmp_path / 'none'}: no such directory")):
+        train_nlu.main(argv(tmp_path / "none", files, tmp_path / "o"))
+    os.mkfifo(model / "vocab.txt")
+    with pytest.raises(errors.InputError, match=re.escape(f"--model {model}: {model / 'vocab.txt'} is a FIFO")):
+        train_nlu.main(argv(model, files, tmp_path / "o"))
+    (model / "vocab.txt").unlink()
+    real_access = os.access  # a directory this user cannot read (root reads everything: simulated)
+    monkeypatch.setattr(flags.os, "access", lambda p, mode: False if str(p) == str(model) else real_access(p, mode))
+    with pytest.raises(errors.InputError, match=re.escape(f"--model {model}: permission denied")):
+        train_nlu.main(argv(model, files, tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_seed_beyond_what_torch_takes_is_an_argparse_error_naming_the_flag(capsys):
+    # before: an overflow traceback from torch.manual_seed at the first step
+    limit = flags.SEED_LIMIT
+    assert train_nlu.parse_args(["--seed", str(limit)]).seed == limit
+    assert train_nlu.parse_args(["--seed", str(-limit)]).seed == -limit
+    for value in (str(2 ** 64), str(limit + 1), "-" + str(2 ** 63 + 1)):
+        with pytest.raises(SystemExit) as e:
+            train_nlg.parse_args(["--seed", value])
+        assert e.value.code == 2 and f"argument --seed: {value} is out of range" in capsys.readouterr().err
+    from plumbing import parallel
+    for seed in (limit, -limit):  # the extremes still seed torch at any step a run can reach
+        torch.manual_seed(parallel.step_seed(seed, 10 ** 12, 1024))
+        torch.Generator().manual_seed(seed * 1_000_003 + 10 ** 6)  # data.batches' epoch seed

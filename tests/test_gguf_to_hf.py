@@ -297,3 +297,22 @@ def test_real_assets_smollm2_converts_and_answers(smollm2_hf):
     bad = ppl()
     print(f"SmolLM2 answer {answer!r}; prose perplexity {good:.1f}, without un-permute {bad:.1f}")
     assert good < 30 and bad > 3 * good, (good, bad)
+
+
+def test_the_converter_never_replaces_an_existing_output(tmp_path, capsys):
+    # an output that exists (a file, or a directory with files) is one line and left as it was; an empty directory
+    # is fine
+    from plumbing import gguf_to_hf
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.json").write_text("mine")
+    for out in (tmp_path / "afile", tmp_path / "full"):
+        with pytest.raises(SystemExit) as e:
+            gguf_to_hf.main([str(tmp_path / "tiny.gguf"), str(out)])
+        assert str(e.value) == (f"gguf_to_hf.py: error: {out}: already exists; the converter writes a new directory "
+                                f"(or an empty one) and never replaces files: remove it, or name another")
+    assert (tmp_path / "afile").read_text() == "mine" and (tmp_path / "full" / "config.json").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    gguf_to_hf.main([str(tmp_path / "tiny.gguf"), str(tmp_path / "empty")])
+    assert (tmp_path / "empty" / "model.safetensors").exists()

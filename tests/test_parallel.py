@@ -1,8 +1,11 @@
 # tests/test_parallel.py: plumbing/parallel.py: two processes under torchrun compute what one process with two
-# micro-batches does (adapters, logged losses, a stop and --resume), and a batch that cannot be shared evenly among
-# the processes is refused before training.
+# micro-batches does (adapters, logged losses, a stop and --resume), a batch that cannot be shared evenly among
+# the processes is refused before training, ranks whose flags or inputs differ from rank 0's are refused, and the
+# survivor of a killed rank says one line.
 
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -80,3 +83,97 @@ def test_one_process_is_a_world_of_one_and_the_seed_depends_on_the_micro_batch_a
     # one seed per (run seed, optimizer step, micro-batch index in the step's global batch), whatever the layout
     seeds = {parallel.step_seed(s, t, m) for s in range(3) for t in range(50) for m in range(8)}
     assert len(seeds) == 3 * 50 * 8
+
+
+AGREE_WORKER = '''
+import json, sys
+from pathlib import Path
+sys.path[:0] = [{here!r}]
+import torch
+from plumbing import checkpoints, errors, parallel
+torch.distributed.init_process_group("gloo")
+rank, tmp, out = torch.distributed.get_rank(), Path({tmp!r}), {{}}
+
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = None
+    except errors.InputError as e:
+        out[name] = [str(e), e.quiet]
+attempt("same flags", lambda: parallel.agree({{"lr": ("--lr 0.1", "0.1")}}, "flags"))
+attempt("other flags", lambda: parallel.agree({{"lr": (f"--lr {{rank}}", str(rank))}}, "flags"))
+attempt("same input", lambda: checkpoints.fingerprints([tmp / "shared.jsonl", None, tmp / "model"]))
+attempt("other input", lambda: checkpoints.fingerprints([tmp / f"train{{rank}}.jsonl", tmp / "model"]))
+(tmp / f"result{{rank}}.json").write_text(json.dumps(out))
+torch.distributed.destroy_process_group()
+'''
+
+
+@slow
+def test_ranks_whose_flags_or_inputs_differ_from_rank_0s_are_refused_by_rank_0_naming_both(tmp_path):
+    # Two gloo processes under torchrun: equal flags and inputs pass; a flag or an input file that differs on rank 1
+    # (another node's file at the same path: here, another file) is one line from rank 0 naming rank 1 and both
+    # sides, and rank 1 exits 1 without a line of its own
+    import subprocess
+    (tmp_path / "shared.jsonl").write_text('{"sentence": "good", "label": "pos"}\n')
+    (tmp_path / "train0.jsonl").write_text('{"sentence": "good", "label": "pos"}\n')
+    (tmp_path / "train1.jsonl").write_text('{"sentence": "good", "label": "neg"}\n')
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    worker = tmp_path / "worker.py"
+    worker.write_text(AGREE_WORKER.format(here=str(HERE), tmp=str(tmp_path)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = [json.loads((tmp_path / f"result{i}.json").read_text()) for i in (0, 1)]
+    assert [x["same flags"] for x in res] == [None, None] and [x["same input"] for x in res] == [None, None]
+    msg, quiet = res[0]["other flags"]
+    assert msg == ("rank 1 and rank 0 disagree on the flags: rank 1 has --lr 1, rank 0 has --lr 0; every process of "
+                   "one torchrun run must use the same flags"), msg
+    assert not quiet and res[1]["other flags"][1] is True and res[1]["other flags"][0] == msg
+    msg, quiet = res[0]["other input"]
+    assert msg.startswith("rank 1 and rank 0 disagree on the input files: rank 1 has "
+                          f"{tmp_path / 'train1.jsonl'} (size 37, sha256 ") and f"rank 0 has {tmp_path / 'train0.jsonl'}" \
+        in msg and not quiet, msg
+    assert res[1]["other input"][1] is True
+
+
+@slow
+def test_the_surviving_rank_of_a_killed_one_says_one_line_and_exits_1(encoders, files, tmp_path):
+    # a rank killed mid-run (SIGKILL: out of memory, a node lost): the other rank's gloo collective fails, or
+    # torchrun stops it with SIGTERM; either way one line and exit status 1, not a traceback from inside gloo
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "train_nlu.py"), *argv(encoders["plain"], files, out, "--method", "balora", "--epochs", "400")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "log.jsonl").exists()
+                                              and (out / "log.jsonl").read_text().count("\n") >= 5):
+            time.sleep(0.1)
+        victim = None
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"RANK=1" in environ and str(HERE / "train_nlu.py").encode() in cmdline \
+                    and b"torch.distributed.run" not in cmdline:
+                victim = int(pid)
+        assert victim, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    ours = [line for line in err.splitlines() if line.startswith("train_nlu.py: ")]
+    assert len(ours) == 1 and ours[0].startswith("train_nlu.py: error: rank 0: "), err[-3000:]
+    assert f'File "{HERE / "train_nlu.py"}"' not in err, err[-3000:]
+    assert "exitcode  : 1 (pid" in err, err[-3000:]  # rank 0 in torchrun's report
