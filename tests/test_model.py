@@ -20,7 +20,7 @@ import train_nlu
 
 torch.set_num_threads(2)
 from helpers import *  # noqa: F401,F403  the shared tiny models, files and runners
-from test_balora import TOL, _batch  # the parity fixtures
+from reference_models import TOL, _batch  # the parity helpers
 
 
 def _copy(src, dst, edit=None, cfg=None):

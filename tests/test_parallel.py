@@ -26,7 +26,8 @@ def test_two_processes_under_torchrun_equal_one_process_with_two_micro_batches(e
                                                                                 script):
     # 2 ranks x (batch 8, grad-accum 1) against 1 process x (batch 8, grad-accum 2): the same global batches,
     # the same micro-batches (rank r's share = micro-batch r), the same dropout masks and range-finder draws,
-    # so the same adapters after 3 BA-LoRA steps and the same logged losses. The NLU encoder has dropout 0.1.
+    # so the same adapters after 3 BA-LoRA steps and the same logged losses, through a stop and a --resume under
+    # torchrun. The NLU encoder has dropout 0.1.
     common = ["--method", "balora", "--batch-size", "8", "--max-steps", "3", "--threads", "1"]
     if script == "nlu":
         make = lambda out, accum: argv(encoders["dropout"], files, out, *common, "--grad-accum", accum)
@@ -34,7 +35,9 @@ def test_two_processes_under_torchrun_equal_one_process_with_two_micro_batches(e
     else:
         make = lambda out, accum: cli(tiny_llama, out, *common, "--grad-accum", accum, "--lr", "1e-3")
         single = train_nlg.main(make(tmp_path / "one", "2"))
-    r = torchrun(f"train_{script}.py", make(tmp_path / "two", "1"))
+    # two ranks, stopped after step 2 and resumed (every rank resumes from rank 0's checkpoint)
+    torchrun(f"train_{script}.py", make(tmp_path / "two", "1") + ["--stop-after", "2"])
+    r = torchrun(f"train_{script}.py", make(tmp_path / "two", "1") + ["--resume"])
     assert r.stdout.count("step 3/3") == 1  # one console: rank 1 prints nothing
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
@@ -51,11 +54,6 @@ def test_two_processes_under_torchrun_equal_one_process_with_two_micro_batches(e
             assert r2[t] == pytest.approx(r1[t], rel=1e-5, abs=1e-6), (r1["step"], t)
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert m2["machine"]["world_size"] == 2
-    # every rank resumes from rank 0's checkpoint: stopped after step 2 and resumed = uninterrupted
-    torchrun(f"train_{script}.py", make(tmp_path / "three", "1") + ["--stop-after", "2"])
-    torchrun(f"train_{script}.py", make(tmp_path / "three", "1") + ["--resume"])
-    c = load_file(str(tmp_path / "three" / "adapter" / "adapter_model.safetensors"))
-    assert all(torch.equal(c[k], b[k]) for k in b)
     if script == "nlu":
         assert m2["test"]["accuracy"] == single["test"]["accuracy"]
         assert m2["test"]["loss"] == pytest.approx(single["test"]["loss"], rel=1e-5)
