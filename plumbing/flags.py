@@ -110,6 +110,16 @@ def check_shared(p, args, task):
     return args
 
 
+def _mode(flag, path, what):
+    # os.stat(path)'s mode, or one line naming the flag
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{flag}: no such {what}") from None
+    except OSError as e:
+        raise InputError(f"{flag}: cannot be read ({e.strerror})") from None
+
+
 def check_paths(args, files=FILE_FLAGS, dirs=DIR_FLAGS):
     # Every path flag given, checked for what it is before anything reads it: a file flag names a readable regular
     # file (a FIFO would hang the fingerprint or have its data taken, /dev/zero would never end), --model a readable
@@ -120,12 +130,7 @@ def check_paths(args, files=FILE_FLAGS, dirs=DIR_FLAGS):
         if value is None or (key == "eval_gsm8k" and value == "default"):
             continue
         flag = f"--{key.replace('_', '-')} {value}"
-        try:
-            mode = os.stat(value).st_mode
-        except FileNotFoundError:
-            raise InputError(f"{flag}: no such file") from None
-        except OSError as e:
-            raise InputError(f"{flag}: cannot be read ({e.strerror})") from None
+        mode = _mode(flag, value, "file")
         if not stat.S_ISREG(mode):
             raise InputError(f"{flag}: {data.file_kind(mode)}, not a regular file")
         if not os.access(value, os.R_OK):
@@ -135,12 +140,7 @@ def check_paths(args, files=FILE_FLAGS, dirs=DIR_FLAGS):
         if value is None:
             continue
         flag = f"--{key.replace('_', '-')} {value}"
-        try:
-            mode = os.stat(value).st_mode
-        except FileNotFoundError:
-            raise InputError(f"{flag}: no such directory") from None
-        except OSError as e:
-            raise InputError(f"{flag}: cannot be read ({e.strerror})") from None
+        mode = _mode(flag, value, "directory")
         if not stat.S_ISDIR(mode):
             raise InputError(f"{flag}: not a model directory (config.json, model.safetensors, tokenizer.json)")
         try:
