@@ -24,7 +24,7 @@ def test_dtype_auto_is_fp32_on_an_avx2_cpu_and_bf16_where_native():
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     if not ({"amx_bf16", "avx512_bf16"} & set(flags)):
         pytest.skip("this CPU has no native bf16 (no amx_bf16 / avx512_bf16 flag): only the fp32 half applies")
-    assert resolved_dtype_in_subprocess({}) == "bf16"
+    assert devices.resolve_dtype("auto", "cpu")[0] == "bf16"  # this process: the CPU's own capability
 
 
 def test_dtype_resolution_says_why_and_warns_when_forcing_bf16(monkeypatch):

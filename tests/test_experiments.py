@@ -58,7 +58,7 @@ def test_bench_profile_splits_the_terms_and_counts_their_passes(tiny_llama, tmp_
 
 
 @slow
-def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path, monkeypatch):
+def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path, monkeypatch, capsys):
     from experiments import study
     code = {"commit": "a" * 40, "clean": True}
     monkeypatch.setattr(study, "code_version", lambda: code)  # the runs below come from one (clean) commit
@@ -96,7 +96,10 @@ def test_study_runner_runs_resumes_and_reports(encoders, files, tmp_path, monkey
     # ... but only from the same code: after a commit the twin runs again
     code = {"commit": "b" * 40, "clean": True}
     twin3 = study.Run("tiny3", "pissa", 0, "nlu", runs[0].flags)
-    assert [r["condition"] for r in study.run_grid([twin3], jobs=1, results=res, workdir=work, extra=extra)] == ["tiny3"]
+    capsys.readouterr()
+    assert study.run_grid([twin3], jobs=1, results=res, workdir=work, extra=extra, dry_run=True) == []
+    said = capsys.readouterr().out
+    assert "would reuse" not in said and str(work / "tiny3__pissa__0") in said, said  # to run, not copied
     # a failed run makes `run` fail (exit status not 0), naming it
     bad = study.Run("tiny4", "pissa", 0, "nlu", runs[0].flags + ["--lr", "-1"])
     with pytest.raises(SystemExit, match="1 run\\(s\\) failed: tiny4__pissa__0"):

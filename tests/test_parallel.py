@@ -26,8 +26,8 @@ def test_two_processes_under_torchrun_equal_one_process_with_two_micro_batches(e
                                                                                 script):
     # 2 ranks x (batch 8, grad-accum 1) against 1 process x (batch 8, grad-accum 2): the same global batches,
     # the same micro-batches (rank r's share = micro-batch r), the same dropout masks and range-finder draws,
-    # so the same adapters after 3 BA-LoRA steps and the same logged losses, through a stop and a --resume under
-    # torchrun. The NLU encoder has dropout 0.1.
+    # so the same adapters after 3 BA-LoRA steps and the same logged losses (NLG's through a stop and a --resume
+    # under torchrun). The NLU encoder has dropout 0.1.
     common = ["--method", "balora", "--batch-size", "8", "--max-steps", "3", "--threads", "1"]
     if script == "nlu":
         make = lambda out, accum: argv(encoders["dropout"], files, out, *common, "--grad-accum", accum)
@@ -35,9 +35,11 @@ def test_two_processes_under_torchrun_equal_one_process_with_two_micro_batches(e
     else:
         make = lambda out, accum: cli(tiny_llama, out, *common, "--grad-accum", accum, "--lr", "1e-3")
         single = train_nlg.main(make(tmp_path / "one", "2"))
-    # two ranks, stopped after step 2 and resumed (every rank resumes from rank 0's checkpoint)
-    torchrun(f"train_{script}.py", make(tmp_path / "two", "1") + ["--stop-after", "2"])
-    r = torchrun(f"train_{script}.py", make(tmp_path / "two", "1") + ["--resume"])
+    # two ranks; NLG's stopped after step 2 and resumed (every rank resumes from rank 0's checkpoint: the same
+    # plumbing for both scripts, so one of them goes through it)
+    if script == "nlg":
+        torchrun(f"train_{script}.py", make(tmp_path / "two", "1") + ["--stop-after", "2"])
+    r = torchrun(f"train_{script}.py", make(tmp_path / "two", "1") + (["--resume"] if script == "nlg" else []))
     assert r.stdout.count("step 3/3") == 1  # one console: rank 1 prints nothing
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))

@@ -228,15 +228,10 @@ def test_real_assets_smoke_default_model_end_to_end(tmp_path):
                         "--init", "pissa_niter_2", "--val-examples", "8", "--drift-windows", "2",
                         "--gen-prompts", "2", "--gen-tokens", "8", "--eval-gsm8k", "default", "--gsm8k-limit", "1",
                         "--gsm8k-tokens", "8", "--out", str(tmp_path)])
-    # the converted SmolLM2 reads general English (NYT editorials, 64-token windows: ~100; model.py and
-    # transformers agree to the digit) and answers a chat question; a wrong q/k un-permute breaks both
+    # model.py reads the converted SmolLM2 right: general English (NYT editorials, 64-token windows) at a
+    # perplexity of ~100, as transformers gives (a wrong q/k un-permute or RoPE setting gives thousands; that the
+    # converted model answers a chat question is tests/test_gguf_to_hf.py's real-assets test)
     assert 20 < m["base"]["drift_ppl"] < 300, m["base"]
-    args = train_nlg.parse_args(["--threads", "2"])
-    net = M.from_pretrained(assets.smollm2_dir())
-    tok = M.load_tokenizer(assets.smollm2_dir())
-    answer = train_nlg.generate(net, tok, [data.format_prompt("What is the capital of France?", "", "chatml")],
-                                args, 12, eos_id=2, pad_id=2)[0]
-    assert "Paris" in answer, answer
     assert math.isfinite(m["tuned"]["val_ppl"]) and m["tuned"]["val_ppl"] < 1e3
     assert 0.8 < m["drift_ppl_ratio"] < 1.2
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

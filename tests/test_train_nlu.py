@@ -292,8 +292,8 @@ def test_silhouette_cosine_by_hand_and_against_the_naive_loop():
 @slow
 def test_real_assets_default_job_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(HERE / "train_nlu.py"), "--max-steps", "3", "--save-every", "2",
-                           "--out", str(out)], capture_output=True, text=True, cwd=HERE, timeout=600)
+    proc = subprocess.run([sys.executable, str(HERE / "train_nlu.py"), "--max-steps", "3", "--out", str(out)],
+                          capture_output=True, text=True, cwd=HERE, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "balora" and m["steps"] == 3 and m["test"]["n"] == 1006
