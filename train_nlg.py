@@ -243,8 +243,11 @@ def build_model(args, d=None, dist=parallel.Dist()):
 
 
 def teacher_logits(net, batch, rows, amp):
-    # Z_P of Eq. (9): the frozen pretrained model from the same weights (balora.teacher), no second copy; its
-    # final hidden states at the M rows (M, C), the M×V logits made chunk by chunk inside the KL (TeacherLogits)
+    # Z_P of Eq. (9), the whole chain: balora.teacher switches every adapter back to its initial value (W itself),
+    # so the pretrained model runs from the same weights, no second copy, no gradient. The forward stops at the
+    # final hidden states of the M target rows, H (M, C) (logits=False); balora.TeacherLogits holds H and the output
+    # embedding W (V, C) and makes Z_P = H Wᵀ (M, V) only when asked: whole (`[:]`) on the plain path, block by
+    # block inside the fast path's KL sweep (balora.py Part 3), which never holds the M×V matrix.
     with balora.teacher(net), amp:
         h = net(batch["input_ids"], rows=rows, logits=False)
     return balora.TeacherLogits(h, net.output_weight(), getattr(amp, "fast_dtype", None))
