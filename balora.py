@@ -301,7 +301,7 @@ def range_finder(z, q: int, niter: int = POWER_ITERATIONS, generator=None):
 @_fp32
 def svd_nlg(z, k: int = 10, oversample: int = OVERSAMPLE, niter: int = POWER_ITERATIONS, generator=None):
     """Eq. (12): L_svd = −Σ_{i≤k} σ̃_i / ‖Z‖_F, σ̃ = σ(Qᵀ Z) with Q from range_finder (q = k + oversample).
-    z: [M, V]. The gradient is that of σ(QᵀZ) for the fixed subspace Q (no backward through the QR)."""
+    z: [M, V]. The gradient is autograd's through σ(QᵀZ) and ‖Z‖_F for the fixed subspace Q (none through the QR)."""
     z = z.float()
     M, V = z.shape
     if M == 0:

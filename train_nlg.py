@@ -58,7 +58,7 @@ GSM8K_TOKENS = 200         # greedy tokens per GSM8K problem (--eval-gsm8k defau
 
 # What a --resume may change besides checkpoints.RESUME_MAY_CHANGE (where and how fast the run goes, when it saves):
 # logging, evaluation batching, the fused or plain regularisers and NLU's teacher cache (the same values up to
-# float rounding), and what NLG does beside and after training. One set for both scripts.
+# float rounding), and what NLG does beside and after training. The same set in both scripts (a test compares them).
 RESUME_MAY_CHANGE = {"log_every", "eval_batch_size", "plain", "teacher_cache", "eval_every", "merge", "base_from",
                      "dry_run"}
 

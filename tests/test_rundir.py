@@ -226,7 +226,7 @@ def test_the_log_of_a_resume_is_checked_line_by_line_and_a_new_one_starts_afresh
     out.mkdir()
     log = out / "log.jsonl"
     records = [{"event": "start"}, {"step": 1}, {"step": 2}, {"step": 3}]
-    # a deleted log: the resumed run's log is new (the script writes its start record, runtime's `new`)
+    # a deleted log: the resumed run's log is new (the script writes its start record, rundir.open_log's `new`)
     f = rundir.open_log(out, 2, resume=True)
     assert f.new
     f.close()
