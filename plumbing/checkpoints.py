@@ -146,10 +146,11 @@ def read_header(path) -> tuple:
     return meta, hashlib.sha256(raw).hexdigest()
 
 
-def open_checkpoint(path):
-    # model.py's safetensors opener, after the strict header (read_header); an unreadable checkpoint is bad input,
-    # not a bad model directory
-    read_header(path)
+def open_checkpoint(path, header_read=False):
+    # model.py's safetensors opener, after the strict header (read_header, unless the caller just read it); an
+    # unreadable checkpoint is bad input, not a bad model directory
+    if not header_read:
+        read_header(path)
     try:
         return model.open_safetensors(path)
     except model.ModelError as e:
@@ -164,7 +165,7 @@ def checkpoint_state(out, script, args, may_change=(), inputs=None):
     path = Path(out) / CHECKPOINT
     meta, digest = read_header(path)
     agree({"checkpoint": (f"{path} (header sha256 {digest[:12]}…)", digest)}, "checkpoint to resume from")
-    with open_checkpoint(path):
+    with open_checkpoint(path, header_read=True):  # (a safetensors file as a whole, not just its header)
         pass
     if "train_state" not in meta:
         raise InputError(f"{path}: not a checkpoint of these scripts (no 'train_state' metadata)")
